@@ -1,0 +1,42 @@
+# Every target bootstraps .venv itself, so a fresh clone needs nothing but Python >= 3.11.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: venv test unit e2e check demo run clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,dev]"
+	touch $(STAMP)
+
+## every test: unit, integration over real sockets, then the end-to-end suite on real llama-server
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not e2e"
+	$(MAKE) e2e
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+e2e: $(STAMP)
+	scripts/build-llama-server.sh
+	$(BIN)/python -m pytest -q -m e2e tests/e2e
+
+check: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+
+demo: $(STAMP)
+	$(BIN)/llamacpp-ha demo $(ARGS)
+
+run: $(STAMP)
+	$(BIN)/llamacpp-ha $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,129 @@
+"""The `llamacpp-ha` command: serve (the default), `demo`, and `check-config FILE`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .config import ConfigError, ProxyConfig, build_config
+
+# flag -> (config field, help). Values stay strings here so that pydantic checks them and
+# names the field in the error, exactly as for the file and the environment.
+_FLAGS: dict[str, tuple[str, str]] = {
+    "--host": ("host", "address to listen on (default 127.0.0.1)"),
+    "--port": ("port", "port to listen on (default 8000)"),
+    "--routing": ("routing", "affinity (default) or round-robin"),
+    "--poll-interval": ("poll_interval_s", "seconds between polls of each backend (default 1)"),
+    "--queue-timeout": ("queue_timeout_s", "seconds a request may wait for a slot (default 60)"),
+    "--max-queue": ("max_queue", "requests that may wait before 503 queue_full (default 1024)"),
+    "--session-ttl": ("session_ttl_s", "seconds a conversation stays tied to a backend (900)"),
+    "--max-sessions": ("max_sessions", "conversations remembered at most (default 100000)"),
+    "--connect-timeout": ("connect_timeout_s", "seconds to connect to a backend (default 5)"),
+    "--first-byte-timeout": (
+        "first_byte_timeout_s",
+        "seconds to wait for a backend's response headers (default 600)",
+    ),
+    "--idle-timeout": ("idle_timeout_s", "seconds a stream may stay silent (default 120)"),
+    "--max-body-size": ("max_body_size", "largest request body in bytes (default 32 MiB)"),
+    "--log-level": ("log_level", "debug, info (default), warning or error"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="llamacpp-ha",
+        description="Slot-aware load balancer for llama.cpp llama-server.",
+        epilog="Subcommands: 'llamacpp-ha demo' runs simulated backends behind the balancer; "
+        "'llamacpp-ha check-config FILE' validates a configuration file.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", type=Path, help="JSON configuration file")
+    parser.add_argument(
+        "--backend",
+        dest="backends",
+        action="append",
+        metavar="URL",
+        help="a llama-server base URL (repeatable)",
+    )
+    parser.add_argument(
+        "--api-key",
+        dest="api_keys",
+        action="append",
+        metavar="KEY",
+        help="a key clients must send as 'Authorization: Bearer KEY' (repeatable)",
+    )
+    for flag, (field, help_text) in _FLAGS.items():
+        parser.add_argument(
+            flag, dest=field, metavar=field.rsplit("_s", 1)[0].upper(), help=help_text
+        )
+    return parser
+
+
+def load_config(argv: Sequence[str]) -> ProxyConfig:
+    """Parse CLI flags over the environment over the file; raise ConfigError when invalid."""
+    args: dict[str, Any] = vars(_serve_parser().parse_args(list(argv)))
+    config_file = args.pop("config", None)
+    return build_config(args, config_file)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def serve(config: ProxyConfig) -> int:
+    import uvicorn
+
+    from .proxy import create_app
+
+    _configure_logging(config.log_level)
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        access_log=False,
+        server_header=False,
+        lifespan="on",
+    )
+    return 0
+
+
+def check_config(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="llamacpp-ha check-config", description="Validate a config file.")
+    parser.add_argument("file", type=Path)
+    args = parser.parse_args(list(argv))
+    config = build_config(config_file=args.file)
+    print(config.model_dump_json(indent=2, exclude={"api_keys"}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["check-config"]:
+            return check_config(argv[1:])
+        if argv[:1] == ["demo"]:
+            from .demo import run_demo
+
+            return run_demo(argv[1:])
+        return serve(load_config(argv))
+    except ConfigError as exc:
+        print(f"llamacpp-ha: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Every error a client can receive, as one tree.
+
+    ProxyError                      any error answered with an OpenAI-style JSON body
+    ├── InvalidRequest              400 invalid_request_error
+    ├── Unauthorized                401 authentication_error
+    ├── NotFound                    404 not_found_error
+    │   └── ModelNotFound           404 model_not_found
+    ├── PayloadTooLarge             413 request_too_large
+    ├── UnsupportedMediaType        415 unsupported_media_type
+    ├── NoCapacity                  503 + Retry-After: we cannot serve it now
+    │   ├── QueueFull               the queue holds --max-queue requests
+    │   ├── QueueTimeout            waited --queue-timeout seconds for a slot
+    │   └── NoHealthyBackend        no backend for this model is ready
+    └── UpstreamError               the backend failed us
+        ├── BadGateway              502 refused, reset, garbage, closed before answering
+        └── GatewayTimeout          504 the backend did not answer in time
+
+`forwarder.py` is the only place that turns aiohttp exceptions into `UpstreamError`s.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+
+class ProxyError(Exception):
+    """An error that is answered to the client as OpenAI-style JSON."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def body(self) -> dict[str, dict[str, str | int | None]]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+
+    def body_bytes(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "not_found_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class NoCapacity(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "no_capacity"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class QueueFull(NoCapacity):
+    code = "queue_full"
+
+
+class QueueTimeout(NoCapacity):
+    code = "queue_timeout"
+
+
+class NoHealthyBackend(NoCapacity):
+    code = "no_healthy_backend"
+
+
+class UpstreamError(ProxyError):
+    status = 502
+    type = "server_error"
+    code = "bad_gateway"
+
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        # True when no connection could be made at all: the backend is down, not just slow.
+        self.unreachable = unreachable
+
+
+class BadGateway(UpstreamError):
+    pass
+
+
+class GatewayTimeout(UpstreamError):
+    status = 504
+    code = "backend_timeout"

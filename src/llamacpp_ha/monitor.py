@@ -1,0 +1,144 @@
+"""What is happening: `ProxyStats` (per app) and the `/monitor` page and `/monitor/data` JSON."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from .queue import RequestQueue
+from .registry import Registry
+
+_WINDOW = 1024
+
+
+@dataclass
+class BackendStats:
+    served: int = 0
+    failed: int = 0
+
+
+@dataclass
+class ProxyStats:
+    """Counters and recent latencies of one app; never module-level."""
+
+    started_at: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
+    succeeded: int = 0
+    client_errors: int = 0
+    failed: int = 0
+    rejected: int = 0
+    disconnected: int = 0
+    retries: int = 0
+    backends: dict[str, BackendStats] = field(default_factory=dict)
+    ttfb_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_WINDOW))
+    total_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_WINDOW))
+    queue_wait_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_WINDOW))
+
+    def backend(self, name: str) -> BackendStats:
+        return self.backends.setdefault(name, BackendStats())
+
+    def record(
+        self,
+        *,
+        backend: str | None,
+        status: int,
+        disconnected: bool,
+        attempts: int,
+        queue_wait_s: float,
+        ttfb_s: float | None,
+        total_s: float,
+    ) -> None:
+        self.retries += max(0, attempts - 1)
+        if disconnected:
+            self.disconnected += 1
+        elif status == 503 and backend is None:
+            self.rejected += 1
+        elif 200 <= status < 400:
+            self.succeeded += 1
+        elif 400 <= status < 500:
+            self.client_errors += 1
+        else:
+            self.failed += 1
+        if backend is not None:
+            entry = self.backend(backend)
+            if status >= 500 and not disconnected:
+                entry.failed += 1
+            elif status:
+                entry.served += 1
+        if status == 200 and not disconnected:
+            self.queue_wait_ms.append(queue_wait_s * 1000)
+            if ttfb_s is not None:
+                self.ttfb_ms.append(ttfb_s * 1000)
+            self.total_ms.append(total_s * 1000)
+
+
+def _percentiles(values: deque[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None}
+    if len(values) == 1:
+        return {"p50": round(values[0], 1), "p95": round(values[0], 1)}
+    cuts = statistics.quantiles(values, n=20, method="inclusive")
+    return {"p50": round(cuts[9], 1), "p95": round(cuts[18], 1)}
+
+
+def snapshot(stats: ProxyStats, registry: Registry, queue: RequestQueue) -> dict[str, Any]:
+    """The monitor's data: no prompt, no key, no raw `/slots` payload."""
+    return {
+        "uptime_s": round(time.monotonic() - stats.started_at, 1),
+        "backends": [
+            {
+                "name": b.name,
+                "url": b.url,
+                "state": b.health.value,
+                "models": list(b.model_ids),
+                "slots_busy": b.slots.busy,
+                "slots_total": b.slots.total,
+                "in_flight": b.slots.in_flight,
+                "external_busy": b.slots.external_busy,
+                "served": stats.backend(b.name).served,
+                "failed": stats.backend(b.name).failed,
+                "last_error": b.last_error,
+            }
+            for b in registry.backends
+        ],
+        "queue": {"depth": len(queue), "oldest_wait_s": round(queue.oldest_wait_s(), 3)},
+        "requests": {
+            "in_flight": stats.in_flight,
+            "succeeded": stats.succeeded,
+            "client_errors": stats.client_errors,
+            "failed": stats.failed,
+            "rejected": stats.rejected,
+            "disconnected": stats.disconnected,
+            "retries": stats.retries,
+        },
+        "latency_ms": {
+            "ttfb": _percentiles(stats.ttfb_ms),
+            "total": _percentiles(stats.total_ms),
+            "queue_wait": _percentiles(stats.queue_wait_ms),
+        },
+    }
+
+
+def build_router(stats: ProxyStats, data: Callable[[], dict[str, Any]]) -> APIRouter:
+    """A new router per call, so no route state is shared between apps (or tests)."""
+    router = APIRouter()
+
+    @router.get("/monitor/data")
+    async def monitor_data() -> JSONResponse:
+        return JSONResponse(data(), headers={"Cache-Control": "no-store"})
+
+    page = (resources.files(__package__) / "static" / "monitor.html").read_text("utf-8")
+
+    @router.get("/monitor")
+    async def monitor_page() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    return router

@@ -1,0 +1,82 @@
+"""Routing policies: given the backends that may take a request, pick one.
+
+A policy is synchronous and pure with respect to the fleet: it sees frozen snapshots
+(`BackendCandidate`) and a small `RoutingRequest`, never awaits and never changes a backend.
+
+- `RoundRobinPolicy`: per model, the next backend in name order after the last one picked,
+  skipping backends with no free slot. Spreads load evenly; ignores caches.
+- `AffinityPolicy`: the backend that last served this conversation's longest known prefix
+  (resolved by the scheduler from the session store), if it has a free slot; otherwise the
+  fallback policy. A follow-up turn then lands where its prompt is already cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class BackendCandidate:
+    """A backend that serves the request's model and is ready, as seen at one instant."""
+
+    name: str
+    free_slots: int
+    total_slots: int
+
+
+@dataclass(frozen=True)
+class RoutingRequest:
+    """What routing may know of a request."""
+
+    model: str | None
+    prefix_keys: tuple[str, ...] = ()
+    preferred_backend: str | None = None
+    exclude: frozenset[str] = frozenset()
+
+    def excluding(self, backend: str) -> RoutingRequest:
+        return replace(self, exclude=self.exclude | {backend})
+
+
+class Policy(Protocol):
+    def select(self, candidates: Sequence[BackendCandidate], request: RoutingRequest) -> str | None:
+        """The name of a candidate with a free slot, or None to leave the request queued."""
+        ...
+
+
+class RoundRobinPolicy:
+    def __init__(self) -> None:
+        self._last: dict[str | None, str] = {}
+
+    def select(self, candidates: Sequence[BackendCandidate], request: RoutingRequest) -> str | None:
+        ordered = sorted(candidates, key=lambda c: c.name)
+        last = self._last.get(request.model)
+        # Start just after the last pick, wrapping around; names make this stable when
+        # backends come and go, unlike an index into a list that changes.
+        after = [c for c in ordered if last is not None and c.name > last]
+        for candidate in after + [c for c in ordered if c not in after]:
+            if candidate.free_slots > 0:
+                self._last[request.model] = candidate.name
+                return candidate.name
+        return None
+
+
+class AffinityPolicy:
+    def __init__(self, fallback: Policy) -> None:
+        self._fallback = fallback
+
+    def select(self, candidates: Sequence[BackendCandidate], request: RoutingRequest) -> str | None:
+        preferred = request.preferred_backend
+        for candidate in candidates:
+            if candidate.name == preferred and candidate.free_slots > 0:
+                return candidate.name
+        return self._fallback.select(candidates, request)
+
+
+def build_policy(name: str) -> Policy:
+    if name == "round-robin":
+        return RoundRobinPolicy()
+    if name == "affinity":
+        return AffinityPolicy(fallback=RoundRobinPolicy())
+    raise ValueError(f"unknown routing policy {name!r}")

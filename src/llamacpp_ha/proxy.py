@@ -1,0 +1,252 @@
+"""`create_app()`: wires the components into a FastAPI app and owns their lifecycle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .config import ProxyConfig
+from .errors import InvalidRequest, ModelNotFound, NotFound, PayloadTooLarge, ProxyError
+from .forwarder import ExchangeResult, Forwarder, RelayResponse, Timeouts
+from .middleware import ApiKeyMiddleware
+from .monitor import ProxyStats, build_router, snapshot
+from .policies import RoutingRequest, build_policy
+from .queue import RequestQueue
+from .registry import BackendState, Health, Registry
+from .scheduler import Scheduler
+from .session_store import SessionStore, prefix_keys
+
+log = logging.getLogger("llamacpp_ha")
+
+# Everything of a backend that a client may reach. Not /slots (it holds other users'
+# prompts and takes actions), not POST /props, not /metrics.
+PROXIED_PATHS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/messages",
+    "/completion",
+    "/completions",
+    "/infill",
+    "/embedding",
+    "/embeddings",
+    "/rerank",
+    "/reranking",
+    "/v1/rerank",
+    "/tokenize",
+    "/detokenize",
+    "/apply-template",
+)
+_FORWARDED_REQUEST_HEADERS = ("content-type", "accept")
+
+
+class Balancer:
+    """Every component of one app, started in order by the lifespan and closed in reverse."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.stats = ProxyStats()
+        self.queue = RequestQueue()
+        self.sessions = SessionStore(config.session_ttl_s, config.max_sessions)
+        self.registry = Registry(
+            config.backends, config.poll_interval_s, on_change=self.queue.wakeup.set
+        )
+        self.scheduler = Scheduler(
+            self.queue,
+            self.registry,
+            build_policy(config.routing),
+            self.sessions,
+            max_queue=config.max_queue,
+        )
+        self.forwarder = Forwarder(
+            Timeouts(
+                connect_s=config.connect_timeout_s,
+                first_byte_s=config.first_byte_timeout_s,
+                idle_s=config.idle_timeout_s,
+            )
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        # No connection limit: the slot accounting already bounds concurrency per backend,
+        # and aiohttp's default of 100 would be a hidden second queue in front of it.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+            timeout=aiohttp.ClientTimeout(total=None),
+            skip_auto_headers=("User-Agent",),
+        )
+        self.forwarder.start(self._session)
+        self.registry.start(self._session)
+        self.scheduler.start()
+
+    async def aclose(self) -> None:
+        await self.scheduler.aclose()
+        await self.registry.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def finish(self, result: ExchangeResult, routing: RoutingRequest) -> None:
+        self.stats.in_flight -= 1
+        self.stats.record(
+            backend=result.backend,
+            status=result.status,
+            disconnected=result.client_disconnected,
+            attempts=result.attempts,
+            queue_wait_s=result.queue_wait_s,
+            ttfb_s=result.ttfb_s,
+            total_s=result.total_s,
+        )
+        if result.status == 200 and result.backend is not None and not result.error:
+            self.sessions.record(routing.prefix_keys, result.backend)
+
+    def mark_unreachable(self, backend: BackendState, reason: str) -> None:
+        self.registry.report_unreachable(backend, reason)
+
+
+def create_app(config: ProxyConfig) -> FastAPI:
+    balancer = Balancer(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await balancer.start()
+        try:
+            yield
+        finally:
+            await balancer.aclose()
+
+    app = FastAPI(
+        title="llamacpp-ha",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.balancer = balancer
+    app.add_middleware(ApiKeyMiddleware, keys=config.api_keys)
+    _add_error_handlers(app)
+    app.include_router(
+        build_router(
+            balancer.stats,
+            lambda: snapshot(balancer.stats, balancer.registry, balancer.queue),
+        )
+    )
+
+    async def proxy(request: Request) -> Response:
+        started_at = time.monotonic()
+        payload, body = await _read_json_object(request, config.max_body_size)
+        model = _requested_model(balancer.registry, payload)
+        routing = RoutingRequest(model=model, prefix_keys=prefix_keys(payload))
+        balancer.stats.in_flight += 1
+        return RelayResponse(
+            scheduler=balancer.scheduler,
+            forwarder=balancer.forwarder,
+            routing=routing,
+            method="POST",
+            path=request.url.path,
+            body=body,
+            headers={
+                name: request.headers[name]
+                for name in _FORWARDED_REQUEST_HEADERS
+                if name in request.headers
+            },
+            queue_timeout_s=config.queue_timeout_s,
+            on_unreachable=balancer.mark_unreachable,
+            on_done=balancer.finish,
+            started_at=started_at,
+        )
+
+    for path in PROXIED_PATHS:
+        app.add_api_route(path, proxy, methods=["POST"], include_in_schema=False)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": balancer.registry.model_list()})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ready = sum(1 for b in balancer.registry.backends if b.health is Health.READY)
+        if ready:
+            return JSONResponse({"status": "ok", "backends_ready": ready})
+        return JSONResponse(
+            {"error": {"message": "no backend is ready", "type": "server_error", "code": 503}},
+            status_code=503,
+        )
+
+    return app
+
+
+async def _read_json_object(request: Request, max_size: int) -> tuple[dict[str, Any], bytes]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_size:
+        raise PayloadTooLarge(f"request body is larger than {max_size} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_size:
+            raise PayloadTooLarge(f"request body is larger than {max_size} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return payload, body
+
+
+def _requested_model(registry: Registry, payload: dict[str, Any]) -> str | None:
+    """The model to route on; None when any backend will do."""
+    model = payload.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequest("'model' must be a string")
+    if registry.single_model():
+        # llama-server ignores the name, so any name is fine; routing on it would only let
+        # clients grow per-model state with made-up names.
+        return None
+    if model is None:
+        raise InvalidRequest("'model' is required: the backends serve different models")
+    if not registry.knows_model(model):
+        raise ModelNotFound(f"the model {model!r} does not exist")
+    return model
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    def as_response(error: ProxyError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+    async def proxy_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ProxyError)
+        return as_response(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            return as_response(NotFound(f"no such endpoint: {request.url.path}"))
+        error = ProxyError(str(exc.detail))
+        return JSONResponse(
+            {"error": {"message": str(exc.detail), "type": "invalid_request_error", "code": None}},
+            status_code=exc.status_code,
+            headers=dict(exc.headers or {}) | error.headers(),
+        )
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return as_response(ProxyError("internal error in llamacpp-ha"))
+
+    app.add_exception_handler(ProxyError, proxy_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

@@ -1,0 +1,54 @@
+"""The one global FIFO of requests waiting for a slot."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .policies import RoutingRequest
+    from .registry import BackendState
+
+
+@dataclass(eq=False)
+class QueueEntry:
+    """A request waiting for a backend; the scheduler resolves `future` with the one it claimed."""
+
+    routing: RoutingRequest
+    enqueued_at: float = field(default_factory=time.monotonic)
+    # No default future: it must be created on the running loop by whoever enqueues.
+    future: asyncio.Future[BackendState] | None = None
+
+
+class RequestQueue:
+    """Insertion-ordered entries with O(1) removal from anywhere (timeouts, disconnects)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[QueueEntry, None] = {}
+        self.wakeup = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[QueueEntry]:
+        # A copy, so the scheduler may remove entries while it walks them.
+        return iter(list(self._entries))
+
+    def __contains__(self, entry: object) -> bool:
+        return entry in self._entries
+
+    def put(self, entry: QueueEntry, *, front: bool = False) -> None:
+        if front:
+            self._entries = {entry: None, **self._entries}
+        else:
+            self._entries[entry] = None
+
+    def remove(self, entry: QueueEntry) -> None:
+        self._entries.pop(entry, None)
+
+    def oldest_wait_s(self) -> float:
+        first = next(iter(self._entries), None)
+        return 0.0 if first is None else time.monotonic() - first.enqueued_at

@@ -1,0 +1,256 @@
+"""The fleet: each backend's live state, kept current by polling it.
+
+Every backend has its own poll task, so a slow or hung backend never delays what we learn
+about the others. A poll reads `/health`, then `/v1/models` and `/slots` (or `/props` for the
+slot count where llama-server runs with `--no-slots`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import aiohttp
+
+from .config import BackendConfig
+from .slot_tracker import SlotTracker
+
+log = logging.getLogger("llamacpp_ha.registry")
+
+
+class Health(StrEnum):
+    READY = "ready"
+    LOADING = "loading"
+    DEAD = "dead"
+
+
+@dataclass
+class BackendState:
+    """What we know of one backend right now."""
+
+    config: BackendConfig
+    slots: SlotTracker
+    health: Health = Health.DEAD
+    model_ids: tuple[str, ...] = ()
+    model_names: frozenset[str] = frozenset()
+    model_entries: tuple[dict[str, Any], ...] = ()
+    last_error: str | None = None
+    last_poll_at: float | None = None
+    changed_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def url(self) -> str:
+        return self.config.url
+
+    @property
+    def routable(self) -> bool:
+        return self.health is Health.READY and self.slots.total > 0
+
+
+class _PollFailed(Exception):
+    def __init__(self, health: Health, reason: str) -> None:
+        super().__init__(reason)
+        self.health = health
+        self.reason = reason
+
+
+class Registry:
+    """Owns the backends' states and the tasks that poll them."""
+
+    def __init__(
+        self,
+        configs: Iterable[BackendConfig],
+        poll_interval_s: float,
+        on_change: Callable[[], None],
+    ) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._poll_interval_s = poll_interval_s
+        # A poll must end before the next one is due, so a hung backend is seen within one
+        # interval; a floor keeps a busy-but-healthy llama-server from looking dead.
+        self._poll_timeout = aiohttp.ClientTimeout(total=max(poll_interval_s, 1.0))
+        self._on_change = on_change
+        self._backends: dict[str, BackendState] = {
+            c.name: BackendState(config=c, slots=SlotTracker(on_release=on_change)) for c in configs
+        }
+        self._tasks: list[asyncio.Task[None]] = []
+        self._first_poll = asyncio.Event()
+
+    @property
+    def backends(self) -> list[BackendState]:
+        return list(self._backends.values())
+
+    def get(self, name: str) -> BackendState:
+        return self._backends[name]
+
+    def start(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._poll_loop(b), name=f"poll {b.name}")
+            for b in self._backends.values()
+        ]
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    async def wait_first_poll(self) -> None:
+        await self._first_poll.wait()
+
+    # Model names -------------------------------------------------------------------------
+
+    def single_model(self) -> bool:
+        """True when every backend we know serves one and the same model.
+
+        llama-server ignores the `model` field, so such a fleet accepts any name.
+        """
+        known = {b.model_ids for b in self._backends.values() if b.model_ids}
+        return len(known) <= 1
+
+    def knows_model(self, model: str) -> bool:
+        return any(model in b.model_names for b in self._backends.values())
+
+    def serves(self, backend: BackendState, model: str | None) -> bool:
+        if model is None or self.single_model():
+            return True
+        return model in backend.model_names
+
+    def model_list(self) -> list[dict[str, Any]]:
+        """The union of the ready backends' models, in OpenAI's `/v1/models` format."""
+        merged: dict[str, dict[str, Any]] = {}
+        for backend in self._backends.values():
+            if backend.health is not Health.READY:
+                continue
+            for entry in backend.model_entries:
+                model_id = str(entry.get("id"))
+                if model_id not in merged:
+                    merged[model_id] = dict(entry)
+                    continue
+                aliases = list(merged[model_id].get("aliases") or [])
+                for alias in entry.get("aliases") or []:
+                    if alias not in aliases:
+                        aliases.append(alias)
+                merged[model_id]["aliases"] = aliases
+        return list(merged.values())
+
+    # Reports from live traffic ------------------------------------------------------------
+
+    def report_unreachable(self, backend: BackendState, reason: str) -> None:
+        """A request could not reach the backend: stop routing to it until a poll succeeds."""
+        self._set_health(backend, Health.DEAD, reason)
+
+    # Polling -----------------------------------------------------------------------------
+
+    async def _poll_loop(self, backend: BackendState) -> None:
+        while True:
+            started = time.monotonic()
+            await self.poll(backend)
+            if all(b.last_poll_at is not None for b in self._backends.values()):
+                self._first_poll.set()
+            elapsed = time.monotonic() - started
+            await asyncio.sleep(max(0.0, self._poll_interval_s - elapsed))
+
+    async def poll(self, backend: BackendState) -> None:
+        try:
+            await self._check_health(backend)
+            await self._read_models(backend)
+            await self._read_slots(backend)
+        except _PollFailed as failure:
+            self._set_health(backend, failure.health, failure.reason)
+        else:
+            self._set_health(backend, Health.READY, None)
+        finally:
+            backend.last_poll_at = time.monotonic()
+
+    async def _get(self, backend: BackendState, path: str) -> tuple[int, Any]:
+        assert self._session is not None, "Registry.start() was not called"
+        headers = {}
+        if backend.config.api_key:
+            headers["Authorization"] = f"Bearer {backend.config.api_key}"
+        try:
+            async with self._session.get(
+                backend.url + path, headers=headers, timeout=self._poll_timeout
+            ) as resp:
+                try:
+                    body = await resp.json(content_type=None)
+                except ValueError:
+                    body = None
+                return resp.status, body
+        except TimeoutError:
+            raise _PollFailed(Health.DEAD, f"GET {path} timed out") from None
+        except aiohttp.ClientError as exc:
+            raise _PollFailed(Health.DEAD, f"GET {path}: {type(exc).__name__}") from None
+
+    async def _check_health(self, backend: BackendState) -> None:
+        status, body = await self._get(backend, "/health")
+        if status == 200:
+            return
+        message = _error_message(body)
+        if status == 503 and message == "Loading model":
+            raise _PollFailed(Health.LOADING, "loading model")
+        raise _PollFailed(Health.DEAD, f"/health answered {status} {message}".strip())
+
+    async def _read_models(self, backend: BackendState) -> None:
+        status, body = await self._get(backend, "/v1/models")
+        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("data"), list):
+            raise _PollFailed(Health.DEAD, f"/v1/models answered {status}")
+        entries = tuple(e for e in body["data"] if isinstance(e, dict) and "id" in e)
+        names = set()
+        for entry in entries:
+            names.add(str(entry["id"]))
+            names.update(str(a) for a in entry.get("aliases") or [])
+        backend.model_entries = entries
+        backend.model_ids = tuple(sorted(str(e["id"]) for e in entries))
+        backend.model_names = frozenset(names)
+
+    async def _read_slots(self, backend: BackendState) -> None:
+        status, body = await self._get(backend, "/slots")
+        if status == 200 and isinstance(body, list):
+            busy = sum(1 for s in body if isinstance(s, dict) and s.get("is_processing"))
+            changed = backend.slots.observe(total=len(body), busy_on_backend=busy)
+        else:
+            # --no-slots: the count comes from /props and we rely on our own accounting.
+            status, props = await self._get(backend, "/props")
+            total = props.get("total_slots") if isinstance(props, dict) else None
+            if status != 200 or not isinstance(total, int):
+                raise _PollFailed(Health.DEAD, "neither /slots nor /props gave a slot count")
+            changed = backend.slots.observe(total=total, busy_on_backend=0)
+        if changed:
+            self._on_change()
+
+    def _set_health(self, backend: BackendState, health: Health, reason: str | None) -> None:
+        backend.last_error = reason
+        if backend.health is health:
+            return
+        previous, backend.health = backend.health, health
+        backend.changed_at = time.monotonic()
+        level = logging.INFO if health is Health.READY else logging.WARNING
+        log.log(
+            level,
+            "backend %s: %s -> %s%s",
+            backend.name,
+            previous.value,
+            health.value,
+            f" ({reason})" if reason else "",
+        )
+        self._on_change()
+
+
+def _error_message(body: Any) -> str:
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("message", ""))
+    return ""

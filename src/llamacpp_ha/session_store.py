@@ -1,0 +1,95 @@
+"""Which backend holds a conversation's prompt in its cache.
+
+A request's prompt is summarised as cumulative SHA-256 keys: one per chat message (so turn n+1,
+which repeats turn n's messages and adds more, contains turn n's last key), or one per
+`BLOCK_CHARS` of a plain prompt. After a backend serves a request we record the request's
+longest key; the next request is steered to the backend of its longest recorded key.
+Entries expire `ttl_s` after their last use; the store holds at most `max_entries`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+BLOCK_CHARS = 256
+
+
+def prefix_keys(body: dict[str, Any]) -> tuple[str, ...]:
+    """Cumulative prefix hashes of the prompt in an OpenAI, Anthropic or llama-server body."""
+    hasher = hashlib.sha256(str(body.get("model", "")).encode())
+    keys: list[str] = []
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts: list[Any] = []
+        if "system" in body:  # Anthropic puts the system prompt beside the messages.
+            parts.append({"role": "system", "content": body["system"]})
+        parts.extend(messages)
+        for part in parts:
+            hasher.update(json.dumps(part, sort_keys=True, ensure_ascii=False).encode())
+            hasher.update(b"\x1e")
+            keys.append(hasher.hexdigest())
+        return tuple(keys)
+    prompt = body.get("prompt", body.get("content"))
+    if isinstance(prompt, str):
+        data = prompt.encode()
+        # Only whole blocks: the next turn's prompt extends this one past its last boundary.
+        for start in range(0, len(data) - BLOCK_CHARS + 1, BLOCK_CHARS):
+            hasher.update(data[start : start + BLOCK_CHARS])
+            keys.append(hasher.hexdigest())
+    return tuple(keys)
+
+
+class SessionStore:
+    """Prefix key → backend name, with TTL and a size bound (least recently used goes first)."""
+
+    def __init__(
+        self,
+        ttl_s: float,
+        max_entries: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, keys: Sequence[str]) -> str | None:
+        now = self._clock()
+        for key in reversed(keys):
+            found = self._entries.get(key)
+            if found is None:
+                continue
+            backend, expires_at = found
+            if expires_at <= now:
+                del self._entries[key]
+                continue
+            return backend
+        return None
+
+    def record(self, keys: Sequence[str], backend: str) -> None:
+        if not keys:
+            return
+        key = keys[-1]
+        self._entries[key] = (backend, self._clock() + self._ttl_s)
+        self._entries.move_to_end(key)
+        self._evict()
+
+    def forget_backend(self, backend: str) -> None:
+        for key in [k for k, (b, _) in self._entries.items() if b == backend]:
+            del self._entries[key]
+
+    def _evict(self) -> None:
+        now = self._clock()
+        while self._entries:
+            key, (_, expires_at) = next(iter(self._entries.items()))
+            if len(self._entries) <= self._max_entries and expires_at > now:
+                break
+            del self._entries[key]
