@@ -1,0 +1,204 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+from unittest import mock
+
+from llamacpp_ha.__main__ import load_config, main
+from llamacpp_ha.config import BackendConfig, ConfigError, build_config
+
+
+class ConfigFileTest(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.TemporaryDirectory()
+        self.addCleanup(self.dir.cleanup)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMACPP_HA_")}
+        patcher = mock.patch.dict(os.environ, env, clear=True)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def write(self, data: object) -> Path:
+        path = Path(self.dir.name) / "config.json"
+        path.write_text(json.dumps(data))
+        return path
+
+    def test_file_as_documented(self) -> None:
+        path = self.write(
+            {
+                "port": 8001,
+                "api_keys": ["k1"],
+                "backends": [{"url": "http://gpu-a:8080", "name": "gpu-a", "api_key": "b"}],
+                "queue_timeout_s": 60,
+            }
+        )
+        config = build_config(config_file=path)
+        self.assertEqual(config.port, 8001)
+        self.assertEqual(config.api_keys, ["k1"])
+        self.assertEqual(config.backends, [BackendConfig(url="http://gpu-a:8080", name="gpu-a", api_key="b")])
+        self.assertEqual(config.queue_timeout_s, 60)
+
+    def test_env_overrides_file(self) -> None:
+        path = self.write({"port": 8001, "backends": ["http://a:1"]})
+        with mock.patch.dict(os.environ, {"LLAMACPP_HA_PORT": "8002"}):
+            self.assertEqual(build_config(config_file=path).port, 8002)
+
+    def test_cli_overrides_env_and_file(self) -> None:
+        path = self.write({"port": 8001, "backends": ["http://a:1"]})
+        with mock.patch.dict(os.environ, {"LLAMACPP_HA_PORT": "8002"}):
+            config = load_config(["--config", str(path), "--port", "8003"])
+        self.assertEqual(config.port, 8003)
+
+    def test_cli_backends_replace_file_backends(self) -> None:
+        path = self.write({"backends": ["http://a:1"]})
+        config = load_config(["--config", str(path), "--backend", "http://b:2", "--backend", "http://c:3"])
+        self.assertEqual([b.url for b in config.backends], ["http://b:2", "http://c:3"])
+
+    def test_env_backends_as_json(self) -> None:
+        with mock.patch.dict(os.environ, {"LLAMACPP_HA_BACKENDS": '["http://a:1", {"url": "http://b:2", "name": "b"}]'}):
+            config = build_config()
+        self.assertEqual([b.name for b in config.backends], ["a:1", "b"])
+
+    def test_every_flag_reaches_its_field(self) -> None:
+        config = load_config(
+            [
+                "--backend", "http://a:1", "--host", "0.0.0.0", "--port", "9", "--api-key", "k",
+                "--routing", "round-robin", "--poll-interval", "0.5", "--queue-timeout", "7",
+                "--max-queue", "3", "--session-ttl", "11", "--max-sessions", "12",
+                "--connect-timeout", "2", "--first-byte-timeout", "30", "--idle-timeout", "4",
+                "--max-body-size", "1000", "--log-level", "debug",
+            ]
+        )  # fmt: skip
+        self.assertEqual(
+            (config.host, config.port, config.api_keys, config.routing, config.poll_interval_s),
+            ("0.0.0.0", 9, ["k"], "round-robin", 0.5),
+        )
+        self.assertEqual(
+            (config.queue_timeout_s, config.max_queue, config.session_ttl_s, config.max_sessions),
+            (7, 3, 11, 12),
+        )
+        self.assertEqual(
+            (config.connect_timeout_s, config.first_byte_timeout_s, config.idle_timeout_s),
+            (2, 30, 4),
+        )
+        self.assertEqual((config.max_body_size, config.log_level), (1000, "debug"))
+
+    def test_backend_name_defaults_to_host_port(self) -> None:
+        self.assertEqual(BackendConfig(url="http://gpu-a:8080/").name, "gpu-a:8080")
+
+    def test_trailing_slash_is_dropped(self) -> None:
+        self.assertEqual(BackendConfig(url="http://gpu-a:8080/").url, "http://gpu-a:8080")
+
+    def test_api_key_not_in_repr(self) -> None:
+        self.assertNotIn("sekrit", repr(BackendConfig(url="http://a:1", api_key="sekrit")))
+        self.assertNotIn("sekrit", repr(build_config({"backends": ["http://a:1"], "api_keys": ["sekrit"]})))
+
+
+class InvalidConfigTest(unittest.TestCase):
+    def assertInvalid(self, overrides: dict[str, object], field: str) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            build_config(overrides)
+        message = str(caught.exception)
+        self.assertIn(field, message)
+        self.assertNotIn("\n", message)
+
+    def test_bad_scheme(self) -> None:
+        self.assertInvalid({"backends": ["ftp://a:1"]}, "backends.0.url")
+
+    def test_url_without_host(self) -> None:
+        self.assertInvalid({"backends": ["http://"]}, "backends.0.url")
+
+    def test_url_with_credentials(self) -> None:
+        self.assertInvalid({"backends": ["http://user:pw@a:1"]}, "backends.0.url")
+
+    def test_bad_port_in_url(self) -> None:
+        self.assertInvalid({"backends": ["http://a:99999"]}, "backends.0.url")
+
+    def test_unknown_field(self) -> None:
+        self.assertInvalid({"backends": ["http://a:1"], "bogus": 1}, "bogus")
+
+    def test_unknown_backend_field(self) -> None:
+        self.assertInvalid({"backends": [{"url": "http://a:1", "weight": 2}]}, "backends.0.weight")
+
+    def test_negative_timeout(self) -> None:
+        self.assertInvalid({"backends": ["http://a:1"], "queue_timeout_s": -1}, "queue_timeout_s")
+
+    def test_port_out_of_range(self) -> None:
+        self.assertInvalid({"backends": ["http://a:1"], "port": 70000}, "port")
+
+    def test_not_a_number(self) -> None:
+        self.assertInvalid({"backends": ["http://a:1"], "poll_interval_s": "soon"}, "poll_interval_s")
+
+    def test_no_backends(self) -> None:
+        self.assertInvalid({}, "backends")
+
+    def test_duplicate_backend(self) -> None:
+        self.assertInvalid({"backends": ["http://a:1", "http://a:1/"]}, "backends")
+
+    def test_empty_api_key(self) -> None:
+        self.assertInvalid({"backends": ["http://a:1"], "api_keys": [" "]}, "api_keys")
+
+    def test_unknown_routing(self) -> None:
+        self.assertInvalid({"backends": ["http://a:1"], "routing": "random"}, "routing")
+
+    def test_unreadable_file(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            build_config(config_file=Path("/nonexistent/config.json"))
+        self.assertIn("config", str(caught.exception))
+
+    def test_file_not_json(self) -> None:
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+            f.write("{nope")
+            f.flush()
+            with self.assertRaises(ConfigError):
+                build_config(config_file=Path(f.name))
+
+    def test_file_not_an_object(self) -> None:
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+            f.write("[1, 2]")
+            f.flush()
+            with self.assertRaises(ConfigError):
+                build_config(config_file=Path(f.name))
+
+
+class CommandLineTest(unittest.TestCase):
+    def run_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "llamacpp_ha", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    def test_bad_config_exits_2_with_one_line(self) -> None:
+        result = self.run_cli("--backend", "ftp://a:1")
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr.strip().count("\n"), 0, result.stderr)
+        self.assertIn("backends.0.url", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
+    def test_unknown_flag_exits_2_with_one_line(self) -> None:
+        result = self.run_cli("--frobnicate", "1")
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr.strip().count("\n"), 0, result.stderr)
+        self.assertIn("--frobnicate", result.stderr)
+
+    def test_negative_timeout_names_the_field(self) -> None:
+        result = self.run_cli("--backend", "http://a:1", "--queue-timeout", "-5")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("queue_timeout_s", result.stderr)
+
+    def test_check_config_valid_and_invalid(self) -> None:
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+            json.dump({"backends": ["http://a:1"], "api_keys": ["hidden-key"]}, f)
+            f.flush()
+            self.assertEqual(main(["check-config", f.name]), 0)
+            result = self.run_cli("check-config", f.name)
+            self.assertEqual(result.returncode, 0)
+            self.assertIn('"http://a:1"', result.stdout)
+            self.assertNotIn("hidden-key", result.stdout)
+        self.assertEqual(self.run_cli("check-config", "/nonexistent.json").returncode, 2)

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import unittest
+from collections import Counter
+
+from llamacpp_ha.policies import (
+    AffinityPolicy,
+    BackendCandidate,
+    Policy,
+    RoundRobinPolicy,
+    RoutingRequest,
+    build_policy,
+)
+
+
+def candidates(*free: int) -> list[BackendCandidate]:
+    return [BackendCandidate(name=f"b{i}", free_slots=f, total_slots=4) for i, f in enumerate(free)]
+
+
+class PolicyContract:
+    """Every policy passes these; subclasses say how to build theirs."""
+
+    def make(self) -> Policy:
+        raise NotImplementedError
+
+    def test_no_candidates_gives_none(self) -> None:
+        self.assertIsNone(self.make().select([], RoutingRequest(model="m")))  # type: ignore[attr-defined]
+
+    def test_all_full_gives_none(self) -> None:
+        self.assertIsNone(self.make().select(candidates(0, 0, 0), RoutingRequest(model="m")))  # type: ignore[attr-defined]
+
+    def test_only_free_candidates_are_chosen(self) -> None:
+        policy = self.make()
+        for _ in range(20):
+            self.assertEqual(policy.select(candidates(0, 2, 0), RoutingRequest(model="m")), "b1")  # type: ignore[attr-defined]
+
+    def test_does_not_modify_candidates(self) -> None:
+        given = candidates(1, 1)
+        before = list(given)
+        self.make().select(given, RoutingRequest(model="m"))
+        self.assertEqual(given, before)  # type: ignore[attr-defined]
+
+    def test_unknown_preferred_backend_is_ignored(self) -> None:
+        choice = self.make().select(candidates(1, 1), RoutingRequest(model="m", preferred_backend="gone"))
+        self.assertIn(choice, {"b0", "b1"})  # type: ignore[attr-defined]
+
+    def test_uses_every_backend_under_steady_load(self) -> None:
+        policy = self.make()
+        picks = Counter(policy.select(candidates(1, 1, 1), RoutingRequest(model="m")) for _ in range(30))
+        self.assertEqual(set(picks), {"b0", "b1", "b2"})  # type: ignore[attr-defined]
+
+
+class RoundRobinTest(PolicyContract, unittest.TestCase):
+    def make(self) -> Policy:
+        return RoundRobinPolicy()
+
+    def test_rotates_in_order(self) -> None:
+        policy = self.make()
+        picks = [policy.select(candidates(1, 1, 1), RoutingRequest(model="m")) for _ in range(6)]
+        self.assertEqual(picks, ["b0", "b1", "b2", "b0", "b1", "b2"])
+
+    def test_skips_full_backends_and_keeps_rotating(self) -> None:
+        policy = self.make()
+        self.assertEqual(policy.select(candidates(1, 0, 1), RoutingRequest(model="m")), "b0")
+        self.assertEqual(policy.select(candidates(1, 0, 1), RoutingRequest(model="m")), "b2")
+        self.assertEqual(policy.select(candidates(1, 0, 1), RoutingRequest(model="m")), "b0")
+
+    def test_counter_is_per_model(self) -> None:
+        policy = self.make()
+        self.assertEqual(policy.select(candidates(1, 1), RoutingRequest(model="a")), "b0")
+        self.assertEqual(policy.select(candidates(1, 1), RoutingRequest(model="b")), "b0")
+        self.assertEqual(policy.select(candidates(1, 1), RoutingRequest(model="a")), "b1")
+
+    def test_stable_when_a_backend_leaves(self) -> None:
+        policy = self.make()
+        policy.select(candidates(1, 1, 1), RoutingRequest(model="m"))  # b0
+        policy.select(candidates(1, 1, 1), RoutingRequest(model="m"))  # b1
+        fewer = [c for c in candidates(1, 1, 1) if c.name != "b1"]
+        self.assertEqual(policy.select(fewer, RoutingRequest(model="m")), "b2")
+
+
+class AffinityTest(PolicyContract, unittest.TestCase):
+    def make(self) -> Policy:
+        return AffinityPolicy(fallback=RoundRobinPolicy())
+
+    def test_prefers_the_backend_holding_the_prefix(self) -> None:
+        policy = self.make()
+        for _ in range(5):
+            choice = policy.select(candidates(1, 1, 1), RoutingRequest(model="m", preferred_backend="b2"))
+            self.assertEqual(choice, "b2")
+
+    def test_falls_back_when_preferred_is_full(self) -> None:
+        choice = self.make().select(candidates(1, 1, 0), RoutingRequest(model="m", preferred_backend="b2"))
+        self.assertIn(choice, {"b0", "b1"})
+
+    def test_without_preference_behaves_like_fallback(self) -> None:
+        policy, reference = self.make(), RoundRobinPolicy()
+        for _ in range(5):
+            self.assertEqual(
+                policy.select(candidates(1, 1), RoutingRequest(model="m")),
+                reference.select(candidates(1, 1), RoutingRequest(model="m")),
+            )
+
+
+class BuildPolicyTest(unittest.TestCase):
+    def test_names(self) -> None:
+        self.assertIsInstance(build_policy("round-robin"), RoundRobinPolicy)
+        self.assertIsInstance(build_policy("affinity"), AffinityPolicy)
+        with self.assertRaises(ValueError):
+            build_policy("random")
+
+    def test_excluding_adds_to_exclusions(self) -> None:
+        request = RoutingRequest(model="m").excluding("a").excluding("b")
+        self.assertEqual(request.exclude, frozenset({"a", "b"}))

@@ -1,0 +1,192 @@
+from __future__ import annotations
+
+import asyncio
+import unittest
+
+from fleet import make_registry, set_ready
+from llamacpp_ha.errors import NoHealthyBackend, QueueFull, QueueTimeout
+from llamacpp_ha.policies import RoundRobinPolicy, RoutingRequest, build_policy
+from llamacpp_ha.queue import RequestQueue
+from llamacpp_ha.registry import Health, Registry
+from llamacpp_ha.scheduler import Lease, Scheduler
+from llamacpp_ha.session_store import SessionStore
+
+
+class SchedulerTest(unittest.IsolatedAsyncioTestCase):
+    def build(
+        self, *specs: tuple[str, int, tuple[str, ...]], max_queue: int = 100, policy: str = "round-robin"
+    ) -> tuple[Scheduler, Registry, RequestQueue]:
+        queue = RequestQueue()
+        registry = make_registry(*specs, on_change=queue.wakeup.set)
+        self.sessions = SessionStore(ttl_s=60, max_entries=100)
+        scheduler = Scheduler(queue, registry, build_policy(policy), self.sessions, max_queue=max_queue)
+        scheduler.start()
+        self.addAsyncCleanup(scheduler.aclose)
+        return scheduler, registry, queue
+
+    async def acquire(self, scheduler: Scheduler, model: str | None = None, timeout: float = 5.0) -> Lease:
+        return await scheduler.acquire(RoutingRequest(model=model), timeout_s=timeout)
+
+    async def test_free_slot_is_granted_without_queueing(self) -> None:
+        scheduler, registry, queue = self.build(("a", 1, ("m",)))
+        lease = await asyncio.wait_for(self.acquire(scheduler), 1)
+        self.assertEqual(lease.backend.name, "a")
+        self.assertEqual(registry.get("a").slots.in_flight, 1)
+        self.assertEqual(len(queue), 0)
+
+    async def test_never_more_in_flight_than_slots(self) -> None:
+        scheduler, registry, queue = self.build(("a", 2, ("m",)), ("b", 1, ("m",)))
+        leases = [await self.acquire(scheduler) for _ in range(3)]
+        self.assertEqual(sorted(lease.backend.name for lease in leases), ["a", "a", "b"])
+        waiter = asyncio.create_task(self.acquire(scheduler))
+        await asyncio.sleep(0.01)
+        self.assertFalse(waiter.done())
+        self.assertEqual(len(queue), 1)
+        on_b = next(lease for lease in leases if lease.backend.name == "b")
+        await on_b.release()
+        lease = await asyncio.wait_for(waiter, 1)
+        self.assertEqual(lease.backend.name, "b")
+        for backend in registry.backends:
+            self.assertLessEqual(backend.slots.in_flight, backend.slots.total)
+
+    async def test_fifo_order_under_contention(self) -> None:
+        scheduler, _, _ = self.build(("a", 1, ("m",)))
+        first = await self.acquire(scheduler)
+        order: list[int] = []
+
+        async def wait(i: int) -> None:
+            lease = await self.acquire(scheduler)
+            order.append(i)
+            await asyncio.sleep(0)
+            await lease.release()
+
+        waiters = []
+        for i in range(5):
+            waiters.append(asyncio.create_task(wait(i)))
+            await asyncio.sleep(0)  # enqueue in this order
+        await first.release()
+        await asyncio.wait_for(asyncio.gather(*waiters), 2)
+        self.assertEqual(order, [0, 1, 2, 3, 4])
+
+    async def test_other_model_is_not_held_behind(self) -> None:
+        scheduler, _, queue = self.build(("a", 1, ("ma",)), ("b", 1, ("mb",)))
+        held = await self.acquire(scheduler, "ma")
+        blocked = asyncio.create_task(self.acquire(scheduler, "ma"))
+        await asyncio.sleep(0.01)
+        self.assertEqual(len(queue), 1)
+        lease = await asyncio.wait_for(self.acquire(scheduler, "mb"), 1)
+        self.assertEqual(lease.backend.name, "b")
+        self.assertFalse(blocked.done())
+        await held.release()
+        self.assertEqual((await asyncio.wait_for(blocked, 1)).backend.name, "a")
+
+    async def test_queue_full_rejects_at_once(self) -> None:
+        scheduler, _, queue = self.build(("a", 1, ("m",)), max_queue=2)
+        await self.acquire(scheduler)
+        waiters = [asyncio.create_task(self.acquire(scheduler)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        with self.assertRaises(QueueFull) as caught:
+            await asyncio.wait_for(self.acquire(scheduler), 1)
+        self.assertEqual(caught.exception.status, 503)
+        self.assertIn("Retry-After", caught.exception.headers())
+        self.assertEqual(len(queue), 2)
+        for waiter in waiters:
+            waiter.cancel()
+
+    async def test_max_queue_zero_still_serves_free_slots(self) -> None:
+        scheduler, _, _ = self.build(("a", 1, ("m",)), max_queue=0)
+        await self.acquire(scheduler)
+        with self.assertRaises(QueueFull):
+            await self.acquire(scheduler)
+
+    async def test_queue_timeout(self) -> None:
+        scheduler, _, queue = self.build(("a", 1, ("m",)))
+        await self.acquire(scheduler)
+        with self.assertRaises(QueueTimeout) as caught:
+            await self.acquire(scheduler, timeout=0.05)
+        self.assertEqual(caught.exception.status, 503)
+        self.assertEqual(len(queue), 0)
+
+    async def test_cancelled_waiter_leaves_queue_and_is_never_dispatched(self) -> None:
+        scheduler, registry, queue = self.build(("a", 1, ("m",)))
+        held = await self.acquire(scheduler)
+        waiter = asyncio.create_task(self.acquire(scheduler))
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        with self.assertRaises(asyncio.CancelledError):
+            await waiter
+        self.assertEqual(len(queue), 0)
+        await held.release()
+        await asyncio.sleep(0.01)
+        self.assertEqual(registry.get("a").slots.in_flight, 0)
+
+    async def test_release_wakes_the_next_waiter(self) -> None:
+        scheduler, _, _ = self.build(("a", 1, ("m",)))
+        held = await self.acquire(scheduler)
+        waiter = asyncio.create_task(self.acquire(scheduler))
+        await asyncio.sleep(0.01)
+        await held.release()
+        await asyncio.wait_for(waiter, 1)
+
+    async def test_lease_release_is_idempotent(self) -> None:
+        scheduler, registry, _ = self.build(("a", 2, ("m",)))
+        lease = await self.acquire(scheduler)
+        await self.acquire(scheduler)
+        await lease.release()
+        await lease.release()
+        self.assertEqual(registry.get("a").slots.in_flight, 1)
+
+    async def test_no_ready_backend_fails_fast(self) -> None:
+        scheduler, registry, _ = self.build(("a", 1, ("m",)))
+        registry.get("a").health = Health.DEAD
+        with self.assertRaises(NoHealthyBackend):
+            await asyncio.wait_for(self.acquire(scheduler), 1)
+
+    async def test_backend_coming_back_drains_queue(self) -> None:
+        scheduler, registry, queue = self.build(("a", 1, ("m",)), ("b", 1, ("m",)))
+        await self.acquire(scheduler)
+        await self.acquire(scheduler)
+        waiter = asyncio.create_task(self.acquire(scheduler))
+        await asyncio.sleep(0.01)
+        registry.get("a").health = Health.DEAD
+        registry.get("b").health = Health.DEAD
+        set_ready(registry.get("a"), 2)  # back, restarted with two slots
+        queue.wakeup.set()  # what the registry's poll does on a change
+        self.assertEqual((await asyncio.wait_for(waiter, 1)).backend.name, "a")
+
+    async def test_excluded_backend_is_skipped(self) -> None:
+        scheduler, _, _ = self.build(("a", 1, ("m",)), ("b", 1, ("m",)))
+        lease = await scheduler.acquire(RoutingRequest(model=None, exclude=frozenset({"a"})), timeout_s=1)
+        self.assertEqual(lease.backend.name, "b")
+
+    async def test_retry_goes_to_the_front(self) -> None:
+        scheduler, _, _ = self.build(("a", 1, ("m",)))
+        held = await self.acquire(scheduler)
+        normal = asyncio.create_task(self.acquire(scheduler))
+        await asyncio.sleep(0.01)
+        retry = asyncio.create_task(scheduler.acquire(RoutingRequest(model=None), timeout_s=5, retry=True))
+        await asyncio.sleep(0.01)
+        await held.release()
+        await asyncio.wait_for(retry, 1)
+        self.assertFalse(normal.done())
+        normal.cancel()
+
+    async def test_affinity_uses_session_store(self) -> None:
+        scheduler, _, _ = self.build(("a", 2, ("m",)), ("b", 2, ("m",)), policy="affinity")
+        self.sessions.record(("k1",), "b")
+        for _ in range(2):
+            lease = await scheduler.acquire(RoutingRequest(model=None, prefix_keys=("k0", "k1")), timeout_s=1)
+            self.assertEqual(lease.backend.name, "b")
+        lease = await scheduler.acquire(RoutingRequest(model=None, prefix_keys=("k0", "k1")), timeout_s=1)
+        self.assertEqual(lease.backend.name, "a")  # b is full: fall back rather than wait
+
+    async def test_round_robin_spreads(self) -> None:
+        scheduler, _, _ = self.build(("a", 4, ("m",)), ("b", 4, ("m",)))
+        names = [(await self.acquire(scheduler)).backend.name for _ in range(4)]
+        self.assertEqual(names, ["a", "b", "a", "b"])
+
+    async def test_start_is_plain_function(self) -> None:
+        queue = RequestQueue()
+        scheduler = Scheduler(queue, make_registry(("a", 1, ("m",))), RoundRobinPolicy(), SessionStore(1, 1), 1)
+        self.assertIsNone(scheduler.start())
+        await scheduler.aclose()

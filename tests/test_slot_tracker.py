@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import asyncio
+import unittest
+
+from llamacpp_ha.slot_tracker import SlotTracker
+
+
+class SlotTrackerTest(unittest.IsolatedAsyncioTestCase):
+    def test_starts_with_no_capacity_until_observed(self) -> None:
+        tracker = SlotTracker()
+        self.assertEqual(tracker.free, 0)
+        self.assertFalse(tracker.try_claim())
+
+    def test_claims_up_to_total(self) -> None:
+        tracker = SlotTracker()
+        tracker.observe(total=2, busy_on_backend=0)
+        self.assertTrue(tracker.try_claim())
+        self.assertTrue(tracker.try_claim())
+        self.assertFalse(tracker.try_claim())
+        self.assertEqual((tracker.in_flight, tracker.free, tracker.busy), (2, 0, 2))
+
+    async def test_release_frees_and_notifies(self) -> None:
+        calls: list[int] = []
+        tracker = SlotTracker(on_release=lambda: calls.append(tracker.free))
+        tracker.observe(total=1, busy_on_backend=0)
+        self.assertTrue(tracker.try_claim())
+        await tracker.release()
+        # The callback already sees the freed slot: release is done before anyone is told.
+        self.assertEqual(calls, [1])
+        self.assertTrue(tracker.try_claim())
+
+    async def test_release_without_claim_is_an_error(self) -> None:
+        tracker = SlotTracker()
+        with self.assertRaises(RuntimeError):
+            await tracker.release()
+
+    def test_foreign_busy_slots_count_as_busy(self) -> None:
+        tracker = SlotTracker()
+        tracker.observe(total=4, busy_on_backend=3)
+        self.assertEqual((tracker.external_busy, tracker.free), (3, 1))
+        self.assertTrue(tracker.try_claim())
+        self.assertFalse(tracker.try_claim())
+
+    def test_our_own_requests_are_not_counted_twice(self) -> None:
+        tracker = SlotTracker()
+        tracker.observe(total=4, busy_on_backend=0)
+        tracker.try_claim()
+        tracker.try_claim()
+        tracker.observe(total=4, busy_on_backend=2)
+        self.assertEqual((tracker.external_busy, tracker.free), (0, 2))
+
+    def test_backend_not_yet_busy_with_ours_is_no_spare_capacity(self) -> None:
+        tracker = SlotTracker()
+        tracker.observe(total=2, busy_on_backend=0)
+        tracker.try_claim()
+        tracker.try_claim()
+        tracker.observe(total=2, busy_on_backend=0)  # ours have not started there yet
+        self.assertEqual(tracker.free, 0)
+
+    def test_shrinking_backend_never_overfills(self) -> None:
+        tracker = SlotTracker()
+        tracker.observe(total=4, busy_on_backend=0)
+        for _ in range(4):
+            tracker.try_claim()
+        tracker.observe(total=2, busy_on_backend=4)  # restarted with fewer slots
+        self.assertEqual(tracker.free, 0)
+        self.assertEqual(tracker.busy, 2)
+
+    def test_observe_reports_capacity_change(self) -> None:
+        tracker = SlotTracker()
+        self.assertTrue(tracker.observe(total=2, busy_on_backend=0))
+        self.assertFalse(tracker.observe(total=2, busy_on_backend=0))
+        self.assertTrue(tracker.observe(total=2, busy_on_backend=1))
+
+    async def test_wait_idle_returns_after_last_release(self) -> None:
+        tracker = SlotTracker()
+        tracker.observe(total=2, busy_on_backend=0)
+        tracker.try_claim()
+        tracker.try_claim()
+        waiter = asyncio.create_task(tracker.wait_idle())
+        await tracker.release()
+        await asyncio.sleep(0)
+        self.assertFalse(waiter.done())
+        await tracker.release()
+        await asyncio.wait_for(waiter, 1)
