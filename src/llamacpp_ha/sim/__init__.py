@@ -1,0 +1,15 @@
+"""A faithful llama-server simulator: slots, prompt cache, continuous batching and faults.
+
+``SimBackend(SimConfig(...))`` serves one simulated llama-server on a real socket; the console
+script ``llamacpp-ha-sim`` serves several from one process.
+"""
+
+from __future__ import annotations
+
+from llamacpp_ha.sim.config import SimConfig
+from llamacpp_ha.sim.faults import Fault
+from llamacpp_ha.sim.profiles import PROFILES, Profile
+from llamacpp_ha.sim.recording import RecordedRequest
+from llamacpp_ha.sim.server import SimBackend
+
+__all__ = ["PROFILES", "Fault", "Profile", "RecordedRequest", "SimBackend", "SimConfig"]
