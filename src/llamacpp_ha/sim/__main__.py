@@ -1,0 +1,190 @@
+"""``llamacpp-ha-sim``: serve N simulated llama-servers from one process until SIGINT/SIGTERM.
+
+Every per-backend flag takes one value for all backends or a comma-separated list with one value
+per backend: ``--count 3 --slots 4,2,1 --profile gpu-8b,gpu-8b,cpu-1b``. Backends listen on
+consecutive ports from ``--port`` (``--port 0``: each picks a free port); each prints one line
+``llamacpp-ha-sim: backend sim-<i> listening on http://HOST:PORT`` on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
+
+from llamacpp_ha.sim.config import SimConfig
+from llamacpp_ha.sim.faults import Fault
+from llamacpp_ha.sim.profiles import PROFILES
+from llamacpp_ha.sim.server import SimBackend
+
+PROG = "llamacpp-ha-sim"
+T = TypeVar("T")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line naming the flag, not argparse's usage block.
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _parser() -> _Parser:
+    p = _Parser(
+        prog=PROG,
+        description="Simulated llama.cpp llama-server backends. Per-backend flags take one "
+        "value for all backends or a comma-separated list, one value per backend.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", default="8081", help="first port; 0 picks free ports (default 8081)")
+    p.add_argument("--count", type=int, default=None, help="number of backends (default 1)")
+    p.add_argument("--slots", default="2", help="slots per backend (default 2)")
+    p.add_argument(
+        "--profile",
+        default="gpu-8b",
+        help=f"speed profile: {', '.join(sorted(PROFILES))} (default gpu-8b)",
+    )
+    p.add_argument("--time-scale", default="1", help="run this many times faster (default 1)")
+    p.add_argument("--model", default="sim-model", help="model alias (default sim-model)")
+    p.add_argument("--n-ctx", default="4096", help="context size per slot (default 4096)")
+    p.add_argument("--load-time", default="0", help="seconds answering 503 Loading model")
+    p.add_argument("--cache-ram", default="0", help="host prompt cache in tokens, 0 = off")
+    p.add_argument("--similarity", default="0.1", help="slot prompt similarity (default 0.1)")
+    p.add_argument(
+        "--default-max-tokens", default="16", help="reply length without max_tokens (16)"
+    )
+    p.add_argument(
+        "--alias", action="append", default=[], help="extra model alias (repeatable, all)"
+    )
+    p.add_argument("--no-slots", action="store_true", help="/slots answers 501 (all backends)")
+    p.add_argument(
+        "--no-embeddings", action="store_true", help="embeddings answer 501 (all backends)"
+    )
+    p.add_argument(
+        "--fault", default=None, help="fault at start, JSON, e.g. '{\"error_500\": true}' (all)"
+    )
+    return p
+
+
+def _values(
+    flag: str, raw: str, convert: Callable[[str], T], count: int | None
+) -> tuple[list[T], int | None]:
+    parts = [part.strip() for part in raw.split(",")]
+    try:
+        values = [convert(part) for part in parts]
+    except ValueError as exc:
+        raise _UsageError(f"argument {flag}: invalid value {raw!r} ({exc})") from None
+    if len(values) > 1:
+        if count is not None and count != len(values):
+            raise _UsageError(f"argument {flag}: {len(values)} values given for {count} backends")
+        count = len(values)
+    return values, count
+
+
+def _profile(value: str) -> str:
+    if value not in PROFILES:
+        raise ValueError(f"known profiles: {', '.join(sorted(PROFILES))}")
+    return value
+
+
+def build_configs(args: argparse.Namespace) -> list[SimConfig]:
+    count: int | None = args.count
+    if count is not None and count < 1:
+        raise _UsageError("argument --count: must be >= 1")
+    columns: dict[str, tuple[str, str, Callable[[str], Any]]] = {
+        "port": ("port", "--port", int),
+        "slots": ("slots", "--slots", int),
+        "profile": ("profile", "--profile", _profile),
+        "time_scale": ("time_scale", "--time-scale", float),
+        "model": ("model", "--model", str),
+        "n_ctx": ("n_ctx", "--n-ctx", int),
+        "load_time_s": ("load_time", "--load-time", float),
+        "cache_ram_tokens": ("cache_ram", "--cache-ram", int),
+        "similarity": ("similarity", "--similarity", float),
+        "default_max_tokens": ("default_max_tokens", "--default-max-tokens", int),
+    }
+    lists: dict[str, list[Any]] = {}
+    for field, (dest, flag, convert) in columns.items():
+        lists[field], count = _values(flag, getattr(args, dest), convert, count)
+    n = count or 1
+    fault: Fault | None = None
+    if args.fault is not None:
+        try:
+            fault = Fault.from_json(json.loads(args.fault))
+        except ValueError as exc:
+            raise _UsageError(f"argument --fault: {exc}") from None
+    configs: list[SimConfig] = []
+    for i in range(n):
+        kwargs = {
+            field: values[i] if len(values) > 1 else values[0] for field, values in lists.items()
+        }
+        if len(lists["port"]) == 1 and kwargs["port"] != 0:
+            kwargs["port"] += i
+        try:
+            configs.append(
+                SimConfig(
+                    host=args.host,
+                    aliases=tuple(args.alias),
+                    slots_endpoint=not args.no_slots,
+                    embeddings=not args.no_embeddings,
+                    fault=fault,
+                    name=f"sim-{i}",
+                    **kwargs,
+                )
+            )
+        except ValueError as exc:
+            field = str(exc).split(" ", 1)[0]
+            flag = columns[field][1] if field in columns else "--" + field.replace("_", "-")
+            raise _UsageError(f"argument {flag}: {exc} (backend sim-{i})") from None
+    return configs
+
+
+async def serve(configs: Sequence[SimConfig]) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    backends: list[SimBackend] = []
+    try:
+        for config in configs:
+            backend = SimBackend(config)
+            try:
+                await backend.start()
+            except OSError as exc:
+                print(f"{PROG}: error: {config.name}: cannot listen: {exc}", file=sys.stderr)
+                return 1
+            backends.append(backend)
+            print(
+                f"{PROG}: backend {config.name} listening on {backend.url} "
+                f"(slots={config.slots}, profile={backend.profile.name}, "
+                f"time_scale={config.time_scale:g}, model={config.model})",
+                flush=True,
+            )
+        await stop.wait()
+        return 0
+    finally:
+        for backend in reversed(backends):
+            await backend.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        configs = build_configs(args)
+    except _UsageError as exc:
+        parser.error(str(exc))
+    return asyncio.run(serve(configs))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
