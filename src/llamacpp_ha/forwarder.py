@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from starlette.responses import Response
@@ -149,6 +150,16 @@ class ExchangeResult:
     error: str | None = None
 
 
+class ExchangeHooks(Protocol):
+    """What an exchange tells the rest of the balancer (implemented by `proxy.Balancer`)."""
+
+    def backend_unreachable(self, backend: BackendState, reason: str) -> None: ...
+
+    def upstream_succeeded(self, backend: BackendState, routing: RoutingRequest) -> None: ...
+
+    def exchange_finished(self, result: ExchangeResult) -> None: ...
+
+
 class RelayResponse(Response):
     """Queue, send upstream (retrying before the first byte), relay, and release the slot."""
 
@@ -163,8 +174,7 @@ class RelayResponse(Response):
         body: bytes,
         headers: Mapping[str, str],
         queue_timeout_s: float,
-        on_unreachable: Callable[[BackendState, str], None],
-        on_done: Callable[[ExchangeResult, RoutingRequest], None],
+        hooks: ExchangeHooks,
         started_at: float,
     ) -> None:
         super().__init__()
@@ -176,8 +186,7 @@ class RelayResponse(Response):
         self._body = body
         self._request_headers = headers
         self._queue_timeout_s = queue_timeout_s
-        self._on_unreachable = on_unreachable
-        self._on_done = on_done
+        self._hooks = hooks
         self._started_at = started_at
         self.result = ExchangeResult()
 
@@ -197,7 +206,7 @@ class RelayResponse(Response):
             await asyncio.gather(listen, return_exceptions=True)
             await asyncio.gather(relay, return_exceptions=True)
             self.result.total_s = time.monotonic() - self._started_at
-            self._on_done(self.result, self._routing)
+            self._hooks.exchange_finished(self.result)
         if not relay.cancelled() and relay.exception() is not None:
             raise relay.exception()  # type: ignore[misc]
 
@@ -222,7 +231,7 @@ class RelayResponse(Response):
                 if not isinstance(exc, UpstreamError):
                     raise
                 if exc.unreachable:
-                    self._on_unreachable(lease.backend, exc.message)
+                    self._hooks.backend_unreachable(lease.backend, exc.message)
                 if not may_retry(exc, self.result.attempts, bytes_sent=0):
                     raise
                 log.info("retrying on another backend: %s", exc.message)
@@ -249,9 +258,11 @@ class RelayResponse(Response):
                     if self.result.ttfb_s is None:
                         self.result.ttfb_s = time.monotonic() - self._started_at
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await self._upstream_complete(lease, resp)
                 await send({"type": "http.response.body", "body": b""})
             else:
                 body = await self._forwarder.read(backend, resp)
+                await self._upstream_complete(lease, resp)
                 headers.append((b"content-length", str(len(body)).encode()))
                 await send(
                     {"type": "http.response.start", "status": resp.status, "headers": headers}
@@ -259,7 +270,6 @@ class RelayResponse(Response):
                 started = True
                 self.result.ttfb_s = time.monotonic() - self._started_at
                 await send({"type": "http.response.body", "body": body})
-            resp.release()
         except ProxyError as exc:
             self.result.error = exc.message
             if not started:
@@ -277,6 +287,14 @@ class RelayResponse(Response):
                 resp.close()
             if lease is not None:
                 await lease.release()
+
+    async def _upstream_complete(self, lease: Lease, resp: aiohttp.ClientResponse) -> None:
+        # The backend is done: free its slot and remember the conversation now, before the
+        # last bytes reach the client, who may send its next turn the moment they arrive.
+        resp.release()
+        await lease.release()
+        if resp.status == 200:
+            self._hooks.upstream_succeeded(lease.backend, self._routing)
 
 
 async def send_error(send: Send, error: ProxyError) -> None:

@@ -45,6 +45,15 @@ class ProxyStats:
     def backend(self, name: str) -> BackendStats:
         return self.backends.setdefault(name, BackendStats())
 
+    def count_answered_early(self, status: int) -> None:
+        """A request answered before it reached the queue (bad input, auth, no backend)."""
+        if status == 503:
+            self.rejected += 1
+        elif status < 500:
+            self.client_errors += 1
+        else:
+            self.failed += 1
+
     def record(
         self,
         *,

@@ -95,7 +95,15 @@ class Balancer:
             await self._session.close()
             self._session = None
 
-    def finish(self, result: ExchangeResult, routing: RoutingRequest) -> None:
+    # ExchangeHooks ---------------------------------------------------------------------
+
+    def backend_unreachable(self, backend: BackendState, reason: str) -> None:
+        self.registry.report_unreachable(backend, reason)
+
+    def upstream_succeeded(self, backend: BackendState, routing: RoutingRequest) -> None:
+        self.sessions.record(routing.prefix_keys, backend.name)
+
+    def exchange_finished(self, result: ExchangeResult) -> None:
         self.stats.in_flight -= 1
         self.stats.record(
             backend=result.backend,
@@ -106,11 +114,6 @@ class Balancer:
             ttfb_s=result.ttfb_s,
             total_s=result.total_s,
         )
-        if result.status == 200 and result.backend is not None and not result.error:
-            self.sessions.record(routing.prefix_keys, result.backend)
-
-    def mark_unreachable(self, backend: BackendState, reason: str) -> None:
-        self.registry.report_unreachable(backend, reason)
 
 
 def create_app(config: ProxyConfig) -> FastAPI:
@@ -133,7 +136,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
     )
     app.state.balancer = balancer
     app.add_middleware(ApiKeyMiddleware, keys=config.api_keys)
-    _add_error_handlers(app)
+    _add_error_handlers(app, balancer.stats)
     app.include_router(
         build_router(
             balancer.stats,
@@ -160,8 +163,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
                 if name in request.headers
             },
             queue_timeout_s=config.queue_timeout_s,
-            on_unreachable=balancer.mark_unreachable,
-            on_done=balancer.finish,
+            hooks=balancer,
             started_at=started_at,
         )
 
@@ -224,8 +226,9 @@ def _requested_model(registry: Registry, payload: dict[str, Any]) -> str | None:
     return model
 
 
-def _add_error_handlers(app: FastAPI) -> None:
+def _add_error_handlers(app: FastAPI, stats: ProxyStats) -> None:
     def as_response(error: ProxyError) -> JSONResponse:
+        stats.count_answered_early(error.status)
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
     async def proxy_error(request: Request, exc: Exception) -> Response:
@@ -237,6 +240,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             return as_response(NotFound(f"no such endpoint: {request.url.path}"))
         error = ProxyError(str(exc.detail))
+        stats.count_answered_early(exc.status_code)
         return JSONResponse(
             {"error": {"message": str(exc.detail), "type": "invalid_request_error", "code": None}},
             status_code=exc.status_code,

@@ -1,0 +1,100 @@
+"""Real sockets for tests: the balancer served by uvicorn on port 0, in the test's own loop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from llamacpp_ha.config import build_config
+from llamacpp_ha.proxy import Balancer, create_app
+from llamacpp_ha.registry import Health
+from llamacpp_ha.sim import SimBackend, SimConfig
+
+
+class Served:
+    def __init__(self, app: FastAPI, url: str) -> None:
+        self.app = app
+        self.url = url
+        self.balancer: Balancer = app.state.balancer
+
+
+@asynccontextmanager
+async def serve_app(app: FastAPI) -> AsyncIterator[Served]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, lifespan="on", log_level="warning", access_log=False, timeout_graceful_shutdown=2
+        )
+    )
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+        yield Served(app, f"http://127.0.0.1:{port}")
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+        sock.close()
+
+
+@asynccontextmanager
+async def sims(*configs: SimConfig) -> AsyncIterator[list[SimBackend]]:
+    backends = [SimBackend(c) for c in configs]
+    try:
+        for backend in backends:
+            await backend.start()
+        yield backends
+    finally:
+        for backend in backends:
+            await backend.aclose()
+
+
+@asynccontextmanager
+async def balancer_for(
+    backends: Sequence[SimBackend], *, wait_ready: bool = True, **settings: Any
+) -> AsyncIterator[Served]:
+    """The balancer in front of `backends`, once every backend is ready in its registry."""
+    config = {"backends": [b.url for b in backends], "poll_interval_s": 0.1, **settings}
+    async with serve_app(create_app(build_config(config))) as served:
+        if wait_ready:
+            await wait_until(
+                lambda: all(b.health is Health.READY for b in served.balancer.registry.backends)
+            )
+        yield served
+        await assert_no_leaks(served.balancer)
+
+
+async def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(interval)
+
+
+async def assert_no_leaks(balancer: Balancer) -> None:
+    """After a test: every slot is free and the queue is empty (allowing in-flight cleanup)."""
+    try:
+        await wait_until(
+            lambda: (
+                all(b.slots.in_flight == 0 for b in balancer.registry.backends)
+                and len(balancer.queue) == 0
+                and balancer.stats.in_flight == 0
+            ),
+            timeout=3,
+        )
+    except TimeoutError:
+        state = [(b.name, b.slots.in_flight) for b in balancer.registry.backends]
+        raise AssertionError(
+            f"leak: slots {state}, queue {len(balancer.queue)}, in flight {balancer.stats.in_flight}"
+        ) from None
