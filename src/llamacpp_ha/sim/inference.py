@@ -22,7 +22,7 @@ from llamacpp_ha.sim import shapes
 from llamacpp_ha.sim.engine import GenTask
 from llamacpp_ha.sim.faults import Fault
 from llamacpp_ha.sim.generator import reply_pieces
-from llamacpp_ha.sim.recording import RecordedRequest
+from llamacpp_ha.sim.recording import REC_KEY, RecordedRequest
 from llamacpp_ha.sim.shapes import dumps, error_body
 from llamacpp_ha.sim.stream import (
     GARBAGE,
@@ -101,10 +101,10 @@ class Inference:
     # -- faults -----------------------------------------------------------------------------
 
     async def _gate(self, request: web.Request, stream: bool) -> web.StreamResponse | None:
-        fault: Fault | None = request["sim_fault"]
+        fault: Fault | None = request[REC_KEY].fault
         if fault is None:
             return None
-        rec: RecordedRequest = request["sim_rec"]
+        rec: RecordedRequest = request[REC_KEY]
         if fault.garbage_status_line:
             rec.outcome = "fault"
             await write_bad_status_line(request)
@@ -135,10 +135,10 @@ class Inference:
             job.task.paused = True
 
         keepalive_s = max(0.5 / self.backend.config.time_scale, 0.01)
-        return SseWriter(request, request["sim_fault"], keepalive_s, mark, pause)
+        return SseWriter(request, request[REC_KEY].fault, keepalive_s, mark, pause)
 
     async def _finish_unstreamed(self, request: web.Request, job: _Job) -> None:
-        fault: Fault | None = request["sim_fault"]
+        fault: Fault | None = request[REC_KEY].fault
         if fault is not None and fault.stall_after_chunks is not None:
             job.rec.outcome = "fault"
             job.task.paused = True
@@ -180,7 +180,7 @@ class Inference:
         if n_predict > room:
             n_predict, finish = room, "length"
         pieces = reply_pieces(prompt, n_predict) if n_predict > 0 else []
-        rec: RecordedRequest = request["sim_rec"]
+        rec: RecordedRequest = request[REC_KEY]
         task = GenTask(
             prompt=prompt,
             reply=[tokenizer.piece_id(p) for p in pieces],
@@ -419,7 +419,7 @@ class Inference:
         inputs = self._embedding_inputs(body.get("input", body.get("content")))
         for tokens in inputs:
             self._check_context(len(tokens))
-        rec: RecordedRequest = request["sim_rec"]
+        rec: RecordedRequest = request[REC_KEY]
         task = GenTask(
             prompt=[t for tokens in inputs for t in tokens],
             reply=[],

@@ -6,6 +6,10 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from aiohttp import web
+
+from llamacpp_ha.sim.faults import Fault
+
 Outcome = Literal["completed", "client_closed", "error", "fault"]
 
 
@@ -24,4 +28,9 @@ class RecordedRequest:
     ended_at: float | None = None
     outcome: Outcome | None = None
     status: int | None = None
+    # The fault in force on arrival: switching faults never changes a request mid-way.
+    fault: Fault | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+REC_KEY = web.RequestKey("sim_rec", RecordedRequest)

@@ -22,7 +22,7 @@ from llamacpp_ha.sim.config import SimConfig
 from llamacpp_ha.sim.engine import Engine
 from llamacpp_ha.sim.faults import Fault
 from llamacpp_ha.sim.inference import Inference
-from llamacpp_ha.sim.recording import RecordedRequest
+from llamacpp_ha.sim.recording import REC_KEY, RecordedRequest
 from llamacpp_ha.sim.shapes import error_body
 from llamacpp_ha.sim.stream import forever
 from llamacpp_ha.sim.template import TemplateError, render_chat
@@ -121,7 +121,7 @@ class SimBackend:
             app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
         )
         await runner.setup()
-        site = web.TCPSite(runner, self.config.host, self.config.port, shutdown_timeout=1.0)
+        site = web.TCPSite(runner, self.config.host, self.config.port)
         try:
             await site.start()
         except BaseException:
@@ -180,10 +180,10 @@ class SimBackend:
             body=b"",
             json=None,
             arrived_at=time.monotonic(),
+            fault=self._fault,
         )
         self.requests.append(rec)
-        request["sim_rec"] = rec
-        request["sim_fault"] = self._fault
+        request[REC_KEY] = rec
         try:
             rec.body = await request.read()
             rec.json = maybe_json(rec.body)
@@ -224,10 +224,10 @@ class SimBackend:
             rec.done.set()
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
-        fault: Fault | None = request["sim_fault"]
+        fault: Fault | None = request[REC_KEY].fault
         if fault is not None:
             if fault.hang_health:
-                request["sim_rec"].outcome = "fault"
+                request[REC_KEY].outcome = "fault"
                 await forever()
             if fault.health_delay_s > 0:
                 await asyncio.sleep(self.config.scaled(fault.health_delay_s))

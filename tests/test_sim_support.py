@@ -1,0 +1,91 @@
+"""Helpers for the simulator's tests (no tests here): samples, SSE parsing, bounded waits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+SAMPLES = Path("/work/shared/llama-server-samples")
+STEP_TIMEOUT_S = 5.0
+
+
+def sample(name: str) -> tuple[int, dict[str, str], str]:
+    """(status, headers, body) of a captured exchange."""
+    text = (SAMPLES / name).read_text(encoding="utf-8", errors="replace")
+    head, _, body = text.partition("\n\n")
+    lines = head.splitlines()
+    status = int(lines[1].split()[1])
+    headers = {}
+    for line in lines[2:]:
+        key, _, value = line.partition(":")
+        headers[key.strip()] = value.strip()
+    return status, headers, body
+
+
+def sample_json(name: str) -> Any:
+    return json.loads(sample(name)[2])
+
+
+def sse_payloads(body: str) -> list[str]:
+    return [line[len("data: ") :] for line in body.splitlines() if line.startswith("data: ")]
+
+
+def key_shape(value: Any) -> Any:
+    """The structure of a JSON value: dict keys recursively, first element of lists."""
+    if isinstance(value, dict):
+        return {k: key_shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [key_shape(value[0])] if value else []
+    return type(value).__name__ if value is None else "value"
+
+
+def missing_keys(expected: Any, actual: Any, path: str = "$") -> list[str]:
+    """Keys present in the sample's shape but absent from ours."""
+    out: list[str] = []
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict):
+            return [f"{path}: not an object"]
+        for key, sub in expected.items():
+            if key not in actual:
+                out.append(f"{path}.{key}")
+            else:
+                out.extend(missing_keys(sub, actual[key], f"{path}.{key}"))
+    elif isinstance(expected, list) and expected:
+        if not isinstance(actual, list):
+            return [f"{path}: not an array"]
+        if actual:
+            out.extend(missing_keys(expected[0], actual[0], f"{path}[0]"))
+    return out
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float = STEP_TIMEOUT_S) -> None:
+    """Wait for a condition on the simulator's state, which has no event of its own."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.002)
+
+
+async def read_frames(resp: aiohttp.ClientResponse, n: int) -> list[str]:
+    """The first ``n`` SSE data payloads of a streamed response."""
+    frames: list[str] = []
+    async with asyncio.timeout(STEP_TIMEOUT_S):
+        while len(frames) < n:
+            line = await resp.content.readline()
+            if not line:
+                break
+            text = line.decode("utf-8").rstrip("\n")
+            if text.startswith("data: "):
+                frames.append(text[len("data: ") :])
+    return frames
+
+
+def chat_body(messages: list[dict[str, str]], **extra: Any) -> dict[str, Any]:
+    return {"model": "sim-model", "messages": messages, **extra}
