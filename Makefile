@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv test unit e2e check demo run clean
+.PHONY: venv test unit e2e check demo run bench bench-smoke soak clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e"
 	$(MAKE) e2e
+	$(MAKE) bench-smoke
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e"
@@ -37,6 +38,15 @@ demo: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/llamacpp-ha $(ARGS)
+
+## benchmarks: llamacpp-ha against direct, nginx, HAProxy, SGLang's router and LiteLLM
+bench: $(STAMP)
+	bench/setup.sh
+	bench/.venv/bin/python bench/run.py --out bench/results
+
+## a tiny run of the same harness (direct and llamacpp-ha only), part of `make test`
+bench-smoke: $(STAMP)
+	$(BIN)/python bench/run.py --smoke --out test-output/bench-smoke
 
 clean:
 	rm -rf $(VENV) build *.egg-info
