@@ -37,7 +37,7 @@ class _UsageError(Exception):
     pass
 
 
-def _parser() -> _Parser:
+def build_parser() -> _Parser:
     p = _Parser(
         prog=PROG,
         description="Simulated llama.cpp llama-server backends. Per-backend flags take one "
@@ -177,7 +177,7 @@ async def serve(configs: Sequence[SimConfig]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         configs = build_configs(args)
