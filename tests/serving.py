@@ -76,10 +76,11 @@ async def balancer_for(
         await assert_no_leaks(served.balancer)
 
 
-async def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(interval)
+async def wait_until(predicate: Any, within_s: float = 5.0) -> None:
+    """Poll a condition on state that no event announces (a backend's counters, say)."""
+    async with asyncio.timeout(within_s):
+        while not predicate():  # noqa: ASYNC110 - arbitrary predicates have no event to await
+            await asyncio.sleep(0.01)
 
 
 async def assert_no_leaks(balancer: Balancer) -> None:
@@ -91,10 +92,11 @@ async def assert_no_leaks(balancer: Balancer) -> None:
                 and len(balancer.queue) == 0
                 and balancer.stats.in_flight == 0
             ),
-            timeout=3,
+            within_s=3,
         )
     except TimeoutError:
-        state = [(b.name, b.slots.in_flight) for b in balancer.registry.backends]
+        slots = [(b.name, b.slots.in_flight) for b in balancer.registry.backends]
+        queued, in_flight = len(balancer.queue), balancer.stats.in_flight
         raise AssertionError(
-            f"leak: slots {state}, queue {len(balancer.queue)}, in flight {balancer.stats.in_flight}"
+            f"leak: slots {slots}, queue {queued}, in flight {in_flight}"
         ) from None

@@ -39,7 +39,9 @@ class ConfigFileTest(unittest.TestCase):
         config = build_config(config_file=path)
         self.assertEqual(config.port, 8001)
         self.assertEqual(config.api_keys, ["k1"])
-        self.assertEqual(config.backends, [BackendConfig(url="http://gpu-a:8080", name="gpu-a", api_key="b")])
+        self.assertEqual(
+            config.backends, [BackendConfig(url="http://gpu-a:8080", name="gpu-a", api_key="b")]
+        )
         self.assertEqual(config.queue_timeout_s, 60)
 
     def test_env_overrides_file(self) -> None:
@@ -55,11 +57,16 @@ class ConfigFileTest(unittest.TestCase):
 
     def test_cli_backends_replace_file_backends(self) -> None:
         path = self.write({"backends": ["http://a:1"]})
-        config = load_config(["--config", str(path), "--backend", "http://b:2", "--backend", "http://c:3"])
+        config = load_config(
+            ["--config", str(path), "--backend", "http://b:2", "--backend", "http://c:3"]
+        )
         self.assertEqual([b.url for b in config.backends], ["http://b:2", "http://c:3"])
 
     def test_env_backends_as_json(self) -> None:
-        with mock.patch.dict(os.environ, {"LLAMACPP_HA_BACKENDS": '["http://a:1", {"url": "http://b:2", "name": "b"}]'}):
+        with mock.patch.dict(
+            os.environ,
+            {"LLAMACPP_HA_BACKENDS": '["http://a:1", {"url": "http://b:2", "name": "b"}]'},
+        ):
             config = build_config()
         self.assertEqual([b.name for b in config.backends], ["a:1", "b"])
 
@@ -95,7 +102,9 @@ class ConfigFileTest(unittest.TestCase):
 
     def test_api_key_not_in_repr(self) -> None:
         self.assertNotIn("sekrit", repr(BackendConfig(url="http://a:1", api_key="sekrit")))
-        self.assertNotIn("sekrit", repr(build_config({"backends": ["http://a:1"], "api_keys": ["sekrit"]})))
+        self.assertNotIn(
+            "sekrit", repr(build_config({"backends": ["http://a:1"], "api_keys": ["sekrit"]}))
+        )
 
 
 class InvalidConfigTest(unittest.TestCase):
@@ -131,7 +140,9 @@ class InvalidConfigTest(unittest.TestCase):
         self.assertInvalid({"backends": ["http://a:1"], "port": 70000}, "port")
 
     def test_not_a_number(self) -> None:
-        self.assertInvalid({"backends": ["http://a:1"], "poll_interval_s": "soon"}, "poll_interval_s")
+        self.assertInvalid(
+            {"backends": ["http://a:1"], "poll_interval_s": "soon"}, "poll_interval_s"
+        )
 
     def test_no_backends(self) -> None:
         self.assertInvalid({}, "backends")

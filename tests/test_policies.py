@@ -41,12 +41,16 @@ class PolicyContract:
         self.assertEqual(given, before)  # type: ignore[attr-defined]
 
     def test_unknown_preferred_backend_is_ignored(self) -> None:
-        choice = self.make().select(candidates(1, 1), RoutingRequest(model="m", preferred_backend="gone"))
+        choice = self.make().select(
+            candidates(1, 1), RoutingRequest(model="m", preferred_backend="gone")
+        )
         self.assertIn(choice, {"b0", "b1"})  # type: ignore[attr-defined]
 
     def test_uses_every_backend_under_steady_load(self) -> None:
         policy = self.make()
-        picks = Counter(policy.select(candidates(1, 1, 1), RoutingRequest(model="m")) for _ in range(30))
+        picks = Counter(
+            policy.select(candidates(1, 1, 1), RoutingRequest(model="m")) for _ in range(30)
+        )
         self.assertEqual(set(picks), {"b0", "b1", "b2"})  # type: ignore[attr-defined]
 
 
@@ -86,11 +90,15 @@ class AffinityTest(PolicyContract, unittest.TestCase):
     def test_prefers_the_backend_holding_the_prefix(self) -> None:
         policy = self.make()
         for _ in range(5):
-            choice = policy.select(candidates(1, 1, 1), RoutingRequest(model="m", preferred_backend="b2"))
+            choice = policy.select(
+                candidates(1, 1, 1), RoutingRequest(model="m", preferred_backend="b2")
+            )
             self.assertEqual(choice, "b2")
 
     def test_falls_back_when_preferred_is_full(self) -> None:
-        choice = self.make().select(candidates(1, 1, 0), RoutingRequest(model="m", preferred_backend="b2"))
+        choice = self.make().select(
+            candidates(1, 1, 0), RoutingRequest(model="m", preferred_backend="b2")
+        )
         self.assertIn(choice, {"b0", "b1"})
 
     def test_without_preference_behaves_like_fallback(self) -> None:

@@ -14,18 +14,25 @@ from llamacpp_ha.session_store import SessionStore
 
 class SchedulerTest(unittest.IsolatedAsyncioTestCase):
     def build(
-        self, *specs: tuple[str, int, tuple[str, ...]], max_queue: int = 100, policy: str = "round-robin"
+        self,
+        *specs: tuple[str, int, tuple[str, ...]],
+        max_queue: int = 100,
+        policy: str = "round-robin",
     ) -> tuple[Scheduler, Registry, RequestQueue]:
         queue = RequestQueue()
         registry = make_registry(*specs, on_change=queue.wakeup.set)
         self.sessions = SessionStore(ttl_s=60, max_entries=100)
-        scheduler = Scheduler(queue, registry, build_policy(policy), self.sessions, max_queue=max_queue)
+        scheduler = Scheduler(
+            queue, registry, build_policy(policy), self.sessions, max_queue=max_queue
+        )
         scheduler.start()
         self.addAsyncCleanup(scheduler.aclose)
         return scheduler, registry, queue
 
-    async def acquire(self, scheduler: Scheduler, model: str | None = None, timeout: float = 5.0) -> Lease:
-        return await scheduler.acquire(RoutingRequest(model=model), timeout_s=timeout)
+    async def acquire(
+        self, scheduler: Scheduler, model: str | None = None, within_s: float = 5.0
+    ) -> Lease:
+        return await scheduler.acquire(RoutingRequest(model=model), timeout_s=within_s)
 
     async def test_free_slot_is_granted_without_queueing(self) -> None:
         scheduler, registry, queue = self.build(("a", 1, ("m",)))
@@ -103,7 +110,7 @@ class SchedulerTest(unittest.IsolatedAsyncioTestCase):
         scheduler, _, queue = self.build(("a", 1, ("m",)))
         await self.acquire(scheduler)
         with self.assertRaises(QueueTimeout) as caught:
-            await self.acquire(scheduler, timeout=0.05)
+            await self.acquire(scheduler, within_s=0.05)
         self.assertEqual(caught.exception.status, 503)
         self.assertEqual(len(queue), 0)
 
@@ -156,7 +163,9 @@ class SchedulerTest(unittest.IsolatedAsyncioTestCase):
 
     async def test_excluded_backend_is_skipped(self) -> None:
         scheduler, _, _ = self.build(("a", 1, ("m",)), ("b", 1, ("m",)))
-        lease = await scheduler.acquire(RoutingRequest(model=None, exclude=frozenset({"a"})), timeout_s=1)
+        lease = await scheduler.acquire(
+            RoutingRequest(model=None, exclude=frozenset({"a"})), timeout_s=1
+        )
         self.assertEqual(lease.backend.name, "b")
 
     async def test_retry_goes_to_the_front(self) -> None:
@@ -164,7 +173,9 @@ class SchedulerTest(unittest.IsolatedAsyncioTestCase):
         held = await self.acquire(scheduler)
         normal = asyncio.create_task(self.acquire(scheduler))
         await asyncio.sleep(0.01)
-        retry = asyncio.create_task(scheduler.acquire(RoutingRequest(model=None), timeout_s=5, retry=True))
+        retry = asyncio.create_task(
+            scheduler.acquire(RoutingRequest(model=None), timeout_s=5, retry=True)
+        )
         await asyncio.sleep(0.01)
         await held.release()
         await asyncio.wait_for(retry, 1)
@@ -175,9 +186,13 @@ class SchedulerTest(unittest.IsolatedAsyncioTestCase):
         scheduler, _, _ = self.build(("a", 2, ("m",)), ("b", 2, ("m",)), policy="affinity")
         self.sessions.record(("k1",), "b")
         for _ in range(2):
-            lease = await scheduler.acquire(RoutingRequest(model=None, prefix_keys=("k0", "k1")), timeout_s=1)
+            lease = await scheduler.acquire(
+                RoutingRequest(model=None, prefix_keys=("k0", "k1")), timeout_s=1
+            )
             self.assertEqual(lease.backend.name, "b")
-        lease = await scheduler.acquire(RoutingRequest(model=None, prefix_keys=("k0", "k1")), timeout_s=1)
+        lease = await scheduler.acquire(
+            RoutingRequest(model=None, prefix_keys=("k0", "k1")), timeout_s=1
+        )
         self.assertEqual(lease.backend.name, "a")  # b is full: fall back rather than wait
 
     async def test_round_robin_spreads(self) -> None:
@@ -187,6 +202,8 @@ class SchedulerTest(unittest.IsolatedAsyncioTestCase):
 
     async def test_start_is_plain_function(self) -> None:
         queue = RequestQueue()
-        scheduler = Scheduler(queue, make_registry(("a", 1, ("m",))), RoundRobinPolicy(), SessionStore(1, 1), 1)
+        scheduler = Scheduler(
+            queue, make_registry(("a", 1, ("m",))), RoundRobinPolicy(), SessionStore(1, 1), 1
+        )
         self.assertIsNone(scheduler.start())
         await scheduler.aclose()

@@ -17,7 +17,10 @@ def chat(*contents: str, model: str = "m") -> dict[str, object]:
     roles = ["system", "user", "assistant"]
     return {
         "model": model,
-        "messages": [{"role": roles[min(i, 1) if i < 2 else 1 + i % 2], "content": c} for i, c in enumerate(contents)],
+        "messages": [
+            {"role": roles[min(i, 1) if i < 2 else 1 + i % 2], "content": c}
+            for i, c in enumerate(contents)
+        ],
     }
 
 
@@ -79,7 +82,9 @@ class SessionStoreTest(unittest.TestCase):
     def test_longest_match_wins(self) -> None:
         self.store.record(prefix_keys(chat("sys", "hi")), "gpu-a")
         self.store.record(prefix_keys(chat("sys", "hi", "r", "again")), "gpu-b")
-        self.assertEqual(self.store.lookup(prefix_keys(chat("sys", "hi", "r", "again", "r2", "x"))), "gpu-b")
+        self.assertEqual(
+            self.store.lookup(prefix_keys(chat("sys", "hi", "r", "again", "r2", "x"))), "gpu-b"
+        )
 
     def test_entries_expire(self) -> None:
         self.store.record(prefix_keys(chat("sys", "hi")), "gpu-a")
