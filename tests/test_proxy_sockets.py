@@ -165,7 +165,7 @@ class ProxySocketTest(unittest.IsolatedAsyncioTestCase):
             self.assertEqual(record.outcome, "client_closed")
             self.assertLess(record.ended_at - closed_at, 0.1)
             await wait_until(
-                lambda: lb.balancer.registry.backends[0].slots.in_flight == 0, timeout=1
+                lambda: lb.balancer.registry.backends[0].slots.in_flight == 0, within_s=1
             )
             # The slot is usable again at once.
             response = await self.http.post(lb.url + "/v1/chat/completions", json=chat("next", 2))
@@ -233,7 +233,7 @@ class ProxySocketTest(unittest.IsolatedAsyncioTestCase):
             await victim.aclose()
             died_at = time.monotonic()
             await wait_until(
-                lambda: lb.balancer.registry.backends[1].health.value == "dead", timeout=2
+                lambda: lb.balancer.registry.backends[1].health.value == "dead", within_s=2
             )
             self.assertLess(time.monotonic() - died_at, 0.2 + 0.15)
             for i in range(6):
@@ -246,7 +246,7 @@ class ProxySocketTest(unittest.IsolatedAsyncioTestCase):
             await revived.start()
             try:
                 await wait_until(
-                    lambda: lb.balancer.registry.backends[1].health.value == "ready", timeout=2
+                    lambda: lb.balancer.registry.backends[1].health.value == "ready", within_s=2
                 )
                 for i in range(6):
                     response = await self.http.post(
