@@ -360,9 +360,24 @@ class SchedulingTest(SimTestCase):
         await self.post("/completion", {"prompt": other.upper(), "n_predict": 1})
         self.assertEqual(self.sim.requests[-1].slot_id, 1)
 
-    async def test_decode_slows_with_more_active_slots(self) -> None:
-        stats = self.sim.engine.profile
-        self.assertGreater(stats.step_s(2, 0), stats.step_s(1, 0))
+
+class BatchingTest(SimTestCase):
+    # cpu-1b: 40 tokens/s alone, each extra busy slot slows every stream by 35 %.
+    config = SimConfig(slots=4, profile="cpu-1b", time_scale=20.0)
+
+    async def decode_speed(self, concurrent: int) -> float:
+        body = {"prompt": "count with me", "n_predict": 30}
+        results = await asyncio.gather(*(self.post("/completion", body) for _ in range(concurrent)))
+        speeds = [json.loads(text)["timings"]["predicted_per_second"] for _, text, _ in results]
+        return sum(speeds) / len(speeds)
+
+    async def test_decode_slows_as_more_slots_work(self) -> None:
+        alone = await self.decode_speed(1)
+        together = await self.decode_speed(4)
+        self.assertEqual(self.sim.max_concurrent, 4)
+        # One stream decodes at about 40 tok/s * 20; four at about 40 / 2.05 * 20 each.
+        self.assertGreater(alone, 600)
+        self.assertLess(together, alone * 0.7)
 
 
 class LoadingTest(SimTestCase):
