@@ -72,8 +72,9 @@ class Registry:
         configs: Iterable[BackendConfig],
         poll_interval_s: float,
         on_change: Callable[[], None],
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
-        self._session: aiohttp.ClientSession | None = None
+        self._session = session
         self._poll_interval_s = poll_interval_s
         # A poll must end before the next one is due, so a hung backend is seen within one
         # interval; a floor keeps a busy-but-healthy llama-server from looking dead.

@@ -1,0 +1,142 @@
+"""The registry polling simulated llama-servers on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import unittest
+
+import aiohttp
+
+from llamacpp_ha.config import BackendConfig
+from llamacpp_ha.registry import Health, Registry
+from llamacpp_ha.sim import Fault, SimBackend, SimConfig
+from serving import sims, wait_until
+
+
+class RegistryTest(unittest.IsolatedAsyncioTestCase):
+    async def asyncSetUp(self) -> None:
+        self.session = aiohttp.ClientSession()
+        self.addAsyncCleanup(self.session.close)
+        self.changes = 0
+
+    def registry_for(self, *backends: SimBackend, poll_interval_s: float = 0.05) -> Registry:
+        def changed() -> None:
+            self.changes += 1
+
+        registry = Registry(
+            [BackendConfig(url=b.url, name=f"b{i}") for i, b in enumerate(backends)],
+            poll_interval_s=poll_interval_s,
+            on_change=changed,
+            session=self.session,
+        )
+        return registry
+
+    async def test_ready_backend_reports_slots_and_models(self) -> None:
+        async with sims(SimConfig(slots=3, model="alpha", aliases=("a",))) as (sim,):
+            registry = self.registry_for(sim)
+            await registry.poll(registry.get("b0"))
+            backend = registry.get("b0")
+            self.assertIs(backend.health, Health.READY)
+            self.assertEqual(backend.slots.total, 3)
+            self.assertEqual(backend.model_ids, ("alpha",))
+            self.assertEqual(backend.model_names, frozenset({"alpha", "a"}))
+            self.assertTrue(backend.routable)
+            self.assertGreater(self.changes, 0)
+
+    async def test_loading_backend(self) -> None:
+        async with sims(SimConfig(slots=1, load_time_s=30)) as (sim,):
+            registry = self.registry_for(sim)
+            await registry.poll(registry.get("b0"))
+            self.assertIs(registry.get("b0").health, Health.LOADING)
+            self.assertFalse(registry.get("b0").routable)
+
+    async def test_refused_connection_is_dead(self) -> None:
+        registry = Registry(
+            [BackendConfig(url="http://127.0.0.1:9", name="b0")], 0.05, lambda: None, self.session
+        )
+        await registry.poll(registry.get("b0"))
+        self.assertIs(registry.get("b0").health, Health.DEAD)
+        self.assertIn("/health", registry.get("b0").last_error or "")
+
+    async def test_hung_backend_is_dead_within_the_poll_timeout(self) -> None:
+        async with sims(SimConfig(slots=1, fault=Fault(hang_health=True))) as (sim,):
+            registry = self.registry_for(sim, poll_interval_s=0.2)
+            await asyncio.wait_for(registry.poll(registry.get("b0")), 2)
+            self.assertIs(registry.get("b0").health, Health.DEAD)
+
+    async def test_slot_count_from_props_when_slots_endpoint_is_off(self) -> None:
+        async with sims(SimConfig(slots=4, slots_endpoint=False)) as (sim,):
+            registry = self.registry_for(sim)
+            await registry.poll(registry.get("b0"))
+            self.assertIs(registry.get("b0").health, Health.READY)
+            self.assertEqual(registry.get("b0").slots.total, 4)
+
+    async def test_traffic_around_us_counts_as_busy(self) -> None:
+        async with sims(SimConfig(slots=2, profile="cpu-1b")) as (sim,):
+            registry = self.registry_for(sim)
+            body = {"messages": [{"role": "user", "content": "direct"}], "max_tokens": 200}
+            direct = asyncio.create_task(
+                self.session.post(sim.url + "/v1/chat/completions", json=body)
+            )
+            await wait_until(lambda: sim.processing == 1)
+            await registry.poll(registry.get("b0"))
+            self.assertEqual(registry.get("b0").slots.external_busy, 1)
+            self.assertEqual(registry.get("b0").slots.free, 1)
+            direct.cancel()
+
+    async def test_transitions_are_logged_and_recovery_is_seen(self) -> None:
+        async with sims(SimConfig(slots=1)) as (sim,):
+            registry = self.registry_for(sim)
+            registry.start(self.session)
+            self.addAsyncCleanup(registry.aclose)
+            await wait_until(lambda: registry.get("b0").health is Health.READY)
+            with self.assertLogs("llamacpp_ha.registry", logging.WARNING) as logs:
+                sim.set_fault(Fault(loading_s=0.3))
+                await wait_until(lambda: registry.get("b0").health is Health.LOADING)
+            self.assertIn("ready -> loading", logs.output[0])
+            await wait_until(lambda: registry.get("b0").health is Health.READY)
+
+    async def test_report_unreachable_takes_a_backend_out_until_a_poll_succeeds(self) -> None:
+        async with sims(SimConfig(slots=1)) as (sim,):
+            registry = self.registry_for(sim, poll_interval_s=0.05)
+            registry.start(self.session)
+            self.addAsyncCleanup(registry.aclose)
+            await wait_until(lambda: registry.get("b0").routable)
+            registry.report_unreachable(registry.get("b0"), "refused")
+            self.assertFalse(registry.get("b0").routable)
+            await wait_until(lambda: registry.get("b0").routable)
+
+    async def test_one_slow_backend_does_not_delay_the_others(self) -> None:
+        async with sims(
+            SimConfig(slots=1, fault=Fault(health_delay_s=5)), SimConfig(slots=1)
+        ) as fleet:
+            registry = self.registry_for(*fleet, poll_interval_s=0.05)
+            registry.start(self.session)
+            self.addAsyncCleanup(registry.aclose)
+            await wait_until(lambda: registry.get("b1").health is Health.READY, within_s=1)
+            self.assertIsNot(registry.get("b0").health, Health.READY)
+
+    async def test_model_union_merges_aliases(self) -> None:
+        async with sims(
+            SimConfig(slots=1, model="m", aliases=("x",)),
+            SimConfig(slots=1, model="m", aliases=("y",)),
+        ) as fleet:
+            registry = self.registry_for(*fleet)
+            for backend in registry.backends:
+                await registry.poll(backend)
+            models = registry.model_list()
+            self.assertEqual([m["id"] for m in models], ["m"])
+            self.assertEqual(set(models[0]["aliases"]), {"m", "x", "y"})
+            self.assertTrue(registry.single_model())
+
+    async def test_mixed_fleet_is_not_single_model(self) -> None:
+        async with sims(SimConfig(slots=1, model="a"), SimConfig(slots=1, model="b")) as fleet:
+            registry = self.registry_for(*fleet)
+            for backend in registry.backends:
+                await registry.poll(backend)
+            self.assertFalse(registry.single_model())
+            self.assertTrue(registry.serves(registry.get("b0"), "a"))
+            self.assertFalse(registry.serves(registry.get("b0"), "b"))
+            self.assertTrue(registry.knows_model("b"))
+            self.assertFalse(registry.knows_model("c"))
