@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +28,27 @@ _FLAGS: dict[str, tuple[str, str]] = {
         "first_byte_timeout_s",
         "seconds to wait for a backend's response headers (default 600)",
     ),
-    "--idle-timeout": ("idle_timeout_s", "seconds a stream may stay silent (default 120)"),
+    "--idle-timeout": (
+        "idle_timeout_s",
+        "seconds between data events before 504; SSE comments do not count (default 120)",
+    ),
+    "--request-timeout": (
+        "request_timeout_s",
+        "overall deadline per request, queue wait and every attempt included (default 1800)",
+    ),
+    "--write-timeout": (
+        "write_timeout_s",
+        "seconds a client may take to accept a chunk before it is cut (default 30)",
+    ),
+    "--receive-timeout": (
+        "receive_timeout_s",
+        "seconds a client may take to send its request body before 408 (default 30)",
+    ),
+    "--shutdown-grace": (
+        "shutdown_grace_s",
+        "seconds streams in flight may finish after SIGTERM (default 30)",
+    ),
+    "--max-attempts": ("max_attempts", "backends tried per request before giving up (default 3)"),
     "--max-body-size": ("max_body_size", "largest request body in bytes (default 32 MiB)"),
     "--log-level": ("log_level", "debug, info (default), warning or error"),
 }
@@ -84,21 +105,23 @@ def _configure_logging(level: str) -> None:
 
 
 def serve(config: ProxyConfig) -> int:
-    import uvicorn
-
     from .proxy import create_app
+    from .server import Server
 
     _configure_logging(config.log_level)
-    uvicorn.run(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        log_level=config.log_level,
-        access_log=False,
-        server_header=False,
-        lifespan="on",
-    )
-    return 0
+    server = Server(create_app(config), config)
+    # uvicorn handles SIGTERM/SIGINT itself (draining first), then raises the signal again
+    # with the previous handler: make that a clean exit rather than death by signal.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    return 0 if server.started else 1
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def check_config(argv: Sequence[str]) -> int:

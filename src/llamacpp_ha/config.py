@@ -81,6 +81,17 @@ class ProxyConfig(BaseSettings):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     first_byte_timeout_s: float = Field(default=600.0, gt=0)
     idle_timeout_s: float = Field(default=120.0, gt=0)
+    request_timeout_s: float = Field(default=1800.0, gt=0)
+    write_timeout_s: float = Field(default=30.0, gt=0)
+    receive_timeout_s: float = Field(default=30.0, gt=0)
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    max_attempts: int = Field(default=3, ge=1)
+    retry_budget_ratio: float = Field(default=0.2, ge=0, le=1)
+    eject_after_failures: int = Field(default=3, ge=1)
+    eject_base_s: float = Field(default=5.0, gt=0)
+    eject_max_s: float = Field(default=300.0, gt=0)
+    readmit_after_polls: int = Field(default=3, ge=1)
+    max_ejected_fraction: float = Field(default=0.5, ge=0, le=1)
     max_body_size: int = Field(default=32 * 1024 * 1024, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

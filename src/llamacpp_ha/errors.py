@@ -5,12 +5,14 @@
     ├── Unauthorized                401 authentication_error
     ├── NotFound                    404 not_found_error
     │   └── ModelNotFound           404 model_not_found
+    ├── RequestTimeout              408 the client sent its body too slowly
     ├── PayloadTooLarge             413 request_too_large
     ├── UnsupportedMediaType        415 unsupported_media_type
     ├── NoCapacity                  503 + Retry-After: we cannot serve it now
     │   ├── QueueFull               the queue holds --max-queue requests
     │   ├── QueueTimeout            waited --queue-timeout seconds for a slot
-    │   └── NoHealthyBackend        no backend for this model is ready
+    │   ├── NoHealthyBackend        no backend for this model is ready
+    │   └── ShuttingDown            the balancer is draining for shutdown
     └── UpstreamError               the backend failed us
         ├── BadGateway              502 refused, reset, garbage, closed before answering
         └── GatewayTimeout          504 the backend did not answer in time
@@ -71,6 +73,12 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class RequestTimeout(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
@@ -106,6 +114,10 @@ class QueueTimeout(NoCapacity):
 
 class NoHealthyBackend(NoCapacity):
     code = "no_healthy_backend"
+
+
+class ShuttingDown(NoCapacity):
+    code = "shutting_down"
 
 
 class UpstreamError(ProxyError):

@@ -4,7 +4,7 @@
 timeout exception into an `UpstreamError` at this one boundary. `RelayResponse` is the ASGI
 response that owns one proxied exchange from the queue to the last byte: the slot it claims
 is released in its `finally`, on every path (success, backend error, client disconnect,
-cancellation), and awaited.
+cancellation, shutdown), and awaited.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from starlette.types import Message, Receive, Scope, Send
 from .errors import BadGateway, GatewayTimeout, ProxyError, UpstreamError
 from .policies import RoutingRequest
 from .registry import BackendState
+from .retry import RETRYABLE_STATUSES, RetryBudget, may_retry
 from .scheduler import Lease, Scheduler
 
 log = logging.getLogger("llamacpp_ha.forwarder")
 
-# Not forwarded in either direction (RFC 9110 7.6.1), plus what we set ourselves.
+# Not forwarded (RFC 9110 7.6.1: hop-by-hop), plus what the ASGI server sets itself.
 _DROPPED_RESPONSE_HEADERS = frozenset(
     {
         "connection",
@@ -45,7 +46,6 @@ _DROPPED_RESPONSE_HEADERS = frozenset(
     }
 )
 _CHUNK_BYTES = 64 * 1024
-MAX_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -107,17 +107,21 @@ class Forwarder:
             raise BadGateway(f"backend {name}: {type(exc).__name__}") from None
 
     async def chunks(
-        self, backend: BackendState, resp: aiohttp.ClientResponse
+        self, backend: BackendState, resp: aiohttp.ClientResponse, *, sse: bool = False
     ) -> AsyncIterator[bytes]:
-        """The body as it arrives; each chunk must come within the idle timeout."""
+        """The body as it arrives. Each chunk must come within the idle timeout; for SSE, a
+        chunk of `:` comments only (keep-alives) does not count as the backend making progress.
+        """
         stream = resp.content.iter_chunked(_CHUNK_BYTES)
+        loop = asyncio.get_running_loop()
+        idle_deadline = loop.time() + self.timeouts.idle_s
         while True:
             try:
-                async with asyncio.timeout(self.timeouts.idle_s):
+                async with asyncio.timeout_at(idle_deadline):
                     chunk = await anext(stream, b"")
             except TimeoutError:
                 raise GatewayTimeout(
-                    f"backend {backend.name}: stream idle for {self.timeouts.idle_s:g} s"
+                    f"backend {backend.name}: no data for {self.timeouts.idle_s:g} s"
                 ) from None
             except (aiohttp.ClientError, OSError) as exc:
                 raise BadGateway(
@@ -125,15 +129,16 @@ class Forwarder:
                 ) from None
             if not chunk:
                 return
+            if not sse or _has_data(chunk):
+                idle_deadline = loop.time() + self.timeouts.idle_s
             yield chunk
 
     async def read(self, backend: BackendState, resp: aiohttp.ClientResponse) -> bytes:
         return b"".join([chunk async for chunk in self.chunks(backend, resp)])
 
 
-def may_retry(error: UpstreamError, attempt: int, bytes_sent: int) -> bool:
-    """The one retry rule: another backend only while nothing has reached the client."""
-    return bytes_sent == 0 and attempt < MAX_ATTEMPTS
+def _has_data(chunk: bytes) -> bool:
+    return any(line and not line.startswith(b":") for line in chunk.splitlines())
 
 
 @dataclass
@@ -150,14 +155,32 @@ class ExchangeResult:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class ExchangeLimits:
+    queue_timeout_s: float
+    request_timeout_s: float
+    write_timeout_s: float
+    max_attempts: int
+
+
 class ExchangeHooks(Protocol):
     """What an exchange tells the rest of the balancer (implemented by `proxy.Balancer`)."""
 
-    def backend_unreachable(self, backend: BackendState, reason: str) -> None: ...
+    retry_budget: RetryBudget
+
+    def backend_failed(self, backend: BackendState, error: UpstreamError) -> None: ...
+
+    def backend_loading(self, backend: BackendState) -> None: ...
 
     def upstream_succeeded(self, backend: BackendState, routing: RoutingRequest) -> None: ...
 
-    def exchange_finished(self, result: ExchangeResult) -> None: ...
+    def exchange_started(self, exchange: RelayResponse) -> None: ...
+
+    def exchange_finished(self, exchange: RelayResponse) -> None: ...
+
+
+class _ClientTooSlow(Exception):
+    pass
 
 
 class RelayResponse(Response):
@@ -173,7 +196,7 @@ class RelayResponse(Response):
         path: str,
         body: bytes,
         headers: Mapping[str, str],
-        queue_timeout_s: float,
+        limits: ExchangeLimits,
         hooks: ExchangeHooks,
         started_at: float,
     ) -> None:
@@ -185,101 +208,62 @@ class RelayResponse(Response):
         self._path = path
         self._body = body
         self._request_headers = headers
-        self._queue_timeout_s = queue_timeout_s
+        self._limits = limits
         self._hooks = hooks
         self._started_at = started_at
+        self._deadline = started_at + limits.request_timeout_s
+        self._response_started = False
+        self._bytes_sent = 0
+        self._abort: ProxyError | None = None
+        self._aborted = asyncio.Event()
         self.result = ExchangeResult()
 
+    def abort(self, error: ProxyError) -> None:
+        """End the exchange now with `error` (shutdown after its grace period)."""
+        self._abort = error
+        self._aborted.set()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._hooks.exchange_started(self)
         loop = asyncio.get_running_loop()
         relay = loop.create_task(self._relay(send))
         # The client may leave while we queue, wait for the backend, or stream: whichever
         # comes first, leaving cancels the relay, whose finally closes upstream and releases.
         listen = loop.create_task(_wait_for_disconnect(receive))
+        aborted = loop.create_task(self._aborted.wait())
         try:
-            await asyncio.wait({relay, listen}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({relay, listen, aborted}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not relay.done():
-                self.result.client_disconnected = True
+                self.result.client_disconnected = listen.done()
                 relay.cancel()
-            listen.cancel()
-            await asyncio.gather(listen, return_exceptions=True)
-            await asyncio.gather(relay, return_exceptions=True)
+            for task in (listen, aborted):
+                task.cancel()
+            await asyncio.gather(listen, aborted, relay, return_exceptions=True)
+            if self._abort is not None and not self.result.client_disconnected:
+                await self._send_failure(send, self._abort)
             self.result.total_s = time.monotonic() - self._started_at
-            self._hooks.exchange_finished(self.result)
+            self._hooks.exchange_finished(self)
         if not relay.cancelled() and relay.exception() is not None:
             raise relay.exception()  # type: ignore[misc]
-
-    async def _connect(self) -> tuple[Lease, aiohttp.ClientResponse]:
-        routing = self._routing
-        deadline = time.monotonic() + self._queue_timeout_s
-        while True:
-            self.result.attempts += 1
-            lease = await self._scheduler.acquire(
-                routing,
-                timeout_s=max(0.001, deadline - time.monotonic()),
-                retry=self.result.attempts > 1,
-            )
-            self.result.queue_wait_s += lease.queue_wait_s
-            self.result.backend = lease.backend.name
-            try:
-                resp = await self._forwarder.open(
-                    lease.backend, self._method, self._path, self._body, self._request_headers
-                )
-            except BaseException as exc:
-                await lease.release()
-                if not isinstance(exc, UpstreamError):
-                    raise
-                if exc.unreachable:
-                    self._hooks.backend_unreachable(lease.backend, exc.message)
-                if not may_retry(exc, self.result.attempts, bytes_sent=0):
-                    raise
-                log.info("retrying on another backend: %s", exc.message)
-                routing = routing.excluding(lease.backend.name)
-                continue
-            return lease, resp
 
     async def _relay(self, send: Send) -> None:
         lease: Lease | None = None
         resp: aiohttp.ClientResponse | None = None
-        started = False
         try:
-            lease, resp = await self._connect()
-            backend = lease.backend
-            self.result.status = resp.status
-            headers = _response_headers(resp.headers)
-            if resp.content_type == "text/event-stream":
-                headers.append((b"x-accel-buffering", b"no"))
-                await send(
-                    {"type": "http.response.start", "status": resp.status, "headers": headers}
-                )
-                started = True
-                async for chunk in self._forwarder.chunks(backend, resp):
-                    if self.result.ttfb_s is None:
-                        self.result.ttfb_s = time.monotonic() - self._started_at
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await self._upstream_complete(lease, resp)
-                await send({"type": "http.response.body", "body": b""})
-            else:
-                body = await self._forwarder.read(backend, resp)
-                await self._upstream_complete(lease, resp)
-                headers.append((b"content-length", str(len(body)).encode()))
-                await send(
-                    {"type": "http.response.start", "status": resp.status, "headers": headers}
-                )
-                started = True
-                self.result.ttfb_s = time.monotonic() - self._started_at
-                await send({"type": "http.response.body", "body": body})
+            async with asyncio.timeout_at(_loop_deadline(self._deadline)):
+                lease, resp = await self._connect()
+                await self._relay_response(send, lease, resp)
+        except TimeoutError:
+            error = GatewayTimeout(f"request took longer than {self._limits.request_timeout_s:g} s")
+            await self._send_failure(send, error)
+        except _ClientTooSlow:
+            self.result.client_disconnected = True
+            self.result.error = "client did not read the response in time"
         except ProxyError as exc:
-            self.result.error = exc.message
-            if not started:
-                self.result.status = exc.status
-                await send_error(send, exc)
-            else:
-                # Headers are gone; the client must still learn the stream did not end well,
-                # so it gets an error event and never the final `data: [DONE]`.
-                event = b"data: " + exc.body_bytes() + b"\n\n"
-                await send({"type": "http.response.body", "body": event, "more_body": False})
+            if isinstance(exc, UpstreamError) and lease is not None:
+                self._hooks.backend_failed(lease.backend, exc)
+            await self._send_failure(send, exc)
         finally:
             if resp is not None:
                 # close(), not release(): an unfinished response's connection must be dropped
@@ -288,13 +272,123 @@ class RelayResponse(Response):
             if lease is not None:
                 await lease.release()
 
+    async def _connect(self) -> tuple[Lease, aiohttp.ClientResponse]:
+        routing = self._routing
+        self._hooks.retry_budget.on_request()
+        queue_deadline = time.monotonic() + self._limits.queue_timeout_s
+        while True:
+            self.result.attempts += 1
+            lease = await self._scheduler.acquire(
+                routing,
+                timeout_s=max(0.001, min(queue_deadline, self._deadline) - time.monotonic()),
+                retry=self.result.attempts > 1,
+            )
+            self.result.queue_wait_s += lease.queue_wait_s
+            self.result.backend = lease.backend.name
+            backend = lease.backend
+            try:
+                resp = await self._forwarder.open(
+                    backend, self._method, self._path, self._body, self._request_headers
+                )
+            except BaseException as exc:
+                await lease.release()
+                if not isinstance(exc, UpstreamError):
+                    raise
+                self._hooks.backend_failed(backend, exc)
+                failure: UpstreamError | None = exc
+            else:
+                if resp.status not in RETRYABLE_STATUSES:
+                    return lease, resp
+                failure = None
+            routing = routing.excluding(backend.name)
+            retry = may_retry(
+                bytes_sent=self._bytes_sent,
+                attempts=self.result.attempts,
+                max_attempts=self._limits.max_attempts,
+                another_backend=self._scheduler.can_serve(routing),
+                budget=self._hooks.retry_budget,
+            )
+            if failure is not None:
+                if not retry:
+                    raise failure
+                log.info("retrying on another backend: %s", failure.message)
+                continue
+            # The backend answered 502/503 itself.
+            if resp.status == 503:
+                self._hooks.backend_loading(backend)
+            else:
+                self._hooks.backend_failed(backend, BadGateway(f"backend {backend.name}: 502"))
+            if not retry:
+                return lease, resp  # its answer is the client's answer
+            log.info("retrying on another backend: %s answered %d", backend.name, resp.status)
+            resp.close()
+            await lease.release()
+
+    async def _relay_response(self, send: Send, lease: Lease, resp: aiohttp.ClientResponse) -> None:
+        backend = lease.backend
+        self.result.status = resp.status
+        headers = _response_headers(resp.headers)
+        if resp.content_type == "text/event-stream":
+            headers.append((b"x-accel-buffering", b"no"))
+            await self._send_start(send, resp.status, headers)
+            async for chunk in self._forwarder.chunks(backend, resp, sse=True):
+                if self.result.ttfb_s is None:
+                    self.result.ttfb_s = time.monotonic() - self._started_at
+                await self._send_body(send, chunk, more=True)
+            await self._upstream_complete(lease, resp)
+            await self._send_body(send, b"", more=False)
+        else:
+            body = await self._forwarder.read(backend, resp)
+            await self._upstream_complete(lease, resp)
+            headers.append((b"content-length", str(len(body)).encode()))
+            await self._send_start(send, resp.status, headers)
+            self.result.ttfb_s = time.monotonic() - self._started_at
+            await self._send_body(send, body, more=False)
+
     async def _upstream_complete(self, lease: Lease, resp: aiohttp.ClientResponse) -> None:
         # The backend is done: free its slot and remember the conversation now, before the
         # last bytes reach the client, who may send its next turn the moment they arrive.
         resp.release()
         await lease.release()
-        if resp.status == 200:
+        if resp.status < 500:
             self._hooks.upstream_succeeded(lease.backend, self._routing)
+
+    async def _send_start(
+        self, send: Send, status: int, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        self._response_started = True
+        await self._send(
+            send, {"type": "http.response.start", "status": status, "headers": headers}
+        )
+
+    async def _send_body(self, send: Send, body: bytes, *, more: bool) -> None:
+        self._bytes_sent += len(body)
+        await self._send(send, {"type": "http.response.body", "body": body, "more_body": more})
+
+    async def _send(self, send: Send, message: Message) -> None:
+        # A client that stops reading fills the socket buffer and then blocks this send: it
+        # would hold its slot forever, so it is cut after the write timeout.
+        try:
+            async with asyncio.timeout(self._limits.write_timeout_s):
+                await send(message)
+        except TimeoutError:
+            raise _ClientTooSlow from None
+        except OSError:  # the ASGI server reports a gone client this way
+            raise _ClientTooSlow from None
+
+    async def _send_failure(self, send: Send, error: ProxyError) -> None:
+        self.result.error = error.message
+        try:
+            if not self._response_started:
+                self.result.status = error.status
+                await send_error(send, error)
+            else:
+                # Headers are gone; the client must still learn the stream did not end well,
+                # so it gets an error event and never the final `data: [DONE]`.
+                event = b"data: " + error.body_bytes() + b"\n\n"
+                await self._send_body(send, event, more=False)
+        except (_ClientTooSlow, OSError):
+            self.result.client_disconnected = True
 
 
 async def send_error(send: Send, error: ProxyError) -> None:
@@ -311,6 +405,12 @@ def _response_headers(upstream: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
         for k, v in upstream.items()
         if k.lower() not in _DROPPED_RESPONSE_HEADERS
     ]
+
+
+def _loop_deadline(monotonic_deadline: float) -> float:
+    # asyncio's clock is time.monotonic() on every platform we run on, but say so once here.
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic_deadline - time.monotonic())
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

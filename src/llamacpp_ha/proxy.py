@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -15,13 +16,24 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import ProxyConfig
-from .errors import InvalidRequest, ModelNotFound, NotFound, PayloadTooLarge, ProxyError
-from .forwarder import ExchangeResult, Forwarder, RelayResponse, Timeouts
+from .ejection import EjectionPolicy
+from .errors import (
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    PayloadTooLarge,
+    ProxyError,
+    RequestTimeout,
+    ShuttingDown,
+    UpstreamError,
+)
+from .forwarder import ExchangeLimits, Forwarder, RelayResponse, Timeouts
 from .middleware import ApiKeyMiddleware
 from .monitor import ProxyStats, build_router, snapshot
 from .policies import RoutingRequest, build_policy
 from .queue import RequestQueue
 from .registry import BackendState, Health, Registry
+from .retry import RetryBudget
 from .scheduler import Scheduler
 from .session_store import SessionStore, prefix_keys
 
@@ -58,7 +70,16 @@ class Balancer:
         self.queue = RequestQueue()
         self.sessions = SessionStore(config.session_ttl_s, config.max_sessions)
         self.registry = Registry(
-            config.backends, config.poll_interval_s, on_change=self.queue.wakeup.set
+            config.backends,
+            config.poll_interval_s,
+            on_change=self.queue.wakeup.set,
+            ejection=EjectionPolicy(
+                failures_to_eject=config.eject_after_failures,
+                base_s=config.eject_base_s,
+                max_s=config.eject_max_s,
+                good_polls=config.readmit_after_polls,
+                max_fraction=config.max_ejected_fraction,
+            ),
         )
         self.scheduler = Scheduler(
             self.queue,
@@ -74,6 +95,17 @@ class Balancer:
                 idle_s=config.idle_timeout_s,
             )
         )
+        self.limits = ExchangeLimits(
+            queue_timeout_s=config.queue_timeout_s,
+            request_timeout_s=config.request_timeout_s,
+            write_timeout_s=config.write_timeout_s,
+            max_attempts=config.max_attempts,
+        )
+        self.retry_budget = RetryBudget(ratio=config.retry_budget_ratio)
+        self.exchanges: set[RelayResponse] = set()
+        self.admitting = True
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -95,15 +127,48 @@ class Balancer:
             await self._session.close()
             self._session = None
 
+    async def drain(self, grace_s: float) -> None:
+        """Shutdown: stop admitting, fail the queue, let exchanges finish, then cut them."""
+        self.admitting = False
+        rejected = self.scheduler.reject_all(ShuttingDown("llamacpp-ha is shutting down"))
+        log.warning(
+            "shutting down: %d queued requests answered 503, %d in flight get %g s to finish",
+            rejected,
+            len(self.exchanges),
+            grace_s,
+        )
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except TimeoutError:
+            log.warning("shutting down: cutting %d requests still in flight", len(self.exchanges))
+            for exchange in list(self.exchanges):
+                exchange.abort(ShuttingDown("llamacpp-ha shut down before the response ended"))
+            await self._idle.wait()
+
     # ExchangeHooks ---------------------------------------------------------------------
 
-    def backend_unreachable(self, backend: BackendState, reason: str) -> None:
-        self.registry.report_unreachable(backend, reason)
+    def backend_failed(self, backend: BackendState, error: UpstreamError) -> None:
+        if error.unreachable:
+            self.registry.report_unreachable(backend, error.message)
+        else:
+            self.registry.report_failure(backend, error.message)
+
+    def backend_loading(self, backend: BackendState) -> None:
+        self.registry.report_loading(backend)
 
     def upstream_succeeded(self, backend: BackendState, routing: RoutingRequest) -> None:
+        self.registry.report_success(backend)
         self.sessions.record(routing.prefix_keys, backend.name)
 
-    def exchange_finished(self, result: ExchangeResult) -> None:
+    def exchange_started(self, exchange: RelayResponse) -> None:
+        self.exchanges.add(exchange)
+        self._idle.clear()
+
+    def exchange_finished(self, exchange: RelayResponse) -> None:
+        self.exchanges.discard(exchange)
+        if not self.exchanges:
+            self._idle.set()
+        result = exchange.result
         self.stats.in_flight -= 1
         self.stats.record(
             backend=result.backend,
@@ -146,7 +211,11 @@ def create_app(config: ProxyConfig) -> FastAPI:
 
     async def proxy(request: Request) -> Response:
         started_at = time.monotonic()
-        payload, body = await _read_json_object(request, config.max_body_size)
+        if not balancer.admitting:
+            raise ShuttingDown("llamacpp-ha is shutting down")
+        payload, body = await _read_json_object(
+            request, config.max_body_size, config.receive_timeout_s
+        )
         model = _requested_model(balancer.registry, payload)
         routing = RoutingRequest(model=model, prefix_keys=prefix_keys(payload))
         balancer.stats.in_flight += 1
@@ -162,7 +231,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
                 for name in _FORWARDED_REQUEST_HEADERS
                 if name in request.headers
             },
-            queue_timeout_s=config.queue_timeout_s,
+            limits=balancer.limits,
             hooks=balancer,
             started_at=started_at,
         )
@@ -187,17 +256,24 @@ def create_app(config: ProxyConfig) -> FastAPI:
     return app
 
 
-async def _read_json_object(request: Request, max_size: int) -> tuple[dict[str, Any], bytes]:
+async def _read_json_object(
+    request: Request, max_size: int, receive_timeout_s: float
+) -> tuple[dict[str, Any], bytes]:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_size:
         raise PayloadTooLarge(f"request body is larger than {max_size} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_size:
-            raise PayloadTooLarge(f"request body is larger than {max_size} bytes")
-        chunks.append(chunk)
+    try:
+        # A slow sender (slowloris) would otherwise hold a connection and its buffers forever.
+        async with asyncio.timeout(receive_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_size:
+                    raise PayloadTooLarge(f"request body is larger than {max_size} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"request body not received within {receive_timeout_s:g} s") from None
     body = b"".join(chunks)
     try:
         payload = json.loads(body)

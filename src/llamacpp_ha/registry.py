@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from .config import BackendConfig
+from .ejection import EjectionPolicy, EjectionState
 from .slot_tracker import SlotTracker
 
 log = logging.getLogger("llamacpp_ha.registry")
@@ -40,6 +41,8 @@ class BackendState:
     model_ids: tuple[str, ...] = ()
     model_names: frozenset[str] = frozenset()
     model_entries: tuple[dict[str, Any], ...] = ()
+    ejection: EjectionState = field(default_factory=EjectionState)
+    draining: bool = False
     last_error: str | None = None
     last_poll_at: float | None = None
     changed_at: float = field(default_factory=time.monotonic)
@@ -54,7 +57,21 @@ class BackendState:
 
     @property
     def routable(self) -> bool:
-        return self.health is Health.READY and self.slots.total > 0
+        return (
+            self.health is Health.READY
+            and not self.ejection.ejected
+            and not self.draining
+            and self.slots.total > 0
+        )
+
+    @property
+    def state(self) -> str:
+        """ready, loading, dead, ejected or draining: what an operator needs to know."""
+        if self.draining:
+            return "draining"
+        if self.ejection.ejected and self.health is Health.READY:
+            return "ejected"
+        return self.health.value
 
 
 class _PollFailed(Exception):
@@ -73,6 +90,7 @@ class Registry:
         poll_interval_s: float,
         on_change: Callable[[], None],
         session: aiohttp.ClientSession | None = None,
+        ejection: EjectionPolicy | None = None,
     ) -> None:
         self._session = session
         self._poll_interval_s = poll_interval_s
@@ -80,6 +98,9 @@ class Registry:
         # interval; a floor keeps a busy-but-healthy llama-server from looking dead.
         self._poll_timeout = aiohttp.ClientTimeout(total=max(poll_interval_s, 1.0))
         self._on_change = on_change
+        self._ejection = ejection or EjectionPolicy(
+            failures_to_eject=3, base_s=5.0, max_s=300.0, good_polls=3, max_fraction=0.5
+        )
         self._backends: dict[str, BackendState] = {
             c.name: BackendState(config=c, slots=SlotTracker(on_release=on_change)) for c in configs
         }
@@ -154,6 +175,34 @@ class Registry:
         """A request could not reach the backend: stop routing to it until a poll succeeds."""
         self._set_health(backend, Health.DEAD, reason)
 
+    def report_loading(self, backend: BackendState) -> None:
+        """A request got llama-server's 503 "Loading model": it restarted behind our back."""
+        self._set_health(backend, Health.LOADING, "loading model")
+
+    def report_failure(self, backend: BackendState, reason: str) -> None:
+        """Live traffic failed on the backend (never counted: the client's own doing)."""
+        ejected_now = sum(1 for b in self._backends.values() if b.ejection.ejected)
+        if self._ejection.on_failure(backend.ejection, ejected_now, len(self._backends)):
+            seconds = backend.ejection.ejected_until - time.monotonic()
+            log.warning(
+                "backend %s: ejected for %.0f s after %d consecutive failures (%s)",
+                backend.name,
+                seconds,
+                backend.ejection.consecutive_failures,
+                reason,
+            )
+            backend.changed_at = time.monotonic()
+            self._on_change()
+
+    def report_success(self, backend: BackendState) -> None:
+        self._ejection.on_success(backend.ejection)
+
+    def set_draining(self, backend: BackendState, draining: bool) -> None:
+        if backend.draining != draining:
+            backend.draining = draining
+            log.warning("backend %s: %s", backend.name, "draining" if draining else "undrained")
+            self._on_change()
+
     # Polling -----------------------------------------------------------------------------
 
     async def _poll_loop(self, backend: BackendState) -> None:
@@ -176,6 +225,10 @@ class Registry:
             self._set_health(backend, Health.READY, None)
         finally:
             backend.last_poll_at = time.monotonic()
+        healthy = backend.health is Health.READY
+        if self._ejection.on_poll(backend.ejection, healthy):
+            log.warning("backend %s: readmitted after an ejection", backend.name)
+            self._on_change()
 
     async def _get(self, backend: BackendState, path: str) -> tuple[int, Any]:
         assert self._session is not None, "Registry.start() was not called"
@@ -219,7 +272,15 @@ class Registry:
         backend.model_names = frozenset(names)
 
     async def _read_slots(self, backend: BackendState) -> None:
-        status, body = await self._get(backend, "/slots")
+        try:
+            status, body = await self._get(backend, "/slots")
+        except _PollFailed:
+            # llama-server answers /slots from its main loop, which a long batch can delay.
+            # Healthy otherwise, the backend keeps its last known slot count and foreign
+            # traffic: stale data never turns into spare capacity.
+            if backend.slots.total > 0:
+                return
+            raise
         if status == 200 and isinstance(body, list):
             busy = sum(1 for s in body if isinstance(s, dict) and s.get("is_processing"))
             changed = backend.slots.observe(total=len(body), busy_on_backend=busy)

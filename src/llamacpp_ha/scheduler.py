@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import replace
 
-from .errors import NoHealthyBackend, QueueFull, QueueTimeout
+from .errors import NoCapacity, NoHealthyBackend, QueueFull, QueueTimeout
 from .policies import BackendCandidate, Policy, RoutingRequest
 from .queue import QueueEntry, RequestQueue
 from .registry import BackendState, Registry
@@ -68,16 +68,26 @@ class Scheduler:
     def notify_slot_released(self) -> None:
         self._queue.wakeup.set()
 
+    def can_serve(self, routing: RoutingRequest) -> bool:
+        """True when some ready backend may take this request, now or once a slot frees."""
+        return bool(self._eligible(routing))
+
+    def reject_all(self, error: NoCapacity) -> int:
+        """Fail every queued request with `error` (shutting down); the number failed."""
+        failed = 0
+        for entry in self._queue:
+            self._queue.remove(entry)
+            if entry.future is not None and not entry.future.done():
+                entry.future.set_exception(error)
+                failed += 1
+        return failed
+
     async def acquire(
         self, routing: RoutingRequest, timeout_s: float, *, retry: bool = False
     ) -> Lease:
         """Wait for a slot on a backend that serves `routing.model`; raise NoCapacity if none."""
-        if not any(self._eligible(routing)):
-            raise NoHealthyBackend(
-                f"no ready backend serves model {routing.model!r}"
-                if routing.model
-                else "no backend is ready"
-            )
+        if not self.can_serve(routing):
+            raise _no_backend(routing)
         entry = QueueEntry(routing=routing)
         entry.future = asyncio.get_running_loop().create_future()
         # A retry has already waited its turn once, so it goes to the front.
@@ -99,7 +109,8 @@ class Scheduler:
             backend = entry.future.result()  # placed just as the timeout fired: use it
         except asyncio.CancelledError:
             self._queue.remove(entry)
-            if entry.future.done() and not entry.future.cancelled():
+            placed = entry.future.done() and not entry.future.cancelled()
+            if placed and entry.future.exception() is None:
                 await entry.future.result().slots.release()
             else:
                 entry.future.cancel()
@@ -122,16 +133,24 @@ class Scheduler:
             self._drain()
 
     def _drain(self) -> None:
+        room = any(b.slots.free > 0 for b in self._registry.backends)
         for entry in self._queue:
-            if not any(b.slots.free > 0 for b in self._registry.backends):
-                return
             assert entry.future is not None
             if entry.future.done():  # cancelled by its waiter; it removes itself
+                continue
+            if not self.can_serve(entry.routing):
+                # Every backend that could serve it is down: fail now rather than let it wait
+                # out its timeout for a capacity that is not coming back soon.
+                self._queue.remove(entry)
+                entry.future.set_exception(_no_backend(entry.routing))
+                continue
+            if not room:
                 continue
             backend = self._place(entry.routing)
             if backend is not None:
                 self._queue.remove(entry)
                 entry.future.set_result(backend)
+                room = any(b.slots.free > 0 for b in self._registry.backends)
 
     def _place(self, routing: RoutingRequest) -> BackendState | None:
         eligible = self._eligible(routing)
@@ -151,3 +170,9 @@ class Scheduler:
         if not backend.slots.try_claim():
             raise RuntimeError(f"policy chose {choice}, which has no free slot")
         return backend
+
+
+def _no_backend(routing: RoutingRequest) -> NoHealthyBackend:
+    if routing.model:
+        return NoHealthyBackend(f"no ready backend serves model {routing.model!r}")
+    return NoHealthyBackend("no backend is ready")
