@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -113,10 +114,8 @@ def serve(config: ProxyConfig) -> int:
     # uvicorn handles SIGTERM/SIGINT itself (draining first), then raises the signal again
     # with the previous handler: make that a clean exit rather than death by signal.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.run()
-    except KeyboardInterrupt:
-        pass
     return 0 if server.started else 1
 
 

@@ -10,6 +10,7 @@ cancellation, shutdown), and awaited.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -183,6 +184,34 @@ class _ClientTooSlow(Exception):
     pass
 
 
+class _RetryableAnswer(Exception):
+    """The backend answered with a status that another backend may do better than."""
+
+    def __init__(self, error: UpstreamError) -> None:
+        self.error = error
+
+
+class _Upstream:
+    """One attempt on one backend: its slot, its response, and what has been read of it."""
+
+    def __init__(self, lease: Lease) -> None:
+        self.lease = lease
+        self.resp: aiohttp.ClientResponse | None = None
+        self.head = b""  # the whole body, or the first chunk of a stream
+        self.rest: AsyncIterator[bytes] | None = None
+
+    async def close(self, *, reuse: bool = False) -> None:
+        """Idempotent; `reuse` only once the body has been read to its end."""
+        if self.resp is not None:
+            # close() on anything unfinished drops the connection, so llama-server notices
+            # and stops generating; release() keeps a finished one for reuse.
+            if reuse:
+                self.resp.release()
+            else:
+                self.resp.close()
+        await self.lease.release()
+
+
 class RelayResponse(Response):
     """Queue, send upstream (retrying before the first byte), relay, and release the slot."""
 
@@ -248,12 +277,11 @@ class RelayResponse(Response):
             raise relay.exception()  # type: ignore[misc]
 
     async def _relay(self, send: Send) -> None:
-        lease: Lease | None = None
-        resp: aiohttp.ClientResponse | None = None
+        upstream: _Upstream | None = None
         try:
             async with asyncio.timeout_at(_loop_deadline(self._deadline)):
-                lease, resp = await self._connect()
-                await self._relay_response(send, lease, resp)
+                upstream = await self._prepare()
+                await self._deliver(send, upstream)
         except TimeoutError:
             error = GatewayTimeout(f"request took longer than {self._limits.request_timeout_s:g} s")
             await self._send_failure(send, error)
@@ -261,18 +289,15 @@ class RelayResponse(Response):
             self.result.client_disconnected = True
             self.result.error = "client did not read the response in time"
         except ProxyError as exc:
-            if isinstance(exc, UpstreamError) and lease is not None:
-                self._hooks.backend_failed(lease.backend, exc)
+            if isinstance(exc, UpstreamError) and upstream is not None:
+                self._hooks.backend_failed(upstream.lease.backend, exc)
             await self._send_failure(send, exc)
         finally:
-            if resp is not None:
-                # close(), not release(): an unfinished response's connection must be dropped
-                # so llama-server stops generating and frees its slot.
-                resp.close()
-            if lease is not None:
-                await lease.release()
+            if upstream is not None:
+                await upstream.close()
 
-    async def _connect(self) -> tuple[Lease, aiohttp.ClientResponse]:
+    async def _prepare(self) -> _Upstream:
+        """Find a backend that starts a good answer: the retry loop, before any byte is sent."""
         routing = self._routing
         self._hooks.retry_budget.on_request()
         queue_deadline = time.monotonic() + self._limits.queue_timeout_s
@@ -285,21 +310,23 @@ class RelayResponse(Response):
             )
             self.result.queue_wait_s += lease.queue_wait_s
             self.result.backend = lease.backend.name
-            backend = lease.backend
+            upstream = _Upstream(lease)
             try:
-                resp = await self._forwarder.open(
-                    backend, self._method, self._path, self._body, self._request_headers
-                )
+                await self._attempt(upstream)
+                return upstream
+            except _RetryableAnswer as answer:
+                failure: UpstreamError = answer.error
+                give_up = upstream  # if retrying is not allowed, its answer is the client's
             except BaseException as exc:
-                await lease.release()
+                await upstream.close()
                 if not isinstance(exc, UpstreamError):
                     raise
-                self._hooks.backend_failed(backend, exc)
-                failure: UpstreamError | None = exc
+                failure, give_up = exc, None
+            backend = lease.backend
+            if give_up is not None and give_up.resp is not None and give_up.resp.status == 503:
+                self._hooks.backend_loading(backend)
             else:
-                if resp.status not in RETRYABLE_STATUSES:
-                    return lease, resp
-                failure = None
+                self._hooks.backend_failed(backend, failure)
             routing = routing.excluding(backend.name)
             retry = may_retry(
                 bytes_sent=self._bytes_sent,
@@ -308,50 +335,67 @@ class RelayResponse(Response):
                 another_backend=self._scheduler.can_serve(routing),
                 budget=self._hooks.retry_budget,
             )
-            if failure is not None:
-                if not retry:
-                    raise failure
-                log.info("retrying on another backend: %s", failure.message)
-                continue
-            # The backend answered 502/503 itself.
-            if resp.status == 503:
-                self._hooks.backend_loading(backend)
-            else:
-                self._hooks.backend_failed(backend, BadGateway(f"backend {backend.name}: 502"))
             if not retry:
-                return lease, resp  # its answer is the client's answer
-            log.info("retrying on another backend: %s answered %d", backend.name, resp.status)
-            resp.close()
-            await lease.release()
+                if give_up is not None:
+                    return give_up
+                raise failure
+            if give_up is not None:
+                await give_up.close()
+            log.info("retrying on another backend: %s", failure.message)
 
-    async def _relay_response(self, send: Send, lease: Lease, resp: aiohttp.ClientResponse) -> None:
-        backend = lease.backend
+    async def _attempt(self, upstream: _Upstream) -> None:
+        backend = upstream.lease.backend
+        resp = upstream.resp = await self._forwarder.open(
+            backend, self._method, self._path, self._body, self._request_headers
+        )
+        if resp.status in RETRYABLE_STATUSES:
+            # Read the (small) error body so that, if no retry is allowed, it can be relayed.
+            upstream.head = await self._forwarder.read(backend, resp)
+            raise _RetryableAnswer(BadGateway(f"backend {backend.name} answered {resp.status}"))
+        if resp.content_type == "text/event-stream":
+            upstream.rest = self._forwarder.chunks(backend, resp, sse=True)
+            upstream.head = await anext(upstream.rest, b"")
+            if resp.status == 200 and not _starts_like_sse(upstream.head):
+                raise BadGateway(f"backend {backend.name}: the stream is not server-sent events")
+        else:
+            upstream.head = await self._forwarder.read(backend, resp)
+            if resp.status == 200 and resp.content_type == "application/json":
+                try:
+                    json.loads(upstream.head)
+                except ValueError:
+                    raise BadGateway(f"backend {backend.name}: invalid JSON") from None
+
+    async def _deliver(self, send: Send, upstream: _Upstream) -> None:
+        resp = upstream.resp
+        assert resp is not None
         self.result.status = resp.status
         headers = _response_headers(resp.headers)
-        if resp.content_type == "text/event-stream":
-            headers.append((b"x-accel-buffering", b"no"))
-            await self._send_start(send, resp.status, headers)
-            async for chunk in self._forwarder.chunks(backend, resp, sse=True):
-                if self.result.ttfb_s is None:
-                    self.result.ttfb_s = time.monotonic() - self._started_at
-                await self._send_body(send, chunk, more=True)
-            await self._upstream_complete(lease, resp)
-            await self._send_body(send, b"", more=False)
-        else:
-            body = await self._forwarder.read(backend, resp)
-            await self._upstream_complete(lease, resp)
-            headers.append((b"content-length", str(len(body)).encode()))
+        if upstream.rest is None:
+            await self._upstream_complete(upstream)
+            headers.append((b"content-length", str(len(upstream.head)).encode()))
             await self._send_start(send, resp.status, headers)
             self.result.ttfb_s = time.monotonic() - self._started_at
-            await self._send_body(send, body, more=False)
+            await self._send_body(send, upstream.head, more=False)
+            return
+        headers.append((b"x-accel-buffering", b"no"))
+        await self._send_start(send, resp.status, headers)
+        self.result.ttfb_s = time.monotonic() - self._started_at
+        await self._send_body(send, upstream.head, more=True)
+        async for chunk in upstream.rest:
+            await self._send_body(send, chunk, more=True)
+        await self._upstream_complete(upstream)
+        await self._send_body(send, b"", more=False)
 
-    async def _upstream_complete(self, lease: Lease, resp: aiohttp.ClientResponse) -> None:
+    async def _upstream_complete(self, upstream: _Upstream) -> None:
         # The backend is done: free its slot and remember the conversation now, before the
         # last bytes reach the client, who may send its next turn the moment they arrive.
-        resp.release()
-        await lease.release()
-        if resp.status < 500:
-            self._hooks.upstream_succeeded(lease.backend, self._routing)
+        assert upstream.resp is not None
+        status, backend = upstream.resp.status, upstream.lease.backend
+        await upstream.close(reuse=True)
+        if status >= 500 and status not in RETRYABLE_STATUSES:  # those were reported already
+            self._hooks.backend_failed(backend, UpstreamError(f"backend {backend.name}: {status}"))
+        else:
+            self._hooks.upstream_succeeded(backend, self._routing)
 
     async def _send_start(
         self, send: Send, status: int, headers: list[tuple[bytes, bytes]]
@@ -405,6 +449,11 @@ def _response_headers(upstream: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
         for k, v in upstream.items()
         if k.lower() not in _DROPPED_RESPONSE_HEADERS
     ]
+
+
+def _starts_like_sse(chunk: bytes) -> bool:
+    first_line = chunk.lstrip(b"\r\n").split(b"\n", 1)[0]
+    return first_line.startswith((b"data:", b"event:", b":", b"id:", b"retry:"))
 
 
 def _loop_deadline(monotonic_deadline: float) -> float:
