@@ -10,7 +10,7 @@ Two properties make the tests deterministic:
 - the output projection is zero for every token but printable ASCII ones and large for those,
   so sampling never picks end-of-generation (a request runs to its ``max_tokens``) nor a byte
   that would make invalid UTF-8;
-- ``--size large`` (tens of MB, 8 layers of n_embd 512) makes prompt processing take visible
+- ``--size large`` (about 40 MB of F16, 8 layers of n_embd 512) makes prompt processing take visible
   time, for tests that need a request to be in flight for a while.
 
 The file is cached as ``~/.cache/llamacpp-ha/models/<size>-v<SCRIPT_VERSION>.gguf``; bump
@@ -58,6 +58,7 @@ MERGES: tuple[tuple[str, str], ...] = (
 
 @dataclass(frozen=True)
 class ModelShape:
+    f16: bool
     n_embd: int
     n_layer: int
     n_head: int
@@ -67,8 +68,12 @@ class ModelShape:
 
 
 SHAPES: dict[str, ModelShape] = {
-    "tiny": ModelShape(n_embd=64, n_layer=2, n_head=4, n_head_kv=4, n_ff=128, n_ctx_train=4096),
-    "large": ModelShape(n_embd=512, n_layer=8, n_head=8, n_head_kv=8, n_ff=1024, n_ctx_train=4096),
+    "tiny": ModelShape(
+        f16=False, n_embd=64, n_layer=2, n_head=4, n_head_kv=4, n_ff=128, n_ctx_train=4096
+    ),
+    "large": ModelShape(
+        f16=True, n_embd=512, n_layer=8, n_head=8, n_head_kv=8, n_ff=1024, n_ctx_train=4096
+    ),
 }
 
 
@@ -133,7 +138,7 @@ def write_model(path: Path, size: str) -> None:
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(n_vocab)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if shape.f16 else gguf.LlamaFileType.ALL_F32)
 
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
@@ -146,8 +151,10 @@ def write_model(path: Path, size: str) -> None:
     writer.add_add_eos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
 
+    matrix_dtype = np.float16 if shape.f16 else np.float32
+
     def weight(rows: int, cols: int) -> np.ndarray:
-        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(matrix_dtype)
 
     def ones(n: int) -> np.ndarray:
         return np.ones(n, dtype=np.float32)
@@ -167,9 +174,9 @@ def write_model(path: Path, size: str) -> None:
     writer.add_tensor("output_norm.weight", ones(shape.n_embd))
     # Logits of roughly +-12 for printable tokens and exactly 0 for the rest: top-k and min-p
     # sampling then never reach end-of-generation, control tokens or non-ASCII bytes.
-    output = rng.standard_normal((n_vocab, shape.n_embd)).astype(np.float32) * 1.5
+    output = rng.standard_normal((n_vocab, shape.n_embd)) * 1.5
     output[~np.array(emitted)] = 0.0
-    writer.add_tensor("output.weight", output)
+    writer.add_tensor("output.weight", output.astype(matrix_dtype))
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
