@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -63,7 +65,7 @@ async def sims(*configs: SimConfig) -> AsyncIterator[list[SimBackend]]:
 
 @asynccontextmanager
 async def balancer_for(
-    backends: Sequence[SimBackend], *, wait_ready: bool = True, **settings: Any
+    backends: Sequence[SimBackend | SimProcess], *, wait_ready: bool = True, **settings: Any
 ) -> AsyncIterator[Served]:
     """The balancer in front of `backends`, once every backend is ready in its registry."""
     config = {"backends": [b.url for b in backends], "poll_interval_s": 0.1, **settings}
@@ -100,3 +102,37 @@ async def assert_no_leaks(balancer: Balancer) -> None:
         raise AssertionError(
             f"leak: slots {slots}, queue {queued}, in flight {in_flight}"
         ) from None
+
+
+class SimProcess:
+    """A simulated llama-server in a child process, so it can be SIGKILLed or SIGSTOPped."""
+
+    def __init__(self, *flags: str, port: int = 0) -> None:
+        self.flags = flags
+        self.port = port
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> SimProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "llamacpp_ha.sim", "--port", str(self.port), *self.flags,
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(10):
+            line = (await self.proc.stdout.readline()).decode()
+        self.port = int(line.rsplit(":", 1)[1].split()[0])
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            await self.proc.wait()

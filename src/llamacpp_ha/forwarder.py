@@ -21,7 +21,7 @@ import aiohttp
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from .errors import BadGateway, GatewayTimeout, ProxyError, UpstreamError
+from .errors import BadGateway, GatewayTimeout, NoHealthyBackend, ProxyError, UpstreamError
 from .policies import RoutingRequest
 from .registry import BackendState
 from .retry import RETRYABLE_STATUSES, RetryBudget, may_retry
@@ -338,6 +338,10 @@ class RelayResponse(Response):
             if not retry:
                 if give_up is not None:
                     return give_up
+                if failure.unreachable and not self._scheduler.can_serve(routing):
+                    # Nothing reached any backend and none is left to try: the client may
+                    # simply try again later, which is what 503 + Retry-After says.
+                    raise NoHealthyBackend(failure.message) from None
                 raise failure
             if give_up is not None:
                 await give_up.close()

@@ -106,7 +106,7 @@ def snapshot(stats: ProxyStats, registry: Registry, queue: RequestQueue) -> dict
             {
                 "name": b.name,
                 "url": b.url,
-                "state": b.health.value,
+                "state": b.state,
                 "models": list(b.model_ids),
                 "slots_busy": b.slots.busy,
                 "slots_total": b.slots.total,

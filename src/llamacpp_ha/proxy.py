@@ -14,6 +14,7 @@ import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .config import ProxyConfig
 from .ejection import EjectionPolicy
@@ -213,9 +214,14 @@ def create_app(config: ProxyConfig) -> FastAPI:
         started_at = time.monotonic()
         if not balancer.admitting:
             raise ShuttingDown("llamacpp-ha is shutting down")
-        payload, body = await _read_json_object(
-            request, config.max_body_size, config.receive_timeout_s
-        )
+        try:
+            payload, body = await _read_json_object(
+                request, config.max_body_size, config.receive_timeout_s
+            )
+        except ClientDisconnect:
+            # Gone before its body arrived: no one to answer (499 is nginx's name for it).
+            balancer.stats.disconnected += 1
+            return Response(status_code=499)
         model = _requested_model(balancer.registry, payload)
         routing = RoutingRequest(model=model, prefix_keys=prefix_keys(payload))
         balancer.stats.in_flight += 1
