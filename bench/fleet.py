@@ -1,0 +1,136 @@
+"""The simulated llama-server fleet: one ``llamacpp-ha-sim`` child process per run.
+
+A fresh fleet is started for every (contender, workload) run, so no contender inherits another's
+warm prompt caches. What each backend did is read from its own counters (``/metrics`` and the
+task ids in ``/slots``) before and after a run: the balancers do not tell us where a request
+went, and LiteLLM drops the ``timings`` object from the stream, so the backends are the one
+source that is the same for every contender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from bench import procs
+
+_LISTENING = re.compile(r"backend (\S+) listening on (http://\S+)")
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """Shape of the simulated fleet; one entry per backend."""
+
+    slots: tuple[int, ...]
+    profiles: tuple[str, ...]
+    time_scale: float
+    n_ctx: int = 8192
+
+    @property
+    def total_slots(self) -> int:
+        return sum(self.slots)
+
+    def describe(self) -> str:
+        parts = [f"{p}x{s}" for p, s in zip(self.profiles, self.slots, strict=True)]
+        return (
+            f"{len(self.slots)} backends ({', '.join(parts)} slots), time scale {self.time_scale:g}"
+        )
+
+
+@dataclass(frozen=True)
+class BackendCounters:
+    """One backend's cumulative counters at an instant."""
+
+    tasks: int
+    prompt_tokens: int
+    cached_tokens: int
+    predicted_tokens: int
+
+
+@dataclass
+class Fleet:
+    spec: FleetSpec
+    child: procs.Child
+    urls: list[str]
+
+    def stop(self) -> None:
+        self.child.stop()
+
+
+def start_fleet(spec: FleetSpec, log_dir: Path, name: str, cpu_list: str | None) -> Fleet:
+    command = [
+        sys.executable,
+        "-m",
+        "llamacpp_ha.sim",
+        "--port",
+        "0",
+        "--count",
+        str(len(spec.slots)),
+        "--slots",
+        ",".join(str(s) for s in spec.slots),
+        "--profile",
+        ",".join(spec.profiles),
+        "--time-scale",
+        f"{spec.time_scale:g}",
+        "--n-ctx",
+        str(spec.n_ctx),
+    ]
+    child = procs.spawn(name, procs.pinned(command, cpu_list), log_dir)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        urls = [m.group(2) for m in _LISTENING.finditer(_read(child.log_path))]
+        if len(urls) == len(spec.slots):
+            return Fleet(spec, child, urls)
+        if not child.alive():
+            break
+        time.sleep(0.05)
+    child.stop()
+    raise RuntimeError(f"simulated fleet did not start:\n{child.log_tail()}")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+_METRIC = re.compile(r"^llamacpp:(\w+) ([0-9.e+-]+)$", re.M)
+
+
+async def read_counters(session: aiohttp.ClientSession, url: str) -> BackendCounters:
+    async with session.get(url + "/metrics") as resp:
+        metrics = {m.group(1): float(m.group(2)) for m in _METRIC.finditer(await resp.text())}
+    async with session.get(url + "/slots") as resp:
+        slots = await resp.json()
+    # The simulator numbers its tasks from 0 in submission order, so the highest id seen in
+    # /slots (+1) counts the requests this backend has taken once it is idle.
+    ids = [s.get("id_task", -1) for s in slots if isinstance(s, dict)]
+    return BackendCounters(
+        tasks=max(ids, default=-1) + 1,
+        prompt_tokens=int(metrics.get("prompt_tokens_total", 0)),
+        cached_tokens=int(metrics.get("prompt_tokens_cached_total", 0)),
+        predicted_tokens=int(metrics.get("tokens_predicted_total", 0)),
+    )
+
+
+async def snapshot(session: aiohttp.ClientSession, urls: list[str]) -> list[BackendCounters]:
+    return list(await asyncio.gather(*(read_counters(session, u) for u in urls)))
+
+
+def delta(after: list[BackendCounters], before: list[BackendCounters]) -> list[BackendCounters]:
+    return [
+        BackendCounters(
+            tasks=a.tasks - b.tasks,
+            prompt_tokens=a.prompt_tokens - b.prompt_tokens,
+            cached_tokens=a.cached_tokens - b.cached_tokens,
+            predicted_tokens=a.predicted_tokens - b.predicted_tokens,
+        )
+        for a, b in zip(after, before, strict=True)
+    ]

@@ -1,0 +1,225 @@
+"""What a balancer costs, measured against ``bench/ticker.py`` (no model time at all).
+
+Every contender fronts one ticker backend with plenty of slots, so nothing queues and every
+difference from ``direct`` is the balancer's own: added time to first token at low and at high
+concurrency, CPU time per request and per streamed chunk (from ``/proc`` for the balancer's
+process tree only), resident memory per open stream, and the most concurrent streams it relays
+before the delay it adds to a chunk exceeds 20 ms at the 99th percentile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench import procs
+from bench.client import Outcome, new_session, stream_request
+from bench.contenders import Contender, Running
+from bench.metrics import percentile
+
+TICKER_SLOTS = 1024
+RELAY_LIMIT_MS = 20.0
+
+
+@dataclass(frozen=True)
+class OverheadPlan:
+    """Sizes of each phase; the smoke run shrinks them."""
+
+    low_requests: int = 60
+    high_concurrency: int = 64
+    high_requests: int = 320
+    cpu_requests: int = 400
+    cpu_stream_requests: int = 16
+    cpu_stream_chunks: int = 500
+    open_streams: int = 256
+    ramp: tuple[int, ...] = (16, 64, 128, 256, 512)
+    ramp_chunks: int = 15
+    ramp_tick_ms: float = 100.0
+
+
+@dataclass
+class OverheadResult:
+    contender: str
+    label: str
+    ttft_low_ms: dict[str, float | None] = field(default_factory=dict)
+    ttft_high_ms: dict[str, float | None] = field(default_factory=dict)
+    cpu_ms_per_request: float | None = None
+    cpu_us_per_chunk: float | None = None
+    rss_idle_mb: float | None = None
+    rss_kb_per_stream: float | None = None
+    relay_ms: dict[int, dict[str, float | None]] = field(default_factory=dict)
+    failures: int = 0
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def start_ticker(log_dir: Path, cpu: str | None) -> tuple[procs.Child, str]:
+    script = Path(__file__).resolve().parent / "ticker.py"
+    command = [sys.executable, str(script), "--port", "0", "--slots", str(TICKER_SLOTS)]
+    child = procs.spawn("ticker", procs.pinned(command, cpu), log_dir)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for line in child.log_path.read_text("utf-8", "replace").splitlines():
+            if line.startswith("ticker listening on "):
+                return child, line.rsplit(" ", 1)[1]
+        if not child.alive():
+            break
+        time.sleep(0.05)
+    child.stop()
+    raise RuntimeError(f"ticker did not start:\n{child.log_tail()}")
+
+
+def _body(max_tokens: int, tick_ms: float = 0.0) -> dict[str, Any]:
+    return {
+        "model": "sim-model",
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": f"tick {tick_ms:g}"}],
+    }
+
+
+async def _closed_loop(
+    http: aiohttp.ClientSession,
+    running: Running,
+    concurrency: int,
+    total: int,
+    body: dict[str, Any],
+) -> list[Outcome]:
+    url = running.url_for("overhead") + "/v1/chat/completions"
+    outcomes: list[Outcome] = []
+    remaining = total
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            o = Outcome("overhead", time.monotonic())
+            outcomes.append(o)
+            await stream_request(http, url, body, o, headers=running.headers, stamped=True)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return outcomes
+
+
+def _ttft(outcomes: list[Outcome]) -> dict[str, float | None]:
+    values = [o.ttft_s * 1000 for o in outcomes if o.ok and o.ttft_s is not None]
+    return {f"p{q}": percentile(values, q) for q in (50, 99)}
+
+
+async def _relay_step(
+    http: aiohttp.ClientSession, running: Running, n: int, plan: OverheadPlan
+) -> tuple[dict[str, float | None], int]:
+    url = running.url_for("overhead") + "/v1/chat/completions"
+    body = _body(plan.ramp_chunks, plan.ramp_tick_ms)
+    rng = random.Random(n)
+    outcomes = [Outcome("relay", time.monotonic()) for _ in range(n)]
+
+    async def one(o: Outcome) -> None:
+        # Spread the starts over one tick so chunks arrive as a steady flow, not in lockstep.
+        await asyncio.sleep(rng.uniform(0, plan.ramp_tick_ms / 1000))
+        await stream_request(http, url, body, o, headers=running.headers, stamped=True)
+
+    await asyncio.gather(*(one(o) for o in outcomes))
+    delays = [d * 1000 for o in outcomes for d in o.chunk_delays_s]
+    failures = sum(1 for o in outcomes if not o.ok)
+    return {f"p{q}": percentile(delays, q) for q in (50, 99)}, failures
+
+
+async def _memory(
+    http: aiohttp.ClientSession, running: Running, pid: int, plan: OverheadPlan
+) -> tuple[float, float]:
+    url = running.url_for("overhead") + "/v1/chat/completions"
+    rss_before = procs.rss_bytes(pid)
+    # Streams that send one chunk at once and then stay silent for seconds: open, idle-ish.
+    body = _body(3, 4000)
+    outcomes = [Outcome("memory", time.monotonic()) for _ in range(plan.open_streams)]
+    tasks = [
+        asyncio.create_task(stream_request(http, url, body, o, headers=running.headers))
+        for o in outcomes
+    ]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if all(o.first_token_at is not None or o.error for o in outcomes):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    rss_open = procs.rss_bytes(pid)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    opened = sum(1 for o in outcomes if o.first_token_at is not None)
+    return rss_before / 2**20, (rss_open - rss_before) / 1024 / max(opened, 1)
+
+
+async def measure(
+    running: Running,
+    contender: Contender,
+    plan: OverheadPlan,
+    baseline_relay: dict[int, dict[str, float | None]] | None,
+) -> OverheadResult:
+    result = OverheadResult(contender.key, contender.label)
+    pid = running.child.pid if running.child is not None else None
+    async with new_session() as http:
+        await _closed_loop(http, running, 4, 40, _body(1))  # warm-up: connections, caches
+        low = await _closed_loop(http, running, 1, plan.low_requests, _body(1))
+        result.ttft_low_ms = _ttft(low)
+        high = await _closed_loop(
+            http, running, plan.high_concurrency, plan.high_requests, _body(8, 5)
+        )
+        result.ttft_high_ms = _ttft(high)
+        result.failures += sum(1 for o in low + high if not o.ok)
+        if pid is not None:
+            cpu0 = procs.cpu_seconds(pid)
+            reqs = await _closed_loop(http, running, 16, plan.cpu_requests, _body(1))
+            cpu1 = procs.cpu_seconds(pid)
+            streams = await _closed_loop(
+                http,
+                running,
+                plan.cpu_stream_requests,
+                plan.cpu_stream_requests,
+                _body(plan.cpu_stream_chunks),
+            )
+            cpu2 = procs.cpu_seconds(pid)
+            per_request = (cpu1 - cpu0) / plan.cpu_requests
+            chunks = sum(o.output_tokens for o in streams if o.ok)
+            stream_cpu = (cpu2 - cpu1) - per_request * plan.cpu_stream_requests
+            result.cpu_ms_per_request = per_request * 1000
+            result.cpu_us_per_chunk = max(stream_cpu, 0.0) / max(chunks, 1) * 1e6
+            result.failures += sum(1 for o in reqs + streams if not o.ok)
+            result.rss_idle_mb, result.rss_kb_per_stream = await _memory(http, running, pid, plan)
+        for n in plan.ramp:
+            stats, failures = await _relay_step(http, running, n, plan)
+            result.relay_ms[n] = stats
+            result.failures += failures
+            if baseline_relay is not None and n in baseline_relay:
+                added = _added(stats, baseline_relay[n])
+                if added is not None and added > RELAY_LIMIT_MS:
+                    break
+    return result
+
+
+def _added(stats: dict[str, float | None], base: dict[str, float | None]) -> float | None:
+    if stats.get("p99") is None or base.get("p99") is None:
+        return None
+    return float(stats["p99"]) - float(base["p99"])  # type: ignore[arg-type]
+
+
+def carried_streams(
+    result: OverheadResult, baseline: dict[int, dict[str, float | None]]
+) -> tuple[int | None, bool]:
+    """Most streams with added p99 relay delay <= 20 ms, and whether the ramp never broke."""
+    best: int | None = None
+    for n in sorted(result.relay_ms):
+        added = _added(result.relay_ms[n], baseline.get(n, {}))
+        if added is None or added > RELAY_LIMIT_MS:
+            return best, False
+        best = n
+    return best, True

@@ -1,0 +1,243 @@
+"""``RESULTS.md`` and ``results.json``: the tables, the setup that produced them, the caveats."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.metrics import RunResult
+from bench.overhead import RELAY_LIMIT_MS, OverheadResult, carried_streams
+
+
+def _f(value: float | None, digits: int = 0, scale: float = 1.0) -> str:
+    return "n/a" if value is None else f"{value * scale:,.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:.1f}%"
+
+
+def run_line(r: RunResult) -> str:
+    return (
+        f"ttft p50 {_f(r.ttft_ms['p50'])} p99 {_f(r.ttft_ms['p99'])} ms, "
+        f"e2e p99 {_f(r.e2e_s['p99'], 2)} s, {r.completed}/{r.requests} ok "
+        f"({r.rejected} rejected), hit {_pct(r.hit_rate)}, imbalance {_f(r.imbalance, 2)}"
+    )
+
+
+def overhead_line(o: OverheadResult) -> str:
+    relay = ", ".join(f"{n}:{_f(v.get('p99'), 1)}" for n, v in o.relay_ms.items())
+    return (
+        f"ttft low p50 {_f(o.ttft_low_ms.get('p50'), 2)} ms, high p50 "
+        f"{_f(o.ttft_high_ms.get('p50'), 2)} ms, cpu {_f(o.cpu_ms_per_request, 3)} ms/req "
+        f"{_f(o.cpu_us_per_chunk, 1)} us/chunk, {_f(o.rss_kb_per_stream, 1)} KiB/stream, "
+        f"relay p99 by streams {relay}"
+    )
+
+
+def _failed(r: RunResult) -> str:
+    text = f"{r.failed}/{r.rejected}"
+    return f"**{text}**" if r.failed or r.rejected else text
+
+
+def workload_table(
+    results: list[RunResult], ceiling: float, labels: dict[str, str], time_scale: float
+) -> list[str]:
+    direct = next((r for r in results if r.contender == "direct"), None)
+    lines = [
+        f"Hit-rate ceiling of this workload (every repeated prefix cached forever): "
+        f"**{_pct(ceiling)}**.",
+        "",
+        "| contender | TTFT p50 | p90 | p99 | e2e p50 | e2e p99 | TPOT | done/s | out tok/s "
+        "| failed/rejected | cache hit | prompt tok computed | imbalance |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|:-:|--:|--:|--:|",
+    ]
+    for r in results:
+        name = labels.get(r.contender, r.contender)
+        if r.contender == "direct":
+            name = "direct (no balancer; sessions pinned by the client)"
+        lines.append(
+            f"| {name} | {_f(r.ttft_ms['p50'])} | {_f(r.ttft_ms['p90'])} | "
+            f"{_f(r.ttft_ms['p99'])} | {_f(r.e2e_s['p50'], 2)} | {_f(r.e2e_s['p99'], 2)} | "
+            f"{_f(r.tpot_ms, 1)} | {_f(r.req_per_s, 2)} | {_f(r.out_tok_per_s)} | "
+            f"{_failed(r)} | {_pct(r.hit_rate)} | {r.prompt_tokens_computed:,} | "
+            f"{_f(r.imbalance, 2)} |"
+        )
+    lines.append("")
+    lines.append(
+        f"TTFT and TPOT in wall-clock ms, e2e in wall-clock s, at time scale {time_scale:g} "
+        f"(the backends run {time_scale:g}x faster than the profile's hardware; multiply "
+        "backend-bound times by it for the real-time equivalent). failed/rejected: requests "
+        "that failed or never finished / refused with 429 or 503. cache hit: prompt tokens "
+        "served from the backends' caches over all prompt tokens, from the backends' own "
+        "counters. imbalance: the busiest backend's requests per slot over the fleet's "
+        "(1.00 = exactly proportional to slots)."
+    )
+    if direct is not None:
+        lines.append("")
+    return lines
+
+
+def overhead_table(over: list[OverheadResult], labels: dict[str, str]) -> list[str]:
+    base = next((o for o in over if o.contender == "direct"), None)
+    lines = [
+        "| contender | added TTFT p50, 1 stream | p99 | added TTFT p50, 64 streams | p99 "
+        "| CPU per request | CPU per chunk | RSS idle | RSS per open stream "
+        f"| streams relayed with p99 added delay <= {RELAY_LIMIT_MS:g} ms | failed |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for o in over:
+
+        def added(mine: dict[str, float | None], theirs: dict[str, float | None], q: str) -> str:
+            if base is None or mine.get(q) is None or theirs.get(q) is None:
+                return "n/a"
+            return f"{float(mine[q]) - float(theirs[q]):+.2f} ms"  # type: ignore[arg-type]
+
+        if o.contender == "direct":
+            low50 = f"{_f(o.ttft_low_ms.get('p50'), 2)} ms (abs.)"
+            low99 = f"{_f(o.ttft_low_ms.get('p99'), 2)} ms (abs.)"
+            high50 = f"{_f(o.ttft_high_ms.get('p50'), 2)} ms (abs.)"
+            high99 = f"{_f(o.ttft_high_ms.get('p99'), 2)} ms (abs.)"
+            carried = "baseline"
+        else:
+            assert base is not None
+            low50 = added(o.ttft_low_ms, base.ttft_low_ms, "p50")
+            low99 = added(o.ttft_low_ms, base.ttft_low_ms, "p99")
+            high50 = added(o.ttft_high_ms, base.ttft_high_ms, "p50")
+            high99 = added(o.ttft_high_ms, base.ttft_high_ms, "p99")
+            n, never_broke = carried_streams(o, base.relay_ms)
+            if n is None:
+                carried = f"< {min(o.relay_ms, default=0)}"
+            else:
+                carried = f">= {n} (max tested)" if never_broke else str(n)
+        lines.append(
+            f"| {labels.get(o.contender, o.contender)} | {low50} | {low99} | {high50} | {high99} "
+            f"| {_f(o.cpu_ms_per_request, 3)} ms | {_f(o.cpu_us_per_chunk, 1)} µs "
+            f"| {_f(o.rss_idle_mb, 1)} MiB | {_f(o.rss_kb_per_stream, 1)} KiB | {carried} "
+            f"| {o.failures} |"
+        )
+    lines.append("")
+    if base is not None:
+        relay = ", ".join(
+            f"{n} streams: p50 {_f(v.get('p50'), 2)} / p99 {_f(v.get('p99'), 2)} ms"
+            for n, v in base.relay_ms.items()
+        )
+        lines.append(f"Direct relay delay (ticker to client, no balancer): {relay}.")
+        lines.append("")
+    lines.append("Relay delay p99 per chunk, by concurrent streams (ms, the contender's own):")
+    lines.append("")
+    ramp = sorted({n for o in over for n in o.relay_ms})
+    lines.append("| contender | " + " | ".join(str(n) for n in ramp) + " |")
+    lines.append("|---|" + "--:|" * len(ramp))
+    for o in over:
+        cells = [_f(o.relay_ms[n].get("p99"), 1) if n in o.relay_ms else "n/a" for n in ramp]
+        lines.append(f"| {labels.get(o.contender, o.contender)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+CAVEATS = """\
+## What this machine cannot show, and how each figure was isolated
+
+- **Two cores for everything.** The simulated backends, the load generator and the balancer
+  share one machine with 2 cores. Each balancer is pinned (`taskset`) to a core of its own; the
+  simulated fleet and the load generator share the other. So a balancer is never starved by
+  the load it serves, but the backends and the client compete with each other: the same for
+  every contender, so comparisons hold, absolute latencies are a little pessimistic.
+- **No GPU, simulated backends.** The backends are `llamacpp-ha-sim`: llama-server's slots,
+  its slot choice by longest common prefix, its prompt cache, continuous batching with the
+  timing of the stated profile and its API, `timings` included. Real llama-server adds
+  effects the simulator does not model (KV memory pressure, cache eviction by size, speculative
+  decoding); the results say how balancers differ on the same fleet, not how fast a GPU is.
+- **Time scale.** The backends run faster than real hardware by the time scale, so a run takes
+  seconds instead of minutes. This multiplies the rate of streamed chunks a balancer relays
+  per second by the same factor (a stress on the balancer's CPU that real hardware of this
+  size would not apply), while the balancer's own per-request costs are not scaled: added
+  latencies are measured in real time, in the overhead section, with no scaling at all.
+- **Where each figure comes from.** Latencies and token counts: the client, per request
+  (first token = first streamed chunk carrying text). Cache hits, prompt tokens computed and
+  requests per backend: the backends' own counters (`/metrics`, task ids in `/slots`) read
+  before and after each run, the same source for every contender (LiteLLM strips llama-server's
+  `timings` from the stream). Balancer CPU: `utime + stime` from `/proc/<pid>/stat` of the
+  balancer's whole process tree (nginx's worker, LiteLLM's uvicorn) before and after; memory:
+  its resident set from `/proc/<pid>/statm`. Overhead figures come from a separate stand-in
+  backend that stamps every chunk with `CLOCK_MONOTONIC` when it writes it and has 1,024 free
+  slots, so nothing queues and the only difference from `direct` is the balancer.
+- **Cold start every run.** A new fleet is started for every (workload, contender) pair, so no
+  contender inherits another's warm caches, and the balancer is started fresh in front of it.
+- **Small samples.** Each run is a few hundred requests at most: p99 is close to the maximum
+  and moves by tens of percent between runs; p50 and p90 are steadier. The seed fixes the
+  workload, not the scheduling noise of a shared machine.
+- **Turns wait for replies.** Sessions arrive open-loop (Poisson), but a session's next turn
+  is sent a think time after the previous reply, as a person would; a slow balancer delays a
+  session's later turns, which lowers its offered load a little. Single-request workloads
+  (random, Mooncake, bursts) are fully open-loop.
+"""
+
+
+def write(
+    out: Path, results: list[RunResult], over: list[OverheadResult], context: dict[str, Any]
+) -> None:
+    labels: dict[str, str] = context["labels"]
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "context": context,
+                "runs": [r.to_json() for r in results],
+                "overhead": [o.to_json() for o in over],
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# llamacpp-ha benchmark results",
+        "",
+        f"Generated by `{context['make_target']}` on {now} in "
+        f"{context['runtime_s'] / 60:.1f} minutes. Do not edit: rerun the benchmark.",
+        "",
+        "## Setup",
+        "",
+        f"- Command: `{context['command']}`",
+        f"- Seed: {context['seed']}; time scale: {context['time_scale']:g}",
+        f"- Fleet: {context['fleet']} (`llamacpp-ha-sim`, one fresh fleet per run)",
+        f"- Machine: {context['machine']['cpu']}, {context['machine']['memory']}, "
+        f"{context['machine']['os']}, Python {context['machine']['python']}",
+        f"- CPU pinning: fleet and load generator on CPU {context['cpus']['fleet_and_client']}, "
+        f"balancer on CPU {context['cpus']['balancer']}",
+        "",
+        "| contender | version | status |",
+        "|---|---|---|",
+    ]
+    for key, label in labels.items():
+        reason = context["unavailable"].get(key)
+        status = f"unavailable: {reason}" if reason else "ran"
+        lines.append(f"| {label} | {context['versions'].get(key, '-')} | {status} |")
+    if context["failures"]:
+        lines += ["", "Runs that did not complete:", ""]
+        lines += [f"- {k}: {v.splitlines()[0][:300]}" for k, v in context["failures"].items()]
+    for w in context["workloads"]:
+        mine = [r for r in results if r.workload == w["name"]]
+        lines += ["", f"## {w['title']} (`{w['name']}`)", "", w["description"] + ".", ""]
+        lines += workload_table(mine, context["ceilings"][w["name"]], labels, context["time_scale"])
+    if over:
+        lines += [
+            "",
+            "## Overhead (one backend, nothing queued, no time scale)",
+            "",
+            "Added time to first token is the contender's minus direct's at the same percentile; "
+            "1 stream = sequential requests, 64 streams = 64 concurrent clients. CPU per request "
+            "is measured with one-token replies; CPU per chunk from 500-chunk streams, less the "
+            "per-request part. RSS per open stream: resident memory added by "
+            f"{context.get('open_streams', 'N')} open, mostly idle streams.",
+            "",
+        ]
+        lines += overhead_table(over, labels)
+    plots = context.get("plots") or []
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{p}]({p})" for p in plots]
+    lines += ["", CAVEATS]
+    (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
