@@ -48,5 +48,9 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	$(BIN)/python bench/run.py --smoke --out test-output/bench-smoke
 
+## minutes of rotating backend faults under load; prints what became of every request
+soak: $(STAMP)
+	$(BIN)/python scripts/soak.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info
