@@ -16,11 +16,11 @@ import contextlib
 import ctypes
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "build-llama-server.sh"
 MODEL_SCRIPT = REPO / "scripts" / "make-tiny-model.py"
 BALANCER = Path(sys.executable).with_name("llamacpp-ha")
+LOG_ROOT = REPO / "test-output" / "e2e"
 
 BINARY_ENV = "LLAMACPP_HA_LLAMA_SERVER"
 CHAT_ALIAS = "tiny-llama"
@@ -355,10 +356,16 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def fleet(binary: Path | None = None, model: Path | None = None) -> Iterator[Fleet]:
-    """A Fleet in a fresh log directory; backends are added by the caller, then `start()`."""
-    log_dir = Path(tempfile.mkdtemp(prefix="llamacpp-ha-e2e-"))
-    group = Fleet(binary or find_llama_server(), model or make_model(), log_dir)
+def fleet(name: str, *, model_size: str = "tiny") -> Iterator[Fleet]:
+    """A Fleet logging to test-output/e2e/`name`/ (emptied first, kept after for post-mortems).
+
+    Backends are added by the caller, then `start()`.
+    """
+    log_dir = LOG_ROOT / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    shutil.rmtree(log_dir, ignore_errors=True)
+    log_dir.mkdir(parents=True)
+    binary = find_llama_server()
+    group = Fleet(binary, make_model(model_size), log_dir)
     try:
         yield group
     finally:

@@ -23,12 +23,16 @@ API_KEY = "e2e-secret-key"
 N_TOKENS = 8
 
 
+# The fleet serves two models, so llama-server's native endpoints name one as well (the balancer
+# routes by it; llama-server ignores it).
+
+
 class ClientsThroughBalancerTest(unittest.IsolatedAsyncioTestCase):
     fleet: ClassVar[Fleet]
 
     @classmethod
     def setUpClass(cls) -> None:
-        context = fleet()
+        context = fleet(cls.__name__)
         cls.fleet = context.__enter__()
         cls.addClassCleanup(context.__exit__, None, None, None)
         cls.fleet.add_backend("chat-a")
@@ -165,18 +169,23 @@ class ClientsThroughBalancerTest(unittest.IsolatedAsyncioTestCase):
             await client.close()
 
     async def test_tokenize_and_detokenize(self) -> None:
-        response = await self.http.post(f"{self.url}/tokenize", json={"content": "the cat sat"})
+        response = await self.http.post(
+            f"{self.url}/tokenize", json={"content": "the cat sat", "model": CHAT_ALIAS}
+        )
         self.assertEqual(response.status_code, 200, response.text)
         tokens = response.json()["tokens"]
         self.assertTrue(tokens)
         self.assertTrue(all(isinstance(t, int) for t in tokens))
-        response = await self.http.post(f"{self.url}/detokenize", json={"tokens": tokens})
+        response = await self.http.post(
+            f"{self.url}/detokenize", json={"tokens": tokens, "model": CHAT_ALIAS}
+        )
         self.assertEqual(response.status_code, 200, response.text)
         self.assertEqual(response.json()["content"], "the cat sat")
 
     async def test_native_completion(self) -> None:
         response = await self.http.post(
-            f"{self.url}/completion", json={"prompt": "Hello", "n_predict": N_TOKENS}
+            f"{self.url}/completion",
+            json={"prompt": "Hello", "n_predict": N_TOKENS, "model": CHAT_ALIAS},
         )
         self.assertEqual(response.status_code, 200, response.text)
         body = response.json()
@@ -189,7 +198,7 @@ class ClientsThroughBalancerTest(unittest.IsolatedAsyncioTestCase):
         async with self.http.stream(
             "POST",
             f"{self.url}/completion",
-            json={"prompt": "Hello", "n_predict": N_TOKENS, "stream": True},
+            json={"prompt": "Hello", "n_predict": N_TOKENS, "stream": True, "model": CHAT_ALIAS},
         ) as response:
             self.assertEqual(response.status_code, 200)
             self.assertTrue(response.headers["content-type"].startswith("text/event-stream"))

@@ -23,7 +23,6 @@ from e2e_harness import (
     busy_slots,
     fleet,
     free_port,
-    make_model,
     metric,
 )
 from e2e_recorder import Recorder
@@ -49,7 +48,7 @@ def is_openai_error(response: httpx.Response) -> bool:
 
 class FaultsTest(unittest.IsolatedAsyncioTestCase):
     def _fleet(self, model_size: str = "large") -> Fleet:
-        context = fleet(model=make_model(model_size))
+        context = fleet(self.id().rsplit(".", 1)[-1], model_size=model_size)
         group = context.__enter__()
         self.addCleanup(context.__exit__, None, None, None)
         return group
@@ -182,8 +181,13 @@ class FaultsTest(unittest.IsolatedAsyncioTestCase):
             timeout_s=10,
             what="the thawed backend ready again",
         )
+        # Once it has dropped the work the balancer gave up on, the thawed backend is used again.
+        deadline = time.monotonic() + 10
+        while await busy_slots(self.http, frozen):
+            self.assertLess(time.monotonic(), deadline, "the thawed backend stayed busy")
+            await asyncio.sleep(0.05)
         before = await metric(self.http, frozen, "tokens_predicted_total")
-        again = await asyncio.gather(*(self._timed_chat(url, 200 + i, 16) for i in range(4)))
+        again = await asyncio.gather(*(self._timed_chat(url, 200 + i, 64) for i in range(4)))
         self.assertEqual([r.status_code for r, _ in again], [200] * 4)
         self.assertGreater(await metric(self.http, frozen, "tokens_predicted_total"), before)
 

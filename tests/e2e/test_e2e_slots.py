@@ -20,7 +20,6 @@ from e2e_harness import (
     await_monitor,
     busy_slots,
     fleet,
-    make_model,
     metric,
 )
 
@@ -32,11 +31,12 @@ class SlotsOnRealBackendsTest(unittest.IsolatedAsyncioTestCase):
 
     @classmethod
     def setUpClass(cls) -> None:
-        context = fleet(model=make_model("large"))
+        context = fleet(cls.__name__, model_size="large")
         cls.fleet = context.__enter__()
         cls.addClassCleanup(context.__exit__, None, None, None)
-        cls.fleet.add_backend("a")
-        cls.fleet.add_backend("b")
+        # 4096 tokens of context per slot: room for a generation long enough to outlast a test.
+        cls.fleet.add_backend("a", ctx=8192)
+        cls.fleet.add_backend("b", ctx=8192)
         cls.fleet.start()
 
     async def asyncSetUp(self) -> None:
@@ -98,14 +98,14 @@ class SlotsOnRealBackendsTest(unittest.IsolatedAsyncioTestCase):
         try:
             async with asyncio.timeout(90):
                 replies = await asyncio.gather(
-                    *(self._chat(f"request {i}: tell a story", 48) for i in range(n_requests))
+                    *(self._chat(f"request {i}: tell a story", 64) for i in range(n_requests))
                 )
         finally:
             done.set()
             await watcher
 
         self.assertEqual([r.status_code for r in replies], [200] * n_requests)
-        self.assertTrue(all(r.json()["usage"]["completion_tokens"] == 48 for r in replies))
+        self.assertTrue(all(r.json()["usage"]["completion_tokens"] == 64 for r in replies))
         for server in self.fleet.backends:
             self.assertLessEqual(observed_busy[server.name], server.slots, observed_busy)
             self.assertGreater(observed_busy[server.name], 0, f"{server.name} never used")
@@ -162,29 +162,31 @@ class SlotsOnRealBackendsTest(unittest.IsolatedAsyncioTestCase):
     async def test_client_disconnect_mid_stream_frees_the_real_slot_within_a_second(
         self,
     ) -> None:
-        # 900 tokens take this model many seconds: if the slot frees within a second of the
+        # 3000 tokens take this model several seconds: if the slot frees within a second of the
         # client leaving, the backend stopped generating because the balancer hung up.
         body = {
             "model": CHAT_ALIAS,
             "messages": [{"role": "user", "content": "Write a very long essay."}],
-            "max_tokens": 900,
+            "max_tokens": 3000,
             "stream": True,
         }
-        chunks = 0
         async with (
             asyncio.timeout(20),
             httpx.AsyncClient(timeout=20.0) as client,
             client.stream("POST", f"{self.url}/v1/chat/completions", json=body) as response,
         ):
             self.assertEqual(response.status_code, 200)
-            async for line in response.aiter_lines():
-                if line.startswith("data: "):
+            # Not `break` out of `aiter_lines()`: finalizing that generator already closes the
+            # connection, and the slot must be seen busy while the client is still connected.
+            lines = response.aiter_lines()
+            chunks = 0
+            while chunks < 5:
+                if (await anext(lines)).startswith("data: "):
                     chunks += 1
-                if chunks >= 5:
-                    break
             busy = {s.name: await busy_slots(self.http, s) for s in self.fleet.backends}
             self.assertEqual(sum(busy.values()), 1, busy)
-        # Leaving the `async with` closed the client's connection mid-stream.
+            await response.aclose()
+        # The client's connection is closed, mid-stream.
         left_at = time.monotonic()
         while True:
             busy = {s.name: await busy_slots(self.http, s) for s in self.fleet.backends}
