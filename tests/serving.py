@@ -13,8 +13,9 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from llamacpp_ha.balancer import Balancer
 from llamacpp_ha.config import build_config
-from llamacpp_ha.proxy import Balancer, create_app
+from llamacpp_ha.proxy import create_app
 from llamacpp_ha.registry import Health
 from llamacpp_ha.sim import SimBackend, SimConfig
 

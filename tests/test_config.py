@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -38,7 +39,9 @@ class ConfigFileTest(unittest.TestCase):
         )
         config = build_config(config_file=path)
         self.assertEqual(config.port, 8001)
-        self.assertEqual(config.api_keys, ["k1"])
+        self.assertEqual(
+            [k.id for k in config.api_keys], [f"key-{hashlib.sha256(b'k1').hexdigest()[:8]}"]
+        )
         self.assertEqual(
             config.backends, [BackendConfig(url="http://gpu-a:8080", name="gpu-a", api_key="b")]
         )
@@ -81,8 +84,11 @@ class ConfigFileTest(unittest.TestCase):
             ]
         )  # fmt: skip
         self.assertEqual(
-            (config.host, config.port, config.api_keys, config.routing, config.poll_interval_s),
-            ("0.0.0.0", 9, ["k"], "round-robin", 0.5),
+            (config.host, config.port, config.routing, config.poll_interval_s),
+            ("0.0.0.0", 9, "round-robin", 0.5),
+        )
+        self.assertEqual(
+            [key.sha256 for key in config.api_keys], [hashlib.sha256(b"k").hexdigest()]
         )
         self.assertEqual(
             (config.queue_timeout_s, config.max_queue, config.session_ttl_s, config.max_sessions),
@@ -151,7 +157,29 @@ class InvalidConfigTest(unittest.TestCase):
         self.assertInvalid({"backends": ["http://a:1", "http://a:1/"]}, "backends")
 
     def test_empty_api_key(self) -> None:
-        self.assertInvalid({"backends": ["http://a:1"], "api_keys": [" "]}, "api_keys")
+        self.assertInvalid({"backends": ["http://a:1"], "api_keys": [" "]}, "api_keys.0")
+
+    def test_key_needs_exactly_one_secret(self) -> None:
+        self.assertInvalid({"backends": ["http://a:1"], "api_keys": [{"id": "x"}]}, "api_keys.0")
+        both = {"key": "k", "sha256": "0" * 64}
+        self.assertInvalid({"backends": ["http://a:1"], "api_keys": [both]}, "api_keys.0")
+
+    def test_bad_sha256(self) -> None:
+        self.assertInvalid(
+            {"backends": ["http://a:1"], "api_keys": [{"sha256": "xyz"}]}, "api_keys.0"
+        )
+
+    def test_duplicate_key_ids(self) -> None:
+        keys = [{"id": "a", "key": "k1"}, {"id": "a", "key": "k2"}]
+        self.assertInvalid({"backends": ["http://a:1"], "api_keys": keys}, "same id")
+
+    def test_bad_trusted_proxy(self) -> None:
+        self.assertInvalid(
+            {"backends": ["http://a:1"], "trusted_proxies": ["10.0.0.0/33"]}, "trusted_proxies"
+        )
+
+    def test_tls_needs_both_files(self) -> None:
+        self.assertInvalid({"backends": ["http://a:1"], "tls_certfile": "/etc/hostname"}, "tls")
 
     def test_unknown_routing(self) -> None:
         self.assertInvalid({"backends": ["http://a:1"], "routing": "random"}, "routing")

@@ -367,7 +367,10 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
             await wait_until(lambda: len(lb.balancer.queue) == 1)
             await a.kill()
             response = await asyncio.wait_for(queued, 3)
-            self.assertEqual(response.status_code, 503)
+            # 503 when it was still queued as the death was seen; 502 when it was handed to the
+            # dying backend first (a pooled connection reset). Either way: fast and clean.
+            self.assertIn(response.status_code, (502, 503))
+            self.assertIn("error", response.json())
             self.assertEqual((await asyncio.wait_for(running, 3)).status_code, 502)
 
     # Clients -------------------------------------------------------------------------
@@ -375,27 +378,32 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
     async def test_200_clients_leaving_at_random_moments(self) -> None:
         rng = random.Random(7)
         fleet_configs = (SimConfig(slots=4, profile="gpu-8b", time_scale=4) for _ in range(2))
-        limits = httpx.Limits(max_connections=300, max_keepalive_connections=0)
-        async with (
-            sims(*fleet_configs) as fleet,
-            balancer_for(fleet) as lb,
-            httpx.AsyncClient(timeout=10, limits=limits) as client,
-        ):
+        async with sims(*fleet_configs) as fleet, balancer_for(fleet) as lb:
+            host, port = lb.url.removeprefix("http://").split(":")
 
             async def impatient(i: int) -> None:
-                # Cancelling an httpx request closes its connection: the client is gone.
-                body = chat(f"impatient {i}", rng.randint(5, 60), stream=rng.random() < 0.7)
-                task = asyncio.create_task(client.post(lb.url + "/v1/chat/completions", json=body))
-                await asyncio.sleep(rng.uniform(0.05, 1.0))
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                # The whole request is sent, then the client hangs up at a random moment:
+                # while queued, while waiting for the first token, or mid-stream.
+                body = json.dumps(
+                    chat(f"impatient {i}", rng.randint(5, 60), stream=rng.random() < 0.7)
+                ).encode()
+                _, writer = await asyncio.open_connection(host, int(port))
+                writer.write(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                    + b"Content-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                await writer.drain()
+                await asyncio.sleep(rng.uniform(0, 1.0))
+                writer.close()
 
             await asyncio.wait_for(asyncio.gather(*(impatient(i) for i in range(200))), 40)
-            await wait_until(lambda: lb.balancer.stats.in_flight == 0, within_s=5)
+            await wait_until(lambda: lb.balancer.stats.in_flight == 0, within_s=10)
             stats = lb.balancer.stats
-            self.assertGreater(stats.disconnected, 20)  # the rest left before reaching us
-            # Whatever reached the balancer either finished or was seen leaving; nothing failed.
-            self.assertLessEqual(stats.disconnected + stats.succeeded, 200)
+            # Every request either finished before its client left or was seen leaving.
+            self.assertEqual(stats.disconnected + stats.succeeded, 200, stats)
+            self.assertGreater(stats.disconnected, 100)
             self.assertEqual((stats.failed, stats.rejected, stats.client_errors), (0, 0, 0))
             # Every request that reached a backend ended there too, and nothing waits inside.
             await wait_until(lambda: all(s.processing == 0 and s.deferred == 0 for s in fleet))
@@ -408,14 +416,17 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
             self.assertEqual([r.status_code for r in responses], [200] * 8)
 
     async def test_slow_reader_is_cut_and_its_slot_freed(self) -> None:
-        big = SimConfig(slots=1, profile="test", time_scale=10, n_ctx=200_000)
+        # Far more than every socket buffer on the way can hold, so the stream must block.
+        big = SimConfig(slots=1, profile="test", time_scale=50, n_ctx=3_000_000)
         async with sims(big) as (sim,), balancer_for([sim], write_timeout_s=0.5) as lb:
             host, port = lb.url.removeprefix("http://").split(":")
-            _, writer = await asyncio.open_connection(host, int(port))
-            writer.transport.set_write_buffer_limits(0)
-            sock = writer.get_extra_info("socket")
+            # A tiny receive window, set before connecting so that it is what we advertise.
+            sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            body = json.dumps(chat("x " * 10, 100_000, stream=True)).encode()
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+            _, writer = await asyncio.open_connection(sock=sock)
+            body = json.dumps(chat("x " * 10, 2_000_000, stream=True)).encode()
             writer.write(
                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                 + b"Content-Type: application/json\r\n"
@@ -426,9 +437,13 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
             # Never read. The balancer must give up on us and free the slot.
             await wait_until(lambda: lb.balancer.registry.backends[0].slots.in_flight == 1)
             await wait_until(
-                lambda: lb.balancer.registry.backends[0].slots.in_flight == 0, within_s=10
+                lambda: (
+                    lb.balancer.registry.backends[0].slots.in_flight == 0
+                    and lb.balancer.stats.in_flight == 0
+                ),
+                within_s=10,
             )
-            self.assertEqual(lb.balancer.stats.disconnected, 1)
+            self.assertEqual(lb.balancer.stats.disconnected, 1, lb.balancer.stats)
             writer.close()
             self.assertEqual((await self.post(lb.url, chat("next"))).status_code, 200)
 

@@ -42,7 +42,7 @@ class ShutdownTest(unittest.IsolatedAsyncioTestCase):
                     return False
 
             async with asyncio.timeout(15):
-                while not await healthy():
+                while not await healthy():  # noqa: ASYNC110 - polling another process
                     await asyncio.sleep(0.05)
         return proc, url
 
@@ -64,7 +64,7 @@ class ShutdownTest(unittest.IsolatedAsyncioTestCase):
         async with sims(SimConfig(slots=1, profile="cpu-1b", time_scale=4)) as (sim,):
             proc, url = await self.start_balancer(sim.url, grace_s=10)
             async with httpx.AsyncClient(timeout=20) as client:
-                running = asyncio.create_task(self.stream(client, url, 40))  # about 0.25 s
+                running = asyncio.create_task(self.stream(client, url, 200))  # about 1.2 s
                 await wait_until(lambda: sim.processing == 1)
                 queued = asyncio.create_task(self.stream(client, url, 4))
                 await asyncio.sleep(0.2)

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -105,12 +105,14 @@ def _configure_logging(level: str) -> None:
     )
 
 
-def serve(config: ProxyConfig) -> int:
+def serve(config: ProxyConfig, source: Callable[[], ProxyConfig] | None = None) -> int:
     from .proxy import create_app
     from .server import Server
 
     _configure_logging(config.log_level)
-    server = Server(create_app(config), config)
+    app = create_app(config)
+    app.state.balancer.config_source = source
+    server = Server(app, config)
     # uvicorn handles SIGTERM/SIGINT itself (draining first), then raises the signal again
     # with the previous handler: make that a clean exit rather than death by signal.
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -141,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(argv[1:])
-        return serve(load_config(argv))
+        return serve(load_config(argv), source=lambda: load_config(argv))
     except ConfigError as exc:
         print(f"llamacpp-ha: invalid configuration: {exc}", file=sys.stderr)
         return 2

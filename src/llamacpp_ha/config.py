@@ -6,6 +6,8 @@ field (`ConfigError`), which the CLI turns into exit status 2.
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +65,46 @@ class BackendConfig(BaseModel):
         return self
 
 
+class ClientKey(BaseModel):
+    """A key clients (or admins) present; given in clear or as its SHA-256, never logged."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = ""
+    key: str | None = Field(default=None, repr=False, exclude=True)
+    sha256: str | None = Field(default=None, repr=False)
+    max_concurrent: int | None = Field(default=None, gt=0)
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    priority: int = Field(default=0, ge=-100, le=100)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ClientKey:
+        if (self.key is None) == (self.sha256 is None):
+            raise ValueError("give exactly one of 'key' and 'sha256'")
+        if self.key is not None:
+            if not self.key.strip():
+                raise ValueError("a key must not be empty")
+            object.__setattr__(self, "sha256", hashlib.sha256(self.key.encode()).hexdigest())
+            object.__setattr__(self, "key", None)  # keep only the digest in memory
+        digest = (self.sha256 or "").lower()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError("sha256 must be 64 hexadecimal digits")
+        object.__setattr__(self, "sha256", digest)
+        if not self.id:
+            object.__setattr__(self, "id", f"key-{digest[:8]}")
+        return self
+
+    @property
+    def digest(self) -> bytes:
+        return bytes.fromhex(self.sha256 or "")
+
+
+def _keys_from_strings(value: Any) -> Any:
+    if isinstance(value, list):
+        return [{"key": item} if isinstance(item, str) else item for item in value]
+    return value
+
+
 class ProxyConfig(BaseSettings):
     """Every setting of the balancer; see the README for each one."""
 
@@ -71,7 +113,17 @@ class ProxyConfig(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     backends: list[BackendConfig] = Field(default_factory=list)
-    api_keys: list[str] = Field(default_factory=list, repr=False)
+    api_keys: list[ClientKey] = Field(default_factory=list, repr=False)
+    admin_keys: list[ClientKey] = Field(default_factory=list, repr=False)
+    monitor_requires_admin: bool = False
+    trusted_proxies: list[str] = Field(default_factory=list)
+    cors_origins: list[str] = Field(default_factory=list)
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    max_header_size: int = Field(default=32 * 1024, ge=1024)
+    max_json_depth: int = Field(default=64, ge=2)
+    max_tokens_cap: int | None = Field(default=None, gt=0)
+    log_format: Literal["text", "json"] = "text"
     routing: Literal["affinity", "round-robin"] = "affinity"
     poll_interval_s: float = Field(default=1.0, gt=0)
     queue_timeout_s: float = Field(default=60.0, gt=0)
@@ -102,12 +154,29 @@ class ProxyConfig(BaseSettings):
             return [{"url": item} if isinstance(item, str) else item for item in value]
         return value
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
-    def _no_empty_keys(cls, keys: list[str]) -> list[str]:
-        if any(not key.strip() for key in keys):
-            raise ValueError("an API key must not be empty")
-        return keys
+    def _keys_as_objects(cls, value: Any) -> Any:
+        return _keys_from_strings(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        for value in values:
+            ipaddress.ip_network(value, strict=False)  # ValueError names the bad entry
+        return values
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ProxyConfig:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile go together")
+        for path in (self.tls_certfile, self.tls_keyfile):
+            if path is not None and not path.is_file():
+                raise ValueError(f"tls: no such file {path}")
+        ids = [k.id for k in self.api_keys] + [k.id for k in self.admin_keys]
+        if len(ids) != len(set(ids)):
+            raise ValueError("api_keys: two keys have the same id")
+        return self
 
     @model_validator(mode="after")
     def _unique_backends(self) -> ProxyConfig:

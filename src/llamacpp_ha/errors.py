@@ -3,11 +3,14 @@
     ProxyError                      any error answered with an OpenAI-style JSON body
     ├── InvalidRequest              400 invalid_request_error
     ├── Unauthorized                401 authentication_error
+    ├── Forbidden                   403 a client key on an admin endpoint
     ├── NotFound                    404 not_found_error
     │   └── ModelNotFound           404 model_not_found
     ├── RequestTimeout              408 the client sent its body too slowly
     ├── PayloadTooLarge             413 request_too_large
     ├── UnsupportedMediaType        415 unsupported_media_type
+    ├── HeadersTooLarge             431 request_headers_too_large
+    ├── TooManyRequests             429 + Retry-After: a per-key limit
     ├── NoCapacity                  503 + Retry-After: we cannot serve it now
     │   ├── QueueFull               the queue holds --max-queue requests
     │   ├── QueueTimeout            waited --queue-timeout seconds for a slot
@@ -23,7 +26,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import ClassVar
+
+from starlette.types import Send
 
 
 class ProxyError(Exception):
@@ -91,6 +97,31 @@ class UnsupportedMediaType(ProxyError):
     code = "unsupported_media_type"
 
 
+class HeadersTooLarge(ProxyError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_headers_too_large"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    type = "permission_error"
+    code = "admin_key_required"
+
+
+class TooManyRequests(ProxyError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
 class NoCapacity(ProxyError):
     status = 503
     type = "server_error"
@@ -138,3 +169,15 @@ class BadGateway(UpstreamError):
 class GatewayTimeout(UpstreamError):
     status = 504
     code = "backend_timeout"
+
+
+async def send_error(
+    send: Send, error: ProxyError, extra_headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """Answer with `error` on a raw ASGI `send`, for code that runs outside a route."""
+    body = error.body_bytes()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
+    headers += extra_headers
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

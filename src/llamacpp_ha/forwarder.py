@@ -21,7 +21,15 @@ import aiohttp
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from .errors import BadGateway, GatewayTimeout, NoHealthyBackend, ProxyError, UpstreamError
+from .config import ClientKey
+from .errors import (
+    BadGateway,
+    GatewayTimeout,
+    NoHealthyBackend,
+    ProxyError,
+    UpstreamError,
+    send_error,
+)
 from .policies import RoutingRequest
 from .registry import BackendState
 from .retry import RETRYABLE_STATUSES, RetryBudget, may_retry
@@ -228,8 +236,12 @@ class RelayResponse(Response):
         limits: ExchangeLimits,
         hooks: ExchangeHooks,
         started_at: float,
+        priority: int = 0,
+        client_key: ClientKey | None = None,
     ) -> None:
         super().__init__()
+        self.client_key = client_key
+        self._priority = priority
         self._scheduler = scheduler
         self._forwarder = forwarder
         self._routing = routing
@@ -307,6 +319,7 @@ class RelayResponse(Response):
                 routing,
                 timeout_s=max(0.001, min(queue_deadline, self._deadline) - time.monotonic()),
                 retry=self.result.attempts > 1,
+                priority=self._priority,
             )
             self.result.queue_wait_s += lease.queue_wait_s
             self.result.backend = lease.backend.name
@@ -437,14 +450,6 @@ class RelayResponse(Response):
                 await self._send_body(send, event, more=False)
         except (_ClientTooSlow, OSError):
             self.result.client_disconnected = True
-
-
-async def send_error(send: Send, error: ProxyError) -> None:
-    body = error.body_bytes()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def _response_headers(upstream: Mapping[str, str]) -> list[tuple[bytes, bytes]]:

@@ -1,58 +1,161 @@
-"""Client authentication: `Authorization: Bearer KEY` (or Anthropic's `x-api-key: KEY`)."""
+"""Pure ASGI middleware: request context, then client and admin authentication.
+
+Pure ASGI rather than Starlette's `BaseHTTPMiddleware`, so a streamed response is never
+buffered and a client disconnect still reaches the endpoint.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
-from collections.abc import Iterable
+import ipaddress
+import re
+import uuid
+from collections.abc import Sequence
+from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import Unauthorized
-from .forwarder import send_error
+from .config import ClientKey
+from .errors import Forbidden, HeadersTooLarge, ProxyError, Unauthorized, send_error
+from .keyring import Keyring
 
-EXEMPT_PATHS = frozenset({"/monitor", "/monitor/data", "/health"})
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def state(scope: Scope) -> dict[str, Any]:
+    """Per-request values shared by the middleware and the endpoints (Starlette's request.state)."""
+    result: dict[str, Any] = scope.setdefault("state", {})
+    return result
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (returned as `X-Request-Id`), its client address as
+    `X-Forwarded-For` would carry it, and a bound on the size of its headers."""
+
+    def __init__(self, app: ASGIApp, trusted_proxies: Sequence[str], max_header_size: int) -> None:
+        self.app = app
+        self._trusted = [ipaddress.ip_network(n, strict=False) for n in trusted_proxies]
+        self._max_header_size = max_header_size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        incoming_id = _header(headers, b"x-request-id")
+        request_id = (
+            incoming_id if incoming_id and _REQUEST_ID.fullmatch(incoming_id) else uuid.uuid4().hex
+        )
+        context = state(scope)
+        context["request_id"] = request_id
+        context["forwarded_for"] = self._forwarded_for(scope, headers)
+        id_header = (b"x-request-id", request_id.encode())
+        if sum(len(k) + len(v) for k, v in headers) > self._max_header_size:
+            error = HeadersTooLarge(f"request headers exceed {self._max_header_size} bytes")
+            await send_error(send, error, [id_header])
+            return
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), id_header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+    def _forwarded_for(self, scope: Scope, headers: list[tuple[bytes, bytes]]) -> str:
+        peer = scope["client"][0] if scope.get("client") else "unknown"
+        claimed = _header(headers, b"x-forwarded-for")
+        # A client's own X-Forwarded-For is believed only from a proxy we were told to trust.
+        if claimed and self._is_trusted(peer):
+            return f"{claimed}, {peer}"
+        return str(peer)
+
+    def _is_trusted(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
 
 
 class ApiKeyMiddleware:
-    """Rejects requests without a configured key with 401; a pure ASGI middleware, so it
-    never buffers a streamed response or hides a client disconnect from the endpoint."""
+    """Client keys for the API, admin keys for `/admin/` (and `/monitor` when so configured).
 
-    def __init__(self, app: ASGIApp, keys: Iterable[str]) -> None:
+    A key is recognised by its SHA-256, compared with every configured digest in constant
+    time, so neither the keys nor the time taken say which key came close.
+    """
+
+    OPEN_PATHS = frozenset({"/health"})
+    MONITOR_PATHS = frozenset({"/monitor", "/monitor/data"})
+
+    def __init__(self, app: ASGIApp, keyring: Keyring) -> None:
         self.app = app
-        self._keys = [key.encode() for key in keys]
+        # Read on every request, so a reload takes effect at once.
+        self._keyring = keyring
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._keys or scope["path"] in EXEMPT_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        error = self._check(scope)
-        if error is not None:
+        path: str = scope["path"]
+        try:
+            keyring = self._keyring
+            if path.startswith("/admin/") or (
+                path in self.MONITOR_PATHS and keyring.monitor_requires_admin
+            ):
+                state(scope)["admin_key"] = self._authenticate_admin(scope)
+            elif path not in self.OPEN_PATHS and path not in self.MONITOR_PATHS and keyring.client:
+                state(scope)["client_key"] = self._authenticate(scope, keyring.client)
+        except ProxyError as error:
             await send_error(send, error)
             return
         await self.app(scope, receive, send)
 
-    def _check(self, scope: Scope) -> Unauthorized | None:
-        presented = [
-            value for name, value in scope["headers"] if name in (b"authorization", b"x-api-key")
-        ]
-        if not presented:
-            return Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-        if len(presented) > 1:
-            return Unauthorized("send exactly one Authorization or x-api-key header")
-        value = presented[0]
-        scheme, _, token = value.partition(b" ")
-        if scheme.lower() == b"bearer":
-            value = token.strip()
-        elif dict(scope["headers"]).get(b"authorization") is not None:
-            return Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
-        if not self._matches(value):
-            return Unauthorized("invalid API key")
-        return None
+    def _authenticate_admin(self, scope: Scope) -> ClientKey:
+        keyring = self._keyring
+        if not keyring.admin:
+            raise Forbidden("admin endpoints are disabled: no admin key is configured")
+        try:
+            return self._authenticate(scope, keyring.admin)
+        except Unauthorized:
+            if keyring.client and _find(_presented_digest(scope), keyring.client) is not None:
+                raise Forbidden("this endpoint needs an admin key") from None
+            raise
 
-    def _matches(self, presented: bytes) -> bool:
-        # Compare against every key, always, so the time taken says nothing about which
-        # key (or which prefix) came close.
-        found = False
-        for key in self._keys:
-            found |= hmac.compare_digest(presented, key)
-        return found
+    @staticmethod
+    def _authenticate(scope: Scope, keys: Sequence[ClientKey]) -> ClientKey:
+        key = _find(_presented_digest(scope), keys)
+        if key is None:
+            raise Unauthorized("invalid API key")
+        return key
+
+
+def _presented_digest(scope: Scope) -> bytes:
+    presented = [v for k, v in scope["headers"] if k in (b"authorization", b"x-api-key")]
+    if not presented:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    if len(presented) > 1:
+        raise Unauthorized("send exactly one Authorization or x-api-key header")
+    value = presented[0]
+    if _header(scope["headers"], b"authorization") is not None:
+        scheme, _, token = value.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
+        value = token.strip()
+    return hashlib.sha256(value).digest()
+
+
+def _find(digest: bytes, keys: Sequence[ClientKey]) -> ClientKey | None:
+    found = None
+    for key in keys:  # every key, always: the time taken must not depend on which matched
+        if hmac.compare_digest(digest, key.digest):
+            found = key
+    return found
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None

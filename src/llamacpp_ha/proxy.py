@@ -1,4 +1,4 @@
-"""`create_app()`: wires the components into a FastAPI app and owns their lifecycle."""
+"""`create_app()`: wires the components into a FastAPI app, with its routes and lifespan."""
 
 from __future__ import annotations
 
@@ -6,18 +6,20 @@ import asyncio
 import json
 import logging
 import time
+import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
-from .config import ProxyConfig
-from .ejection import EjectionPolicy
+from .admin import build_admin_router
+from .balancer import Balancer
+from .config import ClientKey, ProxyConfig
 from .errors import (
     InvalidRequest,
     ModelNotFound,
@@ -26,17 +28,15 @@ from .errors import (
     ProxyError,
     RequestTimeout,
     ShuttingDown,
-    UpstreamError,
+    UnsupportedMediaType,
 )
-from .forwarder import ExchangeLimits, Forwarder, RelayResponse, Timeouts
-from .middleware import ApiKeyMiddleware
+from .forwarder import RelayResponse
+from .middleware import ApiKeyMiddleware, RequestContextMiddleware, state
 from .monitor import ProxyStats, build_router, snapshot
-from .policies import RoutingRequest, build_policy
-from .queue import RequestQueue
-from .registry import BackendState, Health, Registry
-from .retry import RetryBudget
-from .scheduler import Scheduler
-from .session_store import SessionStore, prefix_keys
+from .policies import RoutingRequest
+from .registry import Health, Registry
+from .session_store import prefix_keys
+from .validation import check_body
 
 log = logging.getLogger("llamacpp_ha")
 
@@ -59,127 +59,6 @@ PROXIED_PATHS = (
     "/detokenize",
     "/apply-template",
 )
-_FORWARDED_REQUEST_HEADERS = ("content-type", "accept")
-
-
-class Balancer:
-    """Every component of one app, started in order by the lifespan and closed in reverse."""
-
-    def __init__(self, config: ProxyConfig) -> None:
-        self.config = config
-        self.stats = ProxyStats()
-        self.queue = RequestQueue()
-        self.sessions = SessionStore(config.session_ttl_s, config.max_sessions)
-        self.registry = Registry(
-            config.backends,
-            config.poll_interval_s,
-            on_change=self.queue.wakeup.set,
-            ejection=EjectionPolicy(
-                failures_to_eject=config.eject_after_failures,
-                base_s=config.eject_base_s,
-                max_s=config.eject_max_s,
-                good_polls=config.readmit_after_polls,
-                max_fraction=config.max_ejected_fraction,
-            ),
-        )
-        self.scheduler = Scheduler(
-            self.queue,
-            self.registry,
-            build_policy(config.routing),
-            self.sessions,
-            max_queue=config.max_queue,
-        )
-        self.forwarder = Forwarder(
-            Timeouts(
-                connect_s=config.connect_timeout_s,
-                first_byte_s=config.first_byte_timeout_s,
-                idle_s=config.idle_timeout_s,
-            )
-        )
-        self.limits = ExchangeLimits(
-            queue_timeout_s=config.queue_timeout_s,
-            request_timeout_s=config.request_timeout_s,
-            write_timeout_s=config.write_timeout_s,
-            max_attempts=config.max_attempts,
-        )
-        self.retry_budget = RetryBudget(ratio=config.retry_budget_ratio)
-        self.exchanges: set[RelayResponse] = set()
-        self.admitting = True
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        # No connection limit: the slot accounting already bounds concurrency per backend,
-        # and aiohttp's default of 100 would be a hidden second queue in front of it.
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
-            timeout=aiohttp.ClientTimeout(total=None),
-            skip_auto_headers=("User-Agent",),
-        )
-        self.forwarder.start(self._session)
-        self.registry.start(self._session)
-        self.scheduler.start()
-
-    async def aclose(self) -> None:
-        await self.scheduler.aclose()
-        await self.registry.aclose()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def drain(self, grace_s: float) -> None:
-        """Shutdown: stop admitting, fail the queue, let exchanges finish, then cut them."""
-        self.admitting = False
-        rejected = self.scheduler.reject_all(ShuttingDown("llamacpp-ha is shutting down"))
-        log.warning(
-            "shutting down: %d queued requests answered 503, %d in flight get %g s to finish",
-            rejected,
-            len(self.exchanges),
-            grace_s,
-        )
-        try:
-            await asyncio.wait_for(self._idle.wait(), grace_s)
-        except TimeoutError:
-            log.warning("shutting down: cutting %d requests still in flight", len(self.exchanges))
-            for exchange in list(self.exchanges):
-                exchange.abort(ShuttingDown("llamacpp-ha shut down before the response ended"))
-            await self._idle.wait()
-
-    # ExchangeHooks ---------------------------------------------------------------------
-
-    def backend_failed(self, backend: BackendState, error: UpstreamError) -> None:
-        if error.unreachable:
-            self.registry.report_unreachable(backend, error.message)
-        else:
-            self.registry.report_failure(backend, error.message)
-
-    def backend_loading(self, backend: BackendState) -> None:
-        self.registry.report_loading(backend)
-
-    def upstream_succeeded(self, backend: BackendState, routing: RoutingRequest) -> None:
-        self.registry.report_success(backend)
-        self.sessions.record(routing.prefix_keys, backend.name)
-
-    def exchange_started(self, exchange: RelayResponse) -> None:
-        self.exchanges.add(exchange)
-        self._idle.clear()
-
-    def exchange_finished(self, exchange: RelayResponse) -> None:
-        self.exchanges.discard(exchange)
-        if not self.exchanges:
-            self._idle.set()
-        result = exchange.result
-        self.stats.in_flight -= 1
-        self.stats.record(
-            backend=result.backend,
-            status=result.status,
-            disconnected=result.client_disconnected,
-            attempts=result.attempts,
-            queue_wait_s=result.queue_wait_s,
-            ttfb_s=result.ttfb_s,
-            total_s=result.total_s,
-        )
 
 
 def create_app(config: ProxyConfig) -> FastAPI:
@@ -194,56 +73,36 @@ def create_app(config: ProxyConfig) -> FastAPI:
             await balancer.aclose()
 
     app = FastAPI(
-        title="llamacpp-ha",
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
+        title="llamacpp-ha", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.balancer = balancer
-    app.add_middleware(ApiKeyMiddleware, keys=config.api_keys)
+    # Added innermost first: a request passes context, then CORS, then auth.
+    app.add_middleware(ApiKeyMiddleware, keyring=balancer.keyring)
+    if config.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "x-api-key"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
+    app.add_middleware(
+        RequestContextMiddleware,
+        trusted_proxies=config.trusted_proxies,
+        max_header_size=config.max_header_size,
+    )
     _add_error_handlers(app, balancer.stats)
     app.include_router(
         build_router(
-            balancer.stats,
-            lambda: snapshot(balancer.stats, balancer.registry, balancer.queue),
+            balancer.stats, lambda: snapshot(balancer.stats, balancer.registry, balancer.queue)
         )
     )
-
-    async def proxy(request: Request) -> Response:
-        started_at = time.monotonic()
-        if not balancer.admitting:
-            raise ShuttingDown("llamacpp-ha is shutting down")
-        try:
-            payload, body = await _read_json_object(
-                request, config.max_body_size, config.receive_timeout_s
-            )
-        except ClientDisconnect:
-            # Gone before its body arrived: no one to answer (499 is nginx's name for it).
-            balancer.stats.disconnected += 1
-            return Response(status_code=499)
-        model = _requested_model(balancer.registry, payload)
-        routing = RoutingRequest(model=model, prefix_keys=prefix_keys(payload))
-        balancer.stats.in_flight += 1
-        return RelayResponse(
-            scheduler=balancer.scheduler,
-            forwarder=balancer.forwarder,
-            routing=routing,
-            method="POST",
-            path=request.url.path,
-            body=body,
-            headers={
-                name: request.headers[name]
-                for name in _FORWARDED_REQUEST_HEADERS
-                if name in request.headers
-            },
-            limits=balancer.limits,
-            hooks=balancer,
-            started_at=started_at,
-        )
+    app.include_router(build_admin_router(balancer))
 
     for path in PROXIED_PATHS:
-        app.add_api_route(path, proxy, methods=["POST"], include_in_schema=False)
+        app.add_api_route(
+            path, _proxy_endpoint(balancer, path), methods=["POST"], include_in_schema=False
+        )
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
@@ -260,6 +119,56 @@ def create_app(config: ProxyConfig) -> FastAPI:
         )
 
     return app
+
+
+def _proxy_endpoint(balancer: Balancer, path: str) -> Any:
+    # The upstream path is this route's own constant, never the client's spelling of it.
+    async def proxy(request: Request) -> Response:
+        started_at = time.monotonic()
+        config = balancer.config
+        if not balancer.admitting:
+            raise ShuttingDown("llamacpp-ha is shutting down")
+        content_type = request.headers.get("content-type", "application/json")
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            raise UnsupportedMediaType("send the body as Content-Type: application/json")
+        try:
+            payload, body = await _read_json_object(
+                request, config.max_body_size, config.receive_timeout_s
+            )
+        except ClientDisconnect:
+            # Gone before its body arrived: no one to answer (499 is nginx's name for it).
+            balancer.stats.disconnected += 1
+            return Response(status_code=499)
+        check_body(
+            path, payload, max_depth=config.max_json_depth, max_tokens_cap=config.max_tokens_cap
+        )
+        model = _requested_model(balancer.registry, payload)
+        context = state(request.scope)
+        key: ClientKey | None = context.get("client_key")
+        if key is not None:
+            balancer.key_limits.admit(key)  # 429 when over; released when the exchange ends
+        balancer.stats.in_flight += 1
+        return RelayResponse(
+            scheduler=balancer.scheduler,
+            forwarder=balancer.forwarder,
+            routing=RoutingRequest(model=model, prefix_keys=prefix_keys(payload)),
+            method="POST",
+            path=path,
+            body=body,
+            headers={
+                "Content-Type": "application/json",
+                "Accept": request.headers.get("accept", "*/*"),
+                "X-Request-Id": context["request_id"],
+                "X-Forwarded-For": context["forwarded_for"],
+            },
+            limits=balancer.limits,
+            hooks=balancer,
+            started_at=started_at,
+            priority=key.priority if key is not None else 0,
+            client_key=key,
+        )
+
+    return proxy
 
 
 async def _read_json_object(
@@ -283,8 +192,11 @@ async def _read_json_object(
     body = b"".join(chunks)
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise InvalidRequest("request body is not valid UTF-8") from None
+    except json.JSONDecodeError as exc:
+        # The position, not the text: error messages must not echo a prompt back into logs.
+        raise InvalidRequest(f"request body is not valid JSON ({exc.msg} at {exc.pos})") from None
     except RecursionError:
         raise InvalidRequest("request body is nested too deeply") from None
     if not isinstance(payload, dict):
@@ -304,7 +216,7 @@ def _requested_model(registry: Registry, payload: dict[str, Any]) -> str | None:
     if model is None:
         raise InvalidRequest("'model' is required: the backends serve different models")
     if not registry.knows_model(model):
-        raise ModelNotFound(f"the model {model!r} does not exist")
+        raise ModelNotFound("the requested model does not exist")
     return model
 
 
@@ -320,17 +232,19 @@ def _add_error_handlers(app: FastAPI, stats: ProxyStats) -> None:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 404:
-            return as_response(NotFound(f"no such endpoint: {request.url.path}"))
-        error = ProxyError(str(exc.detail))
+            return as_response(NotFound("no such endpoint"))
         stats.count_answered_early(exc.status_code)
         return JSONResponse(
             {"error": {"message": str(exc.detail), "type": "invalid_request_error", "code": None}},
             status_code=exc.status_code,
-            headers=dict(exc.headers or {}) | error.headers(),
+            headers=dict(exc.headers or {}),
         )
 
     async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        # The exception's type only: its message or a traceback may quote a prompt or a key.
+        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        location = f" at {where.filename}:{where.lineno}" if where else ""
+        log.error("unhandled %s on %s%s", type(exc).__name__, request.url.path, location)
         return as_response(ProxyError("internal error in llamacpp-ha"))
 
     app.add_exception_handler(ProxyError, proxy_error)

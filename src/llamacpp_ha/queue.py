@@ -18,13 +18,15 @@ class QueueEntry:
     """A request waiting for a backend; the scheduler resolves `future` with the one it claimed."""
 
     routing: RoutingRequest
+    priority: int = 0
     enqueued_at: float = field(default_factory=time.monotonic)
     # No default future: it must be created on the running loop by whoever enqueues.
     future: asyncio.Future[BackendState] | None = None
 
 
 class RequestQueue:
-    """Insertion-ordered entries with O(1) removal from anywhere (timeouts, disconnects)."""
+    """Entries in FIFO order within each priority (higher first), with O(1) removal from
+    anywhere (timeouts, disconnects). Appending at equal priority, the common case, is O(1)."""
 
     def __init__(self) -> None:
         self._entries: dict[QueueEntry, None] = {}
@@ -41,10 +43,22 @@ class RequestQueue:
         return entry in self._entries
 
     def put(self, entry: QueueEntry, *, front: bool = False) -> None:
-        if front:
-            self._entries = {entry: None, **self._entries}
-        else:
+        """Queue `entry` behind every entry of its priority or higher (`front`: before them)."""
+        last = next(reversed(self._entries), None)
+        if not front and (last is None or last.priority >= entry.priority):
             self._entries[entry] = None
+            return
+        ordered = list(self._entries)
+        if front:
+            position = next(
+                (i for i, e in enumerate(ordered) if e.priority <= entry.priority), len(ordered)
+            )
+        else:
+            position = next(
+                (i for i, e in enumerate(ordered) if e.priority < entry.priority), len(ordered)
+            )
+        ordered.insert(position, entry)
+        self._entries = dict.fromkeys(ordered)
 
     def remove(self, entry: QueueEntry) -> None:
         self._entries.pop(entry, None)

@@ -93,19 +93,21 @@ class Registry:
         ejection: EjectionPolicy | None = None,
     ) -> None:
         self._session = session
-        self._poll_interval_s = poll_interval_s
-        # A poll must end before the next one is due, so a hung backend is seen within one
-        # interval; a floor keeps a busy-but-healthy llama-server from looking dead.
-        self._poll_timeout = aiohttp.ClientTimeout(total=max(poll_interval_s, 1.0))
+        self.set_poll_interval(poll_interval_s)
         self._on_change = on_change
-        self._ejection = ejection or EjectionPolicy(
+        self.ejection_policy = ejection or EjectionPolicy(
             failures_to_eject=3, base_s=5.0, max_s=300.0, good_polls=3, max_fraction=0.5
         )
         self._backends: dict[str, BackendState] = {
             c.name: BackendState(config=c, slots=SlotTracker(on_release=on_change)) for c in configs
         }
-        self._tasks: list[asyncio.Task[None]] = []
-        self._first_poll = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def set_poll_interval(self, poll_interval_s: float) -> None:
+        self._poll_interval_s = poll_interval_s
+        # A poll must end before the next one is due, so a hung backend is seen within one
+        # interval; a floor keeps a busy-but-healthy llama-server from looking dead.
+        self._poll_timeout = aiohttp.ClientTimeout(total=max(poll_interval_s, 1.0))
 
     @property
     def backends(self) -> list[BackendState]:
@@ -116,22 +118,61 @@ class Registry:
 
     def start(self, session: aiohttp.ClientSession) -> None:
         self._session = session
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._poll_loop(b), name=f"poll {b.name}")
-            for b in self._backends.values()
-        ]
+        for backend in self._backends.values():
+            self._start_polling(backend)
 
     async def aclose(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._tasks.values())
+        self._tasks = {}
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks = []
 
-    async def wait_first_poll(self) -> None:
-        await self._first_poll.wait()
+    def add(self, config: BackendConfig) -> BackendState:
+        """A new backend, polled at once and used as soon as it is ready."""
+        if config.name in self._backends:
+            raise ValueError(f"a backend named {config.name!r} exists already")
+        if any(b.url == config.url for b in self._backends.values()):
+            raise ValueError(f"a backend with URL {config.url} exists already")
+        backend = BackendState(config=config, slots=SlotTracker(on_release=self._on_change))
+        self._backends[config.name] = backend
+        if self._session is not None:
+            self._start_polling(backend)
+        log.warning("backend %s: added (%s)", config.name, config.url)
+        return backend
+
+    async def remove(self, name: str) -> None:
+        """Drain the backend (no new requests; those in flight finish), then forget it."""
+        backend = self._backends[name]
+        self.set_draining(backend, True)
+        await backend.slots.wait_idle()
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._backends.pop(name, None)
+        log.warning("backend %s: removed", name)
+        self._on_change()
+
+    def rename(self, name: str, new_name: str) -> str:
+        """Give a backend another name (to retire it while a new one takes its name)."""
+        while new_name in self._backends:
+            new_name += "~"
+        backend = self._backends.pop(name)
+        backend.config = backend.config.model_copy(update={"name": new_name})
+        self._backends[new_name] = backend
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            self._tasks[new_name] = task
+        return new_name
+
+    def _start_polling(self, backend: BackendState) -> None:
+        self._tasks[backend.name] = asyncio.get_running_loop().create_task(
+            self._poll_loop(backend), name=f"poll {backend.name}"
+        )
 
     # Model names -------------------------------------------------------------------------
 
@@ -182,7 +223,7 @@ class Registry:
     def report_failure(self, backend: BackendState, reason: str) -> None:
         """Live traffic failed on the backend (never counted: the client's own doing)."""
         ejected_now = sum(1 for b in self._backends.values() if b.ejection.ejected)
-        if self._ejection.on_failure(backend.ejection, ejected_now, len(self._backends)):
+        if self.ejection_policy.on_failure(backend.ejection, ejected_now, len(self._backends)):
             seconds = backend.ejection.ejected_until - time.monotonic()
             log.warning(
                 "backend %s: ejected for %.0f s after %d consecutive failures (%s)",
@@ -195,7 +236,7 @@ class Registry:
             self._on_change()
 
     def report_success(self, backend: BackendState) -> None:
-        self._ejection.on_success(backend.ejection)
+        self.ejection_policy.on_success(backend.ejection)
 
     def set_draining(self, backend: BackendState, draining: bool) -> None:
         if backend.draining != draining:
@@ -209,8 +250,6 @@ class Registry:
         while True:
             started = time.monotonic()
             await self.poll(backend)
-            if all(b.last_poll_at is not None for b in self._backends.values()):
-                self._first_poll.set()
             elapsed = time.monotonic() - started
             await asyncio.sleep(max(0.0, self._poll_interval_s - elapsed))
 
@@ -226,7 +265,7 @@ class Registry:
         finally:
             backend.last_poll_at = time.monotonic()
         healthy = backend.health is Health.READY
-        if self._ejection.on_poll(backend.ejection, healthy):
+        if self.ejection_policy.on_poll(backend.ejection, healthy):
             log.warning("backend %s: readmitted after an ejection", backend.name)
             self._on_change()
 

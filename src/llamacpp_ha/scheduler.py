@@ -50,9 +50,9 @@ class Scheduler:
     ) -> None:
         self._queue = queue
         self._registry = registry
-        self._policy = policy
+        self.policy = policy
         self._sessions = sessions
-        self._max_queue = max_queue
+        self.max_queue = max_queue
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -83,19 +83,19 @@ class Scheduler:
         return failed
 
     async def acquire(
-        self, routing: RoutingRequest, timeout_s: float, *, retry: bool = False
+        self, routing: RoutingRequest, timeout_s: float, *, retry: bool = False, priority: int = 0
     ) -> Lease:
         """Wait for a slot on a backend that serves `routing.model`; raise NoCapacity if none."""
         if not self.can_serve(routing):
             raise _no_backend(routing)
-        entry = QueueEntry(routing=routing)
+        entry = QueueEntry(routing=routing, priority=priority)
         entry.future = asyncio.get_running_loop().create_future()
         # A retry has already waited its turn once, so it goes to the front.
         self._queue.put(entry, front=retry)
         self._drain()
-        if not entry.future.done() and len(self._queue) > self._max_queue:
+        if not entry.future.done() and len(self._queue) > self.max_queue:
             self._queue.remove(entry)
-            raise QueueFull(f"the queue is full ({self._max_queue} requests waiting)")
+            raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
         try:
             backend = await asyncio.wait_for(asyncio.shield(entry.future), timeout_s)
         except TimeoutError:
@@ -161,7 +161,7 @@ class Scheduler:
         preferred = self._sessions.lookup(routing.prefix_keys)
         if preferred is not None:
             routing = replace(routing, preferred_backend=preferred)
-        choice = self._policy.select(candidates, routing)
+        choice = self.policy.select(candidates, routing)
         if choice is None:
             return None
         backend = next(b for b in eligible if b.name == choice)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
 import socket
 
 import uvicorn
 from fastapi import FastAPI
 
-from .config import ProxyConfig
-from .proxy import Balancer
+from .balancer import Balancer
+from .config import ConfigError, ProxyConfig
 
 
 class Server(uvicorn.Server):
@@ -28,11 +31,25 @@ class Server(uvicorn.Server):
                 server_header=False,
                 lifespan="on",
                 timeout_graceful_shutdown=int(config.shutdown_grace_s) + 5,
+                ssl_certfile=config.tls_certfile,
+                ssl_keyfile=config.tls_keyfile,
+                # The hard limit of the HTTP parser, above our own 431 check, bounds memory.
+                h11_max_incomplete_event_size=2 * config.max_header_size,
                 **uvicorn_options,  # type: ignore[arg-type]
             )
         )
         self.balancer: Balancer = app.state.balancer
         self._grace_s = config.shutdown_grace_s
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # SIGHUP reads the configuration again, as daemons have always done.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload)
+
+    def _reload(self) -> None:
+        with contextlib.suppress(ConfigError):  # logged by the balancer; the old one stays
+            self.balancer.reload_from_source()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # Stop listening first, so nothing new arrives while we drain.

@@ -61,6 +61,11 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def configure(self, ttl_s: float, max_entries: int) -> None:
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._evict()
+
     def lookup(self, keys: Sequence[str]) -> str | None:
         now = self._clock()
         for key in reversed(keys):

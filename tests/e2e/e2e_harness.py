@@ -122,6 +122,8 @@ class ManagedProcess:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_dir / f"{name}.log"
+        # The settings a test means are on the command line: none leak in from the environment.
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMACPP_HA_")}
         self._popen: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
 
@@ -141,6 +143,7 @@ class ManagedProcess:
         self._log_file.flush()
         self._popen = subprocess.Popen(
             self.argv,
+            env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,

@@ -1,0 +1,236 @@
+"""`Balancer`: every component of one app, its lifecycle, and how a new configuration applies.
+
+The lifespan starts the components in order and closes them in reverse. The exchange hooks
+are how a proxied request reports back (backend failures, success, its end). `reload()`
+applies a new configuration without a restart: backends join, leave after draining, or change;
+every setting that lives in a component is updated in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import aiohttp
+
+from .config import BackendConfig, ConfigError, ProxyConfig
+from .ejection import EjectionPolicy
+from .errors import ShuttingDown, UpstreamError
+from .forwarder import ExchangeLimits, Forwarder, RelayResponse, Timeouts
+from .keyring import Keyring
+from .limits import KeyLimits
+from .monitor import ProxyStats
+from .policies import RoutingRequest, build_policy
+from .queue import RequestQueue
+from .registry import BackendState, Registry
+from .retry import RetryBudget
+from .scheduler import Scheduler
+from .session_store import SessionStore
+
+log = logging.getLogger("llamacpp_ha")
+
+# Settings read once at start-up: changing them needs a restart.
+RESTART_SETTINGS = ("host", "port", "tls_certfile", "tls_keyfile", "cors_origins", "log_format")
+
+
+def _ejection_policy(config: ProxyConfig) -> EjectionPolicy:
+    return EjectionPolicy(
+        failures_to_eject=config.eject_after_failures,
+        base_s=config.eject_base_s,
+        max_s=config.eject_max_s,
+        good_polls=config.readmit_after_polls,
+        max_fraction=config.max_ejected_fraction,
+    )
+
+
+def _timeouts(config: ProxyConfig) -> Timeouts:
+    return Timeouts(
+        connect_s=config.connect_timeout_s,
+        first_byte_s=config.first_byte_timeout_s,
+        idle_s=config.idle_timeout_s,
+    )
+
+
+def _limits(config: ProxyConfig) -> ExchangeLimits:
+    return ExchangeLimits(
+        queue_timeout_s=config.queue_timeout_s,
+        request_timeout_s=config.request_timeout_s,
+        write_timeout_s=config.write_timeout_s,
+        max_attempts=config.max_attempts,
+    )
+
+
+class Balancer:
+    """Every component of one app, started in order by the lifespan and closed in reverse."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.stats = ProxyStats()
+        self.keyring = Keyring(config)
+        self.key_limits = KeyLimits()
+        self.queue = RequestQueue()
+        self.sessions = SessionStore(config.session_ttl_s, config.max_sessions)
+        self.registry = Registry(
+            config.backends,
+            config.poll_interval_s,
+            on_change=self.queue.wakeup.set,
+            ejection=_ejection_policy(config),
+        )
+        self.scheduler = Scheduler(
+            self.queue,
+            self.registry,
+            build_policy(config.routing),
+            self.sessions,
+            max_queue=config.max_queue,
+        )
+        self.forwarder = Forwarder(_timeouts(config))
+        self.limits = _limits(config)
+        self.retry_budget = RetryBudget(ratio=config.retry_budget_ratio)
+        self.exchanges: set[RelayResponse] = set()
+        self.admitting = True
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._session: aiohttp.ClientSession | None = None
+        self._removals: set[asyncio.Task[None]] = set()
+        # Where reload reads the configuration again; set by the command line.
+        self.config_source: Callable[[], ProxyConfig] | None = None
+
+    async def start(self) -> None:
+        # No connection limit: the slot accounting already bounds concurrency per backend,
+        # and aiohttp's default of 100 would be a hidden second queue in front of it.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+            timeout=aiohttp.ClientTimeout(total=None),
+            skip_auto_headers=("User-Agent",),
+        )
+        self.forwarder.start(self._session)
+        self.registry.start(self._session)
+        self.scheduler.start()
+
+    async def aclose(self) -> None:
+        for task in self._removals:
+            task.cancel()
+        await asyncio.gather(*self._removals, return_exceptions=True)
+        await self.scheduler.aclose()
+        await self.registry.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def drain(self, grace_s: float) -> None:
+        """Shutdown: stop admitting, fail the queue, let exchanges finish, then cut them."""
+        self.admitting = False
+        rejected = self.scheduler.reject_all(ShuttingDown("llamacpp-ha is shutting down"))
+        log.warning(
+            "shutting down: %d queued requests answered 503, %d in flight get %g s to finish",
+            rejected,
+            len(self.exchanges),
+            grace_s,
+        )
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except TimeoutError:
+            log.warning("shutting down: cutting %d requests still in flight", len(self.exchanges))
+            for exchange in list(self.exchanges):
+                exchange.abort(ShuttingDown("llamacpp-ha shut down before the response ended"))
+            await self._idle.wait()
+
+    # Changing the fleet ----------------------------------------------------------------
+
+    def add_backend(self, config: BackendConfig) -> BackendState:
+        return self.registry.add(config)
+
+    def remove_backend(self, name: str) -> None:
+        """Start draining `name`; it leaves once its requests in flight have finished."""
+        self.registry.get(name)  # KeyError for an unknown name, before anything changes
+        task = asyncio.get_running_loop().create_task(self.registry.remove(name))
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
+        self.sessions.forget_backend(name)
+
+    def reload_from_source(self) -> list[str]:
+        """Read the configuration again (file, environment, flags) and apply it.
+
+        Raises ConfigError, leaving everything as it was, when the new configuration is invalid.
+        """
+        if self.config_source is None:
+            raise ConfigError("there is no configuration file to read again")
+        try:
+            new = self.config_source()
+        except ConfigError as exc:
+            log.error("reload rejected, keeping the running configuration: %s", exc)
+            raise
+        restart_needed = self.reload(new)
+        log.warning(
+            "configuration reloaded: %d backends%s",
+            len(new.backends),
+            f"; restart needed for {', '.join(restart_needed)}" if restart_needed else "",
+        )
+        return restart_needed
+
+    def reload(self, new: ProxyConfig) -> list[str]:
+        """Apply `new`; returns the settings that still need a restart to change."""
+        old, self.config = self.config, new
+        current = {b.name: b.config for b in self.registry.backends if not b.draining}
+        wanted = {b.name: b for b in new.backends}
+        for name, backend_config in current.items():
+            if name not in wanted:
+                self.remove_backend(name)
+            elif wanted[name] != backend_config:
+                # Same name, new URL or key: the old one drains under another name while the
+                # new one takes over the name.
+                retired = self.registry.rename(name, f"{name}~retired")
+                self.remove_backend(retired)
+        for name, backend_config in wanted.items():
+            if current.get(name) != backend_config:
+                self.add_backend(backend_config)
+        self.keyring.update(new)
+        self.sessions.configure(new.session_ttl_s, new.max_sessions)
+        self.registry.set_poll_interval(new.poll_interval_s)
+        self.registry.ejection_policy = _ejection_policy(new)
+        self.scheduler.max_queue = new.max_queue
+        if new.routing != old.routing:
+            self.scheduler.policy = build_policy(new.routing)
+        self.forwarder.timeouts = _timeouts(new)
+        self.limits = _limits(new)
+        self.retry_budget = RetryBudget(ratio=new.retry_budget_ratio)
+        self.queue.wakeup.set()
+        return [s for s in RESTART_SETTINGS if getattr(old, s) != getattr(new, s)]
+
+    # ExchangeHooks ---------------------------------------------------------------------
+
+    def backend_failed(self, backend: BackendState, error: UpstreamError) -> None:
+        if error.unreachable:
+            self.registry.report_unreachable(backend, error.message)
+        else:
+            self.registry.report_failure(backend, error.message)
+
+    def backend_loading(self, backend: BackendState) -> None:
+        self.registry.report_loading(backend)
+
+    def upstream_succeeded(self, backend: BackendState, routing: RoutingRequest) -> None:
+        self.registry.report_success(backend)
+        self.sessions.record(routing.prefix_keys, backend.name)
+
+    def exchange_started(self, exchange: RelayResponse) -> None:
+        self.exchanges.add(exchange)
+        self._idle.clear()
+
+    def exchange_finished(self, exchange: RelayResponse) -> None:
+        self.exchanges.discard(exchange)
+        if not self.exchanges:
+            self._idle.set()
+        if exchange.client_key is not None:
+            self.key_limits.release(exchange.client_key)
+        result = exchange.result
+        self.stats.in_flight -= 1
+        self.stats.record(
+            backend=result.backend,
+            status=result.status,
+            disconnected=result.client_disconnected,
+            attempts=result.attempts,
+            queue_wait_s=result.queue_wait_s,
+            ttfb_s=result.ttfb_s,
+            total_s=result.total_s,
+        )
