@@ -97,9 +97,13 @@ async def stream_request(
                 if not raw.startswith(b"data:"):
                     continue
                 data = raw[5:].strip()
-                if data == b"[DONE]":
-                    break
                 now = time.monotonic()
+                if data == b"[DONE]":
+                    # Done for the user; still read to the end of the body so the connection
+                    # goes back to the pool clean (a balancer that holds the chunked
+                    # terminator back then delays only the reuse, not this request).
+                    outcome.done_at = now
+                    continue
                 event = json.loads(data)
                 outcome.chunks += 1
                 piece = _text_of(event)
@@ -112,7 +116,8 @@ async def stream_request(
                     else:
                         text_parts.append(piece)
                 _read_usage(event, outcome)
-            outcome.done_at = time.monotonic()
+            if outcome.done_at is None:
+                outcome.done_at = time.monotonic()
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         outcome.error = f"{type(exc).__name__}: {exc}"[:200]
     except asyncio.CancelledError:

@@ -289,6 +289,7 @@ defaults
   timeout server 600s
   timeout queue 60s
   option http-keep-alive
+  option http-no-delay
 frontend fe
   bind 127.0.0.1:{port}
   default_backend fleet

@@ -33,11 +33,18 @@ class OverheadPlan:
     """Sizes of each phase; the smoke run shrinks them."""
 
     low_requests: int = 60
+    # Probes for time to first token while this many other streams flow (a token every
+    # high_tick_ms each), which is what a busy fleet's balancer relays.
     high_concurrency: int = 64
-    high_requests: int = 320
-    cpu_requests: int = 400
-    cpu_stream_requests: int = 16
-    cpu_stream_chunks: int = 500
+    high_tick_ms: float = 30.0
+    high_s: float = 3.0
+    # CPU phases run for a fixed time, not a fixed count: /proc counts CPU in 10 ms ticks, so
+    # a fast balancer needs thousands of requests to register, a slow one would take minutes.
+    cpu_requests_s: float = 2.0
+    cpu_streams: int = 64
+    cpu_stream_chunks: int = 100
+    cpu_stream_tick_ms: float = 10.0
+    cpu_streams_s: float = 3.0
     open_streams: int = 256
     ramp: tuple[int, ...] = (16, 64, 128, 256, 512)
     ramp_chunks: int = 15
@@ -92,14 +99,17 @@ async def _closed_loop(
     concurrency: int,
     total: int,
     body: dict[str, Any],
+    duration_s: float | None = None,
 ) -> list[Outcome]:
+    """``total`` requests, or as many as start within ``duration_s``, ``concurrency`` at once."""
     url = running.url_for("overhead") + "/v1/chat/completions"
     outcomes: list[Outcome] = []
     remaining = total
+    stop_at = None if duration_s is None else time.monotonic() + duration_s
 
     async def worker() -> None:
         nonlocal remaining
-        while remaining > 0:
+        while remaining > 0 and (stop_at is None or time.monotonic() < stop_at):
             remaining -= 1
             o = Outcome("overhead", time.monotonic())
             outcomes.append(o)
@@ -107,6 +117,33 @@ async def _closed_loop(
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return outcomes
+
+
+async def _ttft_under_load(
+    http: aiohttp.ClientSession, running: Running, plan: OverheadPlan
+) -> list[Outcome]:
+    chunks = max(1, int(plan.high_s * 1000 / plan.high_tick_ms))
+    background = asyncio.create_task(
+        _closed_loop(
+            http,
+            running,
+            plan.high_concurrency,
+            10**9,
+            _body(chunks, plan.high_tick_ms),
+            plan.high_s,
+        )
+    )
+    await asyncio.sleep(min(0.5, plan.high_s / 4))  # let the streams ramp up
+    url = running.url_for("overhead") + "/v1/chat/completions"
+    probes: list[Outcome] = []
+    stop_at = time.monotonic() + plan.high_s * 0.75
+    while time.monotonic() < stop_at:
+        o = Outcome("probe", time.monotonic())
+        probes.append(o)
+        await stream_request(http, url, _body(1), o, headers=running.headers, stamped=True)
+        await asyncio.sleep(0.02)
+    streams = await background
+    return probes + [o for o in streams if not o.ok]
 
 
 def _ttft(outcomes: list[Outcome]) -> dict[str, float | None]:
@@ -171,26 +208,27 @@ async def measure(
         await _closed_loop(http, running, 4, 40, _body(1))  # warm-up: connections, caches
         low = await _closed_loop(http, running, 1, plan.low_requests, _body(1))
         result.ttft_low_ms = _ttft(low)
-        high = await _closed_loop(
-            http, running, plan.high_concurrency, plan.high_requests, _body(8, 5)
-        )
+        high = await _ttft_under_load(http, running, plan)
         result.ttft_high_ms = _ttft(high)
         result.failures += sum(1 for o in low + high if not o.ok)
         if pid is not None:
             cpu0 = procs.cpu_seconds(pid)
-            reqs = await _closed_loop(http, running, 16, plan.cpu_requests, _body(1))
+            reqs = await _closed_loop(http, running, 16, 10**9, _body(1), plan.cpu_requests_s)
             cpu1 = procs.cpu_seconds(pid)
+            # Spaced chunks (a token every 10 ms, like a GPU) so each is relayed on its own,
+            # as in real streaming, instead of being coalesced with its neighbours in one read.
             streams = await _closed_loop(
                 http,
                 running,
-                plan.cpu_stream_requests,
-                plan.cpu_stream_requests,
-                _body(plan.cpu_stream_chunks),
+                plan.cpu_streams,
+                10**9,
+                _body(plan.cpu_stream_chunks, plan.cpu_stream_tick_ms),
+                plan.cpu_streams_s,
             )
             cpu2 = procs.cpu_seconds(pid)
-            per_request = (cpu1 - cpu0) / plan.cpu_requests
-            chunks = sum(o.output_tokens for o in streams if o.ok)
-            stream_cpu = (cpu2 - cpu1) - per_request * plan.cpu_stream_requests
+            per_request = (cpu1 - cpu0) / max(len(reqs), 1)
+            chunks = sum(o.output_tokens for o in streams)
+            stream_cpu = (cpu2 - cpu1) - per_request * len(streams)
             result.cpu_ms_per_request = per_request * 1000
             result.cpu_us_per_chunk = max(stream_cpu, 0.0) / max(chunks, 1) * 1e6
             result.failures += sum(1 for o in reqs + streams if not o.ok)

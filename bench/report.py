@@ -37,6 +37,12 @@ def overhead_line(o: OverheadResult) -> str:
     )
 
 
+def _cpu_per_request(r: RunResult) -> str:
+    if r.balancer_cpu_s is None or not r.requests:
+        return "n/a"
+    return f"{r.balancer_cpu_s / r.requests * 1000:.1f} ms"
+
+
 def _failed(r: RunResult) -> str:
     text = f"{r.failed}/{r.rejected}"
     return f"**{text}**" if r.failed or r.rejected else text
@@ -51,8 +57,8 @@ def workload_table(
         f"**{_pct(ceiling)}**.",
         "",
         "| contender | TTFT p50 | p90 | p99 | e2e p50 | e2e p99 | TPOT | done/s | out tok/s "
-        "| failed/rejected | cache hit | prompt tok computed | imbalance |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|:-:|--:|--:|--:|",
+        "| failed/rejected | cache hit | prompt tok computed | imbalance | balancer CPU/req |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|:-:|--:|--:|--:|--:|",
     ]
     for r in results:
         name = labels.get(r.contender, r.contender)
@@ -63,7 +69,7 @@ def workload_table(
             f"{_f(r.ttft_ms['p99'])} | {_f(r.e2e_s['p50'], 2)} | {_f(r.e2e_s['p99'], 2)} | "
             f"{_f(r.tpot_ms, 1)} | {_f(r.req_per_s, 2)} | {_f(r.out_tok_per_s)} | "
             f"{_failed(r)} | {_pct(r.hit_rate)} | {r.prompt_tokens_computed:,} | "
-            f"{_f(r.imbalance, 2)} |"
+            f"{_f(r.imbalance, 2)} | {_cpu_per_request(r)} |"
         )
     lines.append("")
     lines.append(
@@ -73,7 +79,8 @@ def workload_table(
         "that failed or never finished / refused with 429 or 503. cache hit: prompt tokens "
         "served from the backends' caches over all prompt tokens, from the backends' own "
         "counters. imbalance: the busiest backend's requests per slot over the fleet's "
-        "(1.00 = exactly proportional to slots)."
+        "(1.00 = exactly proportional to slots). balancer CPU/req: the balancer process "
+        "tree's CPU time during the run over the requests sent."
     )
     if direct is not None:
         lines.append("")
@@ -83,7 +90,7 @@ def workload_table(
 def overhead_table(over: list[OverheadResult], labels: dict[str, str]) -> list[str]:
     base = next((o for o in over if o.contender == "direct"), None)
     lines = [
-        "| contender | added TTFT p50, 1 stream | p99 | added TTFT p50, 64 streams | p99 "
+        "| contender | added TTFT p50, idle | p99 | added TTFT p50, 64 streams open | p99 "
         "| CPU per request | CPU per chunk | RSS idle | RSS per open stream "
         f"| streams relayed with p99 added delay <= {RELAY_LIMIT_MS:g} ms | failed |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
@@ -207,6 +214,8 @@ def write(
         f"{context['machine']['os']}, Python {context['machine']['python']}",
         f"- CPU pinning: fleet and load generator on CPU {context['cpus']['fleet_and_client']}, "
         f"balancer on CPU {context['cpus']['balancer']}",
+        f"- Other processes on the machine (not this benchmark) used on average "
+        f"{context['background_cores']:.2f} cores during the run",
         "",
         "| contender | version | status |",
         "|---|---|---|",
@@ -228,9 +237,13 @@ def write(
             "## Overhead (one backend, nothing queued, no time scale)",
             "",
             "Added time to first token is the contender's minus direct's at the same percentile; "
-            "1 stream = sequential requests, 64 streams = 64 concurrent clients. CPU per request "
-            "is measured with one-token replies; CPU per chunk from 500-chunk streams, less the "
-            "per-request part. RSS per open stream: resident memory added by "
+            "1 stream = sequential requests on an idle balancer; 64 streams = the same probes "
+            "sent while 64 other streams flow through it (a chunk every 30 ms each, ~2,100 "
+            "chunks/s). CPU per request "
+            "is measured with one-token replies (16 concurrent clients for 2 s); CPU per chunk "
+            "with 64 concurrent streams of a chunk every 10 ms (3 s), less the per-request part; "
+            "both from the balancer's process tree in /proc. RSS per open stream: resident "
+            "memory added by "
             f"{context.get('open_streams', 'N')} open, mostly idle streams.",
             "",
         ]

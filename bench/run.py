@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-overhead", action="store_true", help="skip the overhead section")
     args = parser.parse_args(argv)
     started = time.monotonic()
+    busy0, own0 = procs.machine_busy_seconds(), procs.own_seconds()
     cpus = cpu_split()
     if cpus[0] is not None:
         # The load generator shares the fleet's core(s), never the balancer's.
@@ -245,10 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         plan = overhead.OverheadPlan(
             low_requests=10,
             high_concurrency=8,
-            high_requests=24,
-            cpu_requests=40,
-            cpu_stream_requests=4,
-            cpu_stream_chunks=50,
+            high_s=0.6,
+            cpu_requests_s=0.3,
+            cpu_streams=4,
+            cpu_stream_chunks=20,
+            cpu_streams_s=0.3,
             open_streams=16,
             ramp=(4, 16),
             ramp_chunks=5,
@@ -293,10 +295,14 @@ def main(argv: list[str] | None = None) -> int:
             from bench import plots
 
             context["plots"] = plots.draw(out, results, raw, over, context)
-        except ImportError as exc:
+        except Exception as exc:  # a broken plot must not lose the tables
             context["plots"] = []
-            print(f"bench: no plots ({exc})", flush=True)
+            print(f"bench: no plots ({type(exc).__name__}: {exc})", flush=True)
     context["runtime_s"] = time.monotonic() - started
+    procs.stop_all()
+    # Other people's work on a shared machine skews every figure; measure it, never hide it.
+    others = (procs.machine_busy_seconds() - busy0) - (procs.own_seconds() - own0)
+    context["background_cores"] = max(others, 0.0) / context["runtime_s"]
     report.write(out, results, over, context)
     print(f"bench: wrote {out / 'RESULTS.md'} in {context['runtime_s']:.0f} s", flush=True)
     return _verdict(args.smoke, results, over, failures, len(workloads) * len(usable))

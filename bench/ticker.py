@@ -53,7 +53,8 @@ def _chunk(content: str | None, finish: str | None = None) -> bytes:
 
 async def chat(request: web.Request) -> web.StreamResponse:
     body = await request.json()
-    n = int(body.get("max_tokens") or 16)
+    # SGLang's router forwards max_tokens as max_completion_tokens.
+    n = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
     interval = _interval_s(body)
     resp = web.StreamResponse(headers=_HEADERS)
     await resp.prepare(request)
