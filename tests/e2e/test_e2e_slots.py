@@ -118,9 +118,10 @@ class SlotsOnRealBackendsTest(unittest.IsolatedAsyncioTestCase):
     async def test_second_turn_reuses_the_cache_of_the_backend_that_served_the_first(
         self,
     ) -> None:
-        # Several conversations, interleaved, so that round-robin alone would send some second
-        # turns to the other backend. Each first message is long and unique: a second turn on the
-        # wrong backend could only reuse the few tokens of "<bos>user: ".
+        # Several conversations, their second turns in another order than their first, so that
+        # round-robin alone would send some second turns to the other backend (checked: with
+        # `--routing round-robin` this test fails). Each first message is long and unique: a
+        # second turn on the wrong backend could only reuse the few tokens of "<bos>user: ".
         conversations: list[list[dict[str, str]]] = [
             [
                 {
@@ -128,7 +129,7 @@ class SlotsOnRealBackendsTest(unittest.IsolatedAsyncioTestCase):
                     "content": f"Conversation {i}. " + f"Topic {i} is interesting. " * 12,
                 }
             ]
-            for i in range(4)
+            for i in range(5)
         ]
         first_prompt_tokens: list[int] = []
         for messages in conversations:
@@ -138,7 +139,8 @@ class SlotsOnRealBackendsTest(unittest.IsolatedAsyncioTestCase):
                 {"role": "assistant", "content": reply["choices"][0]["message"]["content"]}
             )
             messages.append({"role": "user", "content": "And then?"})
-        for messages, first_tokens in zip(conversations, first_prompt_tokens, strict=True):
+        for i in (3, 0, 4, 2, 1):
+            messages, first_tokens = conversations[i], first_prompt_tokens[i]
             reply = await self._chat_messages(messages, 8)
             cache_n = reply["timings"]["cache_n"]
             self.assertGreater(cache_n, 0, reply["timings"])
