@@ -72,11 +72,15 @@ class ErrorShapeTest(unittest.TestCase):
 
     def test_backend_admin_paths_are_not_reachable(self) -> None:
         hidden = [("GET", "/slots"), ("POST", "/slots/0?action=erase"), ("POST", "/slots/0"),
-                  ("POST", "/props"), ("GET", "/props"), ("GET", "/metrics")]  # fmt: skip
+                  ("POST", "/props"), ("GET", "/props"), ("POST", "/metrics")]  # fmt: skip
         for method, path in hidden:
             response = self.client.request(method, path)
-            self.assertEqual(response.status_code, 404, path)
+            self.assertIn(response.status_code, (404, 405), path)
             self.assertIn("error", response.json())
+        # GET /metrics is the balancer's own, not a backend's.
+        metrics = self.client.get("/metrics")
+        self.assertIn("llamacpp_ha_queue_depth", metrics.text)
+        self.assertNotIn("llamacpp:", metrics.text)
 
     def test_wrong_method_is_405_json(self) -> None:
         self.assertError(self.client.get("/v1/chat/completions"), 405)

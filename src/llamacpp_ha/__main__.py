@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import logs
 from .config import ConfigError, ProxyConfig, build_config
 
 # flag -> (config field, help). Values stay strings here so that pydantic checks them and
@@ -52,6 +52,9 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "--max-attempts": ("max_attempts", "backends tried per request before giving up (default 3)"),
     "--max-body-size": ("max_body_size", "largest request body in bytes (default 32 MiB)"),
     "--log-level": ("log_level", "debug, info (default), warning or error"),
+    "--log-format": ("log_format", "text (default) or json: one JSON object per line"),
+    "--max-tokens-cap": ("max_tokens_cap", "reject requests asking for more tokens (400)"),
+    "--max-header-size": ("max_header_size", "largest request headers in bytes (default 32768)"),
 }
 
 
@@ -97,19 +100,11 @@ def load_config(argv: Sequence[str]) -> ProxyConfig:
     return build_config(args, config_file)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def serve(config: ProxyConfig, source: Callable[[], ProxyConfig] | None = None) -> int:
     from .proxy import create_app
     from .server import Server
 
-    _configure_logging(config.log_level)
+    logs.configure(config.log_level, config.log_format)
     app = create_app(config)
     app.state.balancer.config_source = source
     server = Server(app, config)

@@ -11,15 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 
+from . import logs
 from .config import BackendConfig, ConfigError, ProxyConfig
 from .ejection import EjectionPolicy
 from .errors import ShuttingDown, UpstreamError
 from .forwarder import ExchangeLimits, Forwarder, RelayResponse, Timeouts
 from .keyring import Keyring
 from .limits import KeyLimits
+from .metrics import Metrics
 from .monitor import ProxyStats
 from .policies import RoutingRequest, build_policy
 from .queue import RequestQueue
@@ -29,6 +32,8 @@ from .scheduler import Scheduler
 from .session_store import SessionStore
 
 log = logging.getLogger("llamacpp_ha")
+
+CAPACITY_CODES = frozenset({"queue_full", "queue_timeout", "no_healthy_backend", "shutting_down"})
 
 # Settings read once at start-up: changing them needs a restart.
 RESTART_SETTINGS = ("host", "port", "tls_certfile", "tls_keyfile", "cors_origins", "log_format")
@@ -87,6 +92,7 @@ class Balancer:
         self.forwarder = Forwarder(_timeouts(config))
         self.limits = _limits(config)
         self.retry_budget = RetryBudget(ratio=config.retry_budget_ratio)
+        self.metrics = Metrics(self.registry, self.queue)
         self.exchanges: set[RelayResponse] = set()
         self.admitting = True
         self._idle = asyncio.Event()
@@ -203,8 +209,8 @@ class Balancer:
     def backend_failed(self, backend: BackendState, error: UpstreamError) -> None:
         if error.unreachable:
             self.registry.report_unreachable(backend, error.message)
-        else:
-            self.registry.report_failure(backend, error.message)
+        elif self.registry.report_failure(backend, error.message):
+            self.metrics.ejections.labels(backend.name).inc()
 
     def backend_loading(self, backend: BackendState) -> None:
         self.registry.report_loading(backend)
@@ -234,3 +240,57 @@ class Balancer:
             ttfb_s=result.ttfb_s,
             total_s=result.total_s,
         )
+        self.metrics.observe(result, self._model_of)
+        if result.error_code in CAPACITY_CODES:
+            self.metrics.rejected(result.error_code)
+        usage = result.usage
+        outcome = "disconnected" if result.client_disconnected else result.status
+        logs.access(
+            f"POST {result.endpoint} {outcome}",
+            {
+                "request_id": result.request_id,
+                "endpoint": result.endpoint,
+                "model": result.model,
+                "backend": result.backend,
+                "status": result.status,
+                "key_id": result.key_id,
+                "attempts": result.attempts,
+                "queue_wait_ms": round(result.queue_wait_s * 1000, 1),
+                "ttfb_ms": None if result.ttfb_s is None else round(result.ttfb_s * 1000, 1),
+                "duration_ms": round(result.total_s * 1000, 1),
+                "prompt_tokens": usage.prompt_tokens,
+                "cached_tokens": usage.cached_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "cache_hit": None
+                if usage.cache_hit_ratio is None
+                else round(usage.cache_hit_ratio, 3),
+                "client_disconnected": result.client_disconnected or None,
+                "error": result.error,
+            },
+        )
+
+    def answered_early(
+        self, endpoint: str, status: int, code: str | None, context: dict[str, Any]
+    ) -> None:
+        """A request refused before it reached the queue: bad input, auth, limits."""
+        self.stats.count_answered_early(status)
+        self.metrics.requests.labels(endpoint, "", "none", str(status)).inc()
+        if code in CAPACITY_CODES:
+            self.metrics.rejected(code)
+        key = context.get("client_key")
+        logs.access(
+            f"{endpoint} {status}",
+            {
+                "request_id": context.get("request_id"),
+                "endpoint": endpoint,
+                "status": status,
+                "code": code,
+                "key_id": key.id if key is not None else None,
+            },
+        )
+
+    def _model_of(self, backend_name: str) -> str:
+        for backend in self.registry.backends:
+            if backend.name == backend_name and backend.model_ids:
+                return backend.model_ids[0]
+        return ""

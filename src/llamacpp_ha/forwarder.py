@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import aiohttp
@@ -34,6 +34,7 @@ from .policies import RoutingRequest
 from .registry import BackendState
 from .retry import RETRYABLE_STATUSES, RetryBudget, may_retry
 from .scheduler import Lease, Scheduler
+from .usage import MARKERS, Usage, from_answer, from_sse
 
 log = logging.getLogger("llamacpp_ha.forwarder")
 
@@ -152,8 +153,12 @@ def _has_data(chunk: bytes) -> bool:
 
 @dataclass
 class ExchangeResult:
-    """What one proxied request did, for stats and logs."""
+    """What one proxied request did, for stats, metrics and the access log."""
 
+    endpoint: str = ""
+    model: str | None = None
+    request_id: str | None = None
+    key_id: str | None = None
     backend: str | None = None
     status: int = 0
     queue_wait_s: float = 0.0
@@ -162,6 +167,8 @@ class ExchangeResult:
     attempts: int = 0
     client_disconnected: bool = False
     error: str | None = None
+    error_code: str | None = None
+    usage: Usage = field(default_factory=Usage)
 
 
 @dataclass(frozen=True)
@@ -238,6 +245,7 @@ class RelayResponse(Response):
         started_at: float,
         priority: int = 0,
         client_key: ClientKey | None = None,
+        request_id: str | None = None,
     ) -> None:
         super().__init__()
         self.client_key = client_key
@@ -257,7 +265,12 @@ class RelayResponse(Response):
         self._bytes_sent = 0
         self._abort: ProxyError | None = None
         self._aborted = asyncio.Event()
-        self.result = ExchangeResult()
+        self.result = ExchangeResult(
+            endpoint=path,
+            model=routing.model,
+            request_id=request_id,
+            key_id=client_key.id if client_key is not None else None,
+        )
 
     def abort(self, error: ProxyError) -> None:
         """End the exchange now with `error` (shutdown after its grace period)."""
@@ -378,9 +391,10 @@ class RelayResponse(Response):
             upstream.head = await self._forwarder.read(backend, resp)
             if resp.status == 200 and resp.content_type == "application/json":
                 try:
-                    json.loads(upstream.head)
+                    answer = json.loads(upstream.head)
                 except ValueError:
                     raise BadGateway(f"backend {backend.name}: invalid JSON") from None
+                self.result.usage = from_answer(answer)
 
     async def _deliver(self, send: Send, upstream: _Upstream) -> None:
         resp = upstream.resp
@@ -398,8 +412,14 @@ class RelayResponse(Response):
         await self._send_start(send, resp.status, headers)
         self.result.ttfb_s = time.monotonic() - self._started_at
         await self._send_body(send, upstream.head, more=True)
+        counted = previous = upstream.head
         async for chunk in upstream.rest:
+            if any(marker in chunk for marker in MARKERS):
+                # With the chunk before it, in case the event was split across reads.
+                counted = previous + chunk
+            previous = chunk
             await self._send_body(send, chunk, more=True)
+        self.result.usage = from_sse(counted)
         await self._upstream_complete(upstream)
         await self._send_body(send, b"", more=False)
 
@@ -439,6 +459,7 @@ class RelayResponse(Response):
 
     async def _send_failure(self, send: Send, error: ProxyError) -> None:
         self.result.error = error.message
+        self.result.error_code = error.code
         try:
             if not self._response_started:
                 self.result.status = error.status

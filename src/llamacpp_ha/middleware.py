@@ -87,7 +87,7 @@ class ApiKeyMiddleware:
     """
 
     OPEN_PATHS = frozenset({"/health"})
-    MONITOR_PATHS = frozenset({"/monitor", "/monitor/data"})
+    MONITOR_PATHS = frozenset({"/monitor", "/monitor/data", "/metrics"})
 
     def __init__(self, app: ASGIApp, keyring: Keyring) -> None:
         self.app = app

@@ -11,7 +11,8 @@ from importlib import resources
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .queue import RequestQueue
 from .registry import Registry
@@ -136,9 +137,19 @@ def snapshot(stats: ProxyStats, registry: Registry, queue: RequestQueue) -> dict
     }
 
 
-def build_router(stats: ProxyStats, data: Callable[[], dict[str, Any]]) -> APIRouter:
+def build_router(
+    stats: ProxyStats,
+    data: Callable[[], dict[str, Any]],
+    metrics: CollectorRegistry | None = None,
+) -> APIRouter:
     """A new router per call, so no route state is shared between apps (or tests)."""
     router = APIRouter()
+
+    if metrics is not None:
+
+        @router.get("/metrics")
+        async def prometheus() -> Response:
+            return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
     @router.get("/monitor/data")
     async def monitor_data() -> JSONResponse:

@@ -32,7 +32,7 @@ from .errors import (
 )
 from .forwarder import RelayResponse
 from .middleware import ApiKeyMiddleware, RequestContextMiddleware, state
-from .monitor import ProxyStats, build_router, snapshot
+from .monitor import build_router, snapshot
 from .policies import RoutingRequest
 from .registry import Health, Registry
 from .session_store import prefix_keys
@@ -41,7 +41,7 @@ from .validation import check_body
 log = logging.getLogger("llamacpp_ha")
 
 # Everything of a backend that a client may reach. Not /slots (it holds other users'
-# prompts and takes actions), not POST /props, not /metrics.
+# prompts and takes actions), not POST /props, not a backend's /metrics (ours is ours).
 PROXIED_PATHS = (
     "/v1/chat/completions",
     "/v1/completions",
@@ -91,10 +91,12 @@ def create_app(config: ProxyConfig) -> FastAPI:
         trusted_proxies=config.trusted_proxies,
         max_header_size=config.max_header_size,
     )
-    _add_error_handlers(app, balancer.stats)
+    _add_error_handlers(app, balancer)
     app.include_router(
         build_router(
-            balancer.stats, lambda: snapshot(balancer.stats, balancer.registry, balancer.queue)
+            balancer.stats,
+            lambda: snapshot(balancer.stats, balancer.registry, balancer.queue),
+            balancer.metrics.registry,
         )
     )
     app.include_router(build_admin_router(balancer))
@@ -166,6 +168,7 @@ def _proxy_endpoint(balancer: Balancer, path: str) -> Any:
             started_at=started_at,
             priority=key.priority if key is not None else 0,
             client_key=key,
+            request_id=context["request_id"],
         )
 
     return proxy
@@ -220,20 +223,24 @@ def _requested_model(registry: Registry, payload: dict[str, Any]) -> str | None:
     return model
 
 
-def _add_error_handlers(app: FastAPI, stats: ProxyStats) -> None:
-    def as_response(error: ProxyError) -> JSONResponse:
-        stats.count_answered_early(error.status)
+def _add_error_handlers(app: FastAPI, balancer: Balancer) -> None:
+    known = set(PROXIED_PATHS) | {route.path for route in app.routes if hasattr(route, "path")}
+
+    def as_response(request: Request, error: ProxyError) -> JSONResponse:
+        # Unknown paths share one label: clients must not be able to grow the metrics.
+        path = request.url.path if request.url.path in known else "other"
+        balancer.answered_early(path, error.status, error.code, state(request.scope))
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
     async def proxy_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProxyError)
-        return as_response(exc)
+        return as_response(request, exc)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 404:
-            return as_response(NotFound("no such endpoint"))
-        stats.count_answered_early(exc.status_code)
+            return as_response(request, NotFound("no such endpoint"))
+        balancer.answered_early("other", exc.status_code, None, state(request.scope))
         return JSONResponse(
             {"error": {"message": str(exc.detail), "type": "invalid_request_error", "code": None}},
             status_code=exc.status_code,
@@ -245,7 +252,7 @@ def _add_error_handlers(app: FastAPI, stats: ProxyStats) -> None:
         where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
         location = f" at {where.filename}:{where.lineno}" if where else ""
         log.error("unhandled %s on %s%s", type(exc).__name__, request.url.path, location)
-        return as_response(ProxyError("internal error in llamacpp-ha"))
+        return as_response(request, ProxyError("internal error in llamacpp-ha"))
 
     app.add_exception_handler(ProxyError, proxy_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -220,20 +220,22 @@ class Registry:
         """A request got llama-server's 503 "Loading model": it restarted behind our back."""
         self._set_health(backend, Health.LOADING, "loading model")
 
-    def report_failure(self, backend: BackendState, reason: str) -> None:
-        """Live traffic failed on the backend (never counted: the client's own doing)."""
+    def report_failure(self, backend: BackendState, reason: str) -> bool:
+        """Live traffic failed on the backend (never the client's own doing); True if that
+        ejected it."""
         ejected_now = sum(1 for b in self._backends.values() if b.ejection.ejected)
-        if self.ejection_policy.on_failure(backend.ejection, ejected_now, len(self._backends)):
-            seconds = backend.ejection.ejected_until - time.monotonic()
-            log.warning(
-                "backend %s: ejected for %.0f s after %d consecutive failures (%s)",
-                backend.name,
-                seconds,
-                backend.ejection.consecutive_failures,
-                reason,
-            )
-            backend.changed_at = time.monotonic()
-            self._on_change()
+        if not self.ejection_policy.on_failure(backend.ejection, ejected_now, len(self._backends)):
+            return False
+        log.warning(
+            "backend %s: ejected for %.0f s after %d consecutive failures (%s)",
+            backend.name,
+            backend.ejection.ejected_until - time.monotonic(),
+            backend.ejection.consecutive_failures,
+            reason,
+        )
+        backend.changed_at = time.monotonic()
+        self._on_change()
+        return True
 
     def report_success(self, backend: BackendState) -> None:
         self.ejection_policy.on_success(backend.ejection)

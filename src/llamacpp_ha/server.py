@@ -27,6 +27,7 @@ class Server(uvicorn.Server):
                 host=config.host,
                 port=config.port,
                 log_level=config.log_level,
+                log_config=None,  # logging is ours (logs.configure), text or JSON
                 access_log=False,
                 server_header=False,
                 lifespan="on",

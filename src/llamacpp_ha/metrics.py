@@ -1,0 +1,129 @@
+"""Prometheus metrics, one registry per app (never the process-wide default one).
+
+Counters and histograms are updated as requests end; what describes the fleet right now
+(slots, states, queue depth) is read at scrape time by `FleetCollector`, so it cannot drift.
+Labels are bounded: endpoint (a fixed list), backend (configured), model (served ids), status.
+Never a key, a key id or a prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .forwarder import ExchangeResult
+from .queue import RequestQueue
+from .registry import Registry
+
+PREFIX = "llamacpp_ha"
+STATES = ("ready", "loading", "dead", "ejected", "draining")
+# From a cached short prompt to a long generation on a CPU.
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class FleetCollector(Collector):
+    def __init__(self, registry: Registry, queue: RequestQueue) -> None:
+        self._registry = registry
+        self._queue = queue
+
+    def collect(self) -> Iterator[Metric]:
+        busy = GaugeMetricFamily(f"{PREFIX}_backend_slots_busy", "Slots busy", labels=["backend"])
+        total = GaugeMetricFamily(
+            f"{PREFIX}_backend_slots_total", "Slots the backend has", labels=["backend"]
+        )
+        in_flight = GaugeMetricFamily(
+            f"{PREFIX}_backend_in_flight", "Our requests in flight", labels=["backend"]
+        )
+        state = GaugeMetricFamily(
+            f"{PREFIX}_backend_state",
+            "1 for the backend's current state",
+            labels=["backend", "state"],
+        )
+        for backend in self._registry.backends:
+            busy.add_metric([backend.name], backend.slots.busy)
+            total.add_metric([backend.name], backend.slots.total)
+            in_flight.add_metric([backend.name], backend.slots.in_flight)
+            for name in STATES:
+                state.add_metric([backend.name, name], 1.0 if backend.state == name else 0.0)
+        yield from (busy, total, in_flight, state)
+        yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting", value=len(self._queue))
+        yield GaugeMetricFamily(
+            f"{PREFIX}_queue_oldest_wait_seconds",
+            "How long the oldest queued request has waited",
+            value=self._queue.oldest_wait_s(),
+        )
+
+
+class Metrics:
+    """The app's registry and the instruments that requests update."""
+
+    def __init__(self, registry: Registry, queue: RequestQueue) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests", "Requests answered", ["endpoint", "model", "backend", "status"],
+            registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds", "Until the first byte of the answer",
+            ["endpoint", "backend"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            f"{PREFIX}_request_duration_seconds", "Whole request, queue included",
+            ["endpoint", "backend"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            f"{PREFIX}_queue_wait_seconds", "Time spent waiting for a slot",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.rejections = Counter(
+            f"{PREFIX}_queue_rejections", "Requests refused for capacity", ["reason"], registry=r
+        )
+        self.retries = Counter(f"{PREFIX}_retries", "Attempts on another backend", registry=r)
+        self.ejections = Counter(
+            f"{PREFIX}_ejections", "Backends ejected after failures", ["backend"], registry=r
+        )
+        self.disconnects = Counter(
+            f"{PREFIX}_client_disconnects", "Clients that left before the end", registry=r
+        )
+        tokens = ["backend", "model"]
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens, cached or not", tokens, registry=r
+        )
+        self.cached_tokens = Counter(
+            f"{PREFIX}_prompt_tokens_cached", "Prompt tokens llama-server took from its cache",
+            tokens, registry=r,
+        )  # fmt: skip
+        self.completion_tokens = Counter(
+            f"{PREFIX}_completion_tokens", "Tokens generated", tokens, registry=r
+        )
+        r.register(FleetCollector(registry, queue))
+
+    def observe(self, result: ExchangeResult, model_of: Callable[[str], str]) -> None:
+        backend = result.backend or "none"
+        model = result.model or (model_of(result.backend) if result.backend else "")
+        if result.client_disconnected:
+            self.disconnects.inc()
+        status = "disconnected" if result.client_disconnected else str(result.status)
+        self.requests.labels(result.endpoint, model, backend, status).inc()
+        if result.attempts > 1:
+            self.retries.inc(result.attempts - 1)
+        if result.status == 200 and not result.client_disconnected:
+            if result.ttfb_s is not None:
+                self.ttft.labels(result.endpoint, backend).observe(result.ttfb_s)
+            self.duration.labels(result.endpoint, backend).observe(result.total_s)
+            self.queue_wait.observe(result.queue_wait_s)
+        usage = result.usage
+        if result.backend is not None:
+            if usage.prompt_tokens:
+                self.prompt_tokens.labels(backend, model).inc(usage.prompt_tokens)
+            if usage.cached_tokens:
+                self.cached_tokens.labels(backend, model).inc(usage.cached_tokens)
+            if usage.completion_tokens:
+                self.completion_tokens.labels(backend, model).inc(usage.completion_tokens)
+
+    def rejected(self, code: str) -> None:
+        self.rejections.labels(code).inc()

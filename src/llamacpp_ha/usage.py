@@ -1,0 +1,68 @@
+"""Token counts from llama-server's answers: `usage` (OpenAI) and `timings` (llama.cpp).
+
+`timings.cache_n` is the number of prompt tokens llama-server took from its cache; it is what
+shows whether affinity paid. For a stream, the counts ride on the last events, so the relay
+keeps the last chunk that mentions them and this parses it at the end.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+MARKERS = (b'"usage"', b'"timings"')
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    @property
+    def cache_hit_ratio(self) -> float | None:
+        if not self.prompt_tokens or self.cached_tokens is None:
+            return None
+        return self.cached_tokens / self.prompt_tokens
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def from_answer(answer: Any) -> Usage:
+    """Counts in one JSON answer (or one SSE event's JSON)."""
+    usage = Usage()
+    if not isinstance(answer, dict):
+        return usage
+    timings = answer.get("timings")
+    if isinstance(timings, dict):
+        cached, computed = _int(timings.get("cache_n")), _int(timings.get("prompt_n"))
+        usage.cached_tokens = cached
+        if cached is not None and computed is not None:
+            usage.prompt_tokens = cached + computed
+        usage.completion_tokens = _int(timings.get("predicted_n"))
+    counts = answer.get("usage")
+    if isinstance(counts, dict):
+        usage.prompt_tokens = _int(counts.get("prompt_tokens", counts.get("input_tokens")))
+        usage.completion_tokens = _int(counts.get("completion_tokens", counts.get("output_tokens")))
+        details = counts.get("prompt_tokens_details")
+        if isinstance(details, dict) and usage.cached_tokens is None:
+            usage.cached_tokens = _int(details.get("cached_tokens"))
+    return usage
+
+
+def from_body(body: bytes) -> Usage:
+    try:
+        return from_answer(json.loads(body))
+    except ValueError:
+        return Usage()
+
+
+def from_sse(chunk: bytes) -> Usage:
+    """The counts in the last event of `chunk` that carries any."""
+    for line in reversed(chunk.splitlines()):
+        if line.startswith(b"data:") and any(marker in line for marker in MARKERS):
+            return from_body(line[5:].strip())
+    return Usage()
