@@ -231,15 +231,7 @@ class Balancer:
             self.key_limits.release(exchange.client_key)
         result = exchange.result
         self.stats.in_flight -= 1
-        self.stats.record(
-            backend=result.backend,
-            status=result.status,
-            disconnected=result.client_disconnected,
-            attempts=result.attempts,
-            queue_wait_s=result.queue_wait_s,
-            ttfb_s=result.ttfb_s,
-            total_s=result.total_s,
-        )
+        self.stats.record(result)
         self.metrics.observe(result, self._model_of)
         if result.error_code in CAPACITY_CODES:
             self.metrics.rejected(result.error_code)
@@ -273,7 +265,7 @@ class Balancer:
         self, endpoint: str, status: int, code: str | None, context: dict[str, Any]
     ) -> None:
         """A request refused before it reached the queue: bad input, auth, limits."""
-        self.stats.count_answered_early(status)
+        self.stats.count_answered_early(status, code)
         self.metrics.requests.labels(endpoint, "", "none", str(status)).inc()
         if code in CAPACITY_CODES:
             self.metrics.rejected(code)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -14,16 +14,26 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from .forwarder import ExchangeResult
 from .queue import RequestQueue
 from .registry import Registry
 
 _WINDOW = 1024
+_BACKEND_WINDOW = 100
+_ERROR_WINDOW_S = 300.0
 
 
 @dataclass
 class BackendStats:
     served: int = 0
     failed: int = 0
+    ttfb_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_BACKEND_WINDOW))
+    # (prompt tokens, cached prompt tokens) of recent requests, for a recent cache hit rate.
+    prompts: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=_BACKEND_WINDOW))
+
+    def cache_hit_rate(self) -> float | None:
+        total = sum(p for p, _ in self.prompts)
+        return round(sum(c for _, c in self.prompts) / total, 3) if total else None
 
 
 @dataclass
@@ -42,11 +52,12 @@ class ProxyStats:
     ttfb_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_WINDOW))
     total_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_WINDOW))
     queue_wait_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_WINDOW))
+    errors: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=_WINDOW))
 
     def backend(self, name: str) -> BackendStats:
         return self.backends.setdefault(name, BackendStats())
 
-    def count_answered_early(self, status: int) -> None:
+    def count_answered_early(self, status: int, code: str | None = None) -> None:
         """A request answered before it reached the queue (bad input, auth, no backend)."""
         if status == 503:
             self.rejected += 1
@@ -54,20 +65,13 @@ class ProxyStats:
             self.client_errors += 1
         else:
             self.failed += 1
+        if code:
+            self.errors.append((time.monotonic(), code))
 
-    def record(
-        self,
-        *,
-        backend: str | None,
-        status: int,
-        disconnected: bool,
-        attempts: int,
-        queue_wait_s: float,
-        ttfb_s: float | None,
-        total_s: float,
-    ) -> None:
-        self.retries += max(0, attempts - 1)
-        if disconnected:
+    def record(self, result: ExchangeResult) -> None:
+        self.retries += max(0, result.attempts - 1)
+        status, backend = result.status, result.backend
+        if result.client_disconnected:
             self.disconnected += 1
         elif status == 503 and backend is None:
             self.rejected += 1
@@ -77,17 +81,29 @@ class ProxyStats:
             self.client_errors += 1
         else:
             self.failed += 1
+        if result.error_code and not result.client_disconnected:
+            self.errors.append((time.monotonic(), result.error_code))
+        ok = status == 200 and not result.client_disconnected
         if backend is not None:
             entry = self.backend(backend)
-            if status >= 500 and not disconnected:
+            if status >= 500 and not result.client_disconnected:
                 entry.failed += 1
             elif status:
                 entry.served += 1
-        if status == 200 and not disconnected:
-            self.queue_wait_ms.append(queue_wait_s * 1000)
-            if ttfb_s is not None:
-                self.ttfb_ms.append(ttfb_s * 1000)
-            self.total_ms.append(total_s * 1000)
+            if ok and result.ttfb_s is not None:
+                entry.ttfb_ms.append(result.ttfb_s * 1000)
+            usage = result.usage
+            if ok and usage.prompt_tokens:
+                entry.prompts.append((usage.prompt_tokens, usage.cached_tokens or 0))
+        if ok:
+            self.queue_wait_ms.append(result.queue_wait_s * 1000)
+            if result.ttfb_s is not None:
+                self.ttfb_ms.append(result.ttfb_s * 1000)
+            self.total_ms.append(result.total_s * 1000)
+
+    def recent_errors(self) -> dict[str, int]:
+        since = time.monotonic() - _ERROR_WINDOW_S
+        return dict(Counter(code for at, code in self.errors if at >= since))
 
 
 def _percentiles(values: deque[float]) -> dict[str, float | None]:
@@ -115,11 +131,14 @@ def snapshot(stats: ProxyStats, registry: Registry, queue: RequestQueue) -> dict
                 "external_busy": b.slots.external_busy,
                 "served": stats.backend(b.name).served,
                 "failed": stats.backend(b.name).failed,
+                "ttfb_ms_p50": _percentiles(stats.backend(b.name).ttfb_ms)["p50"],
+                "cache_hit_rate": stats.backend(b.name).cache_hit_rate(),
                 "last_error": b.last_error,
             }
             for b in registry.backends
         ],
         "queue": {"depth": len(queue), "oldest_wait_s": round(queue.oldest_wait_s(), 3)},
+        "recent_errors": stats.recent_errors(),
         "requests": {
             "in_flight": stats.in_flight,
             "succeeded": stats.succeeded,
