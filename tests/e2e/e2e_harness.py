@@ -11,6 +11,7 @@ test with one line saying what to do.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import ctypes
@@ -413,8 +414,6 @@ async def await_monitor(
     what: str,
 ) -> dict[str, Any]:
     """Poll /monitor/data until `predicate(data)` holds (async)."""
-    import asyncio
-
     deadline = time.monotonic() + timeout_s
     data: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -432,6 +431,20 @@ async def busy_slots(client: httpx.AsyncClient, server: LlamaServer) -> int:
     response = await client.get(f"{server.url}/slots")
     response.raise_for_status()
     return sum(1 for slot in response.json() if slot.get("is_processing"))
+
+
+async def wait_idle(
+    client: httpx.AsyncClient, servers: Sequence[LlamaServer], timeout_s: float
+) -> None:
+    """Wait until no running backend reports a busy slot (the leak check after each test)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = {s.name: await busy_slots(client, s) for s in servers if s.running}
+        if not any(busy.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"slots still busy {timeout_s} s after the test: {busy}")
+        await asyncio.sleep(0.05)
 
 
 async def metric(client: httpx.AsyncClient, server: LlamaServer, name: str) -> float:

@@ -24,6 +24,7 @@ from e2e_harness import (
     fleet,
     free_port,
     metric,
+    wait_idle,
 )
 from e2e_recorder import Recorder
 
@@ -51,13 +52,19 @@ class FaultsTest(unittest.IsolatedAsyncioTestCase):
         context = fleet(self.id().rsplit(".", 1)[-1], model_size=model_size)
         group = context.__enter__()
         self.addCleanup(context.__exit__, None, None, None)
+        self._group = group
         return group
 
     async def asyncSetUp(self) -> None:
+        self._group: Fleet | None = None
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0))
 
     async def asyncTearDown(self) -> None:
-        await self.http.aclose()
+        try:
+            if self._group is not None:
+                await wait_idle(self.http, self._group.backends, 10.0)
+        finally:
+            await self.http.aclose()
 
     async def _timed_chat(self, url: str, i: int, max_tokens: int) -> tuple[httpx.Response, float]:
         started = time.monotonic()

@@ -21,6 +21,7 @@ from e2e_harness import (
     busy_slots,
     fleet,
     metric,
+    wait_idle,
 )
 
 pytestmark = pytest.mark.e2e
@@ -45,19 +46,9 @@ class SlotsOnRealBackendsTest(unittest.IsolatedAsyncioTestCase):
 
     async def asyncTearDown(self) -> None:
         try:
-            await self._wait_all_idle(5.0)
+            await wait_idle(self.http, self.fleet.backends, 5.0)
         finally:
             await self.http.aclose()
-
-    async def _wait_all_idle(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            busy = {s.name: await busy_slots(self.http, s) for s in self.fleet.backends}
-            if not any(busy.values()):
-                return
-            if time.monotonic() > deadline:
-                self.fail(f"slots still busy {timeout_s} s after the test: {busy}")
-            await asyncio.sleep(0.05)
 
     async def _chat(self, content: str, max_tokens: int, **extra: Any) -> httpx.Response:
         return await self.http.post(
