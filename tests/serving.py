@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI
 
 from llamacpp_ha.balancer import Balancer
 from llamacpp_ha.config import build_config
 from llamacpp_ha.proxy import create_app
 from llamacpp_ha.registry import Health
+from llamacpp_ha.server import Server
 from llamacpp_ha.sim import SimBackend, SimConfig
 
 
@@ -33,11 +33,8 @@ async def serve_app(app: FastAPI) -> AsyncIterator[Served]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, lifespan="on", log_level="warning", access_log=False, timeout_graceful_shutdown=2
-        )
-    )
+    # The production server class (drain on shutdown, no proxy headers), on a socket of ours.
+    server = Server(app, app.state.balancer.config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         async with asyncio.timeout(10):
@@ -66,10 +63,16 @@ async def sims(*configs: SimConfig) -> AsyncIterator[list[SimBackend]]:
 
 @asynccontextmanager
 async def balancer_for(
-    backends: Sequence[SimBackend | SimProcess], *, wait_ready: bool = True, **settings: Any
+    fleet: Sequence[SimBackend | SimProcess], *, wait_ready: bool = True, **settings: Any
 ) -> AsyncIterator[Served]:
-    """The balancer in front of `backends`, once every backend is ready in its registry."""
-    config = {"backends": [b.url for b in backends], "poll_interval_s": 0.1, **settings}
+    """The balancer in front of `fleet` (unless `backends` says otherwise), once every backend
+    is ready in its registry."""
+    config = {
+        "backends": [b.url for b in fleet],
+        "poll_interval_s": 0.1,
+        "shutdown_grace_s": 2,
+        **settings,
+    }
     async with serve_app(create_app(build_config(config))) as served:
         if wait_ready:
             await wait_until(

@@ -73,7 +73,12 @@ def create_app(config: ProxyConfig) -> FastAPI:
             await balancer.aclose()
 
     app = FastAPI(
-        title="llamacpp-ha", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+        title="llamacpp-ha",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,  # every path is exactly one of ours or 404
     )
     app.state.balancer = balancer
     # Added innermost first: a request passes context, then CORS, then auth.

@@ -28,6 +28,9 @@ class Server(uvicorn.Server):
                 port=config.port,
                 log_level=config.log_level,
                 log_config=None,  # logging is ours (logs.configure), text or JSON
+                # uvicorn would believe X-Forwarded-For from 127.0.0.1 and rewrite the client
+                # address; the balancer decides whom to trust (trusted_proxies).
+                proxy_headers=False,
                 access_log=False,
                 server_header=False,
                 lifespan="on",
