@@ -1,0 +1,27 @@
+#!/bin/sh
+# System packages the tests need: Debian's chromium for the monitor page's browser test.
+# Idempotent: a no-op when everything is present; otherwise one apt-get update, then install.
+set -eu
+
+missing=""
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+
+if [ -z "$missing" ]; then
+    exit 0
+fi
+
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "install-test-deps: missing:$missing (no apt-get here; install them by hand)" >&2
+    exit 1
+fi
+
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+    sudo="sudo"
+fi
+
+echo "install-test-deps: installing$missing" >&2
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+# shellcheck disable=SC2086  # $missing is a list of package names
+$sudo apt-get install -y -qq --no-install-recommends $missing
