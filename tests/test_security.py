@@ -396,7 +396,6 @@ class SecurityTest(unittest.IsolatedAsyncioTestCase):
             reader, writer = await asyncio.open_connection(host, int(port))
             writer.write(
                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                 b"Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n"
             )
             await writer.drain()
