@@ -154,7 +154,8 @@ def write_model(path: Path, size: str) -> None:
     matrix_dtype = np.float16 if shape.f16 else np.float32
 
     def weight(rows: int, cols: int) -> np.ndarray:
-        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(matrix_dtype)
+        values: np.ndarray = rng.standard_normal((rows, cols)) / np.sqrt(cols)
+        return values.astype(matrix_dtype)
 
     def ones(n: int) -> np.ndarray:
         return np.ones(n, dtype=np.float32)

@@ -236,5 +236,9 @@ class ClientsThroughBalancerTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(through.json()["error"]["type"], "exceed_context_size_error")
 
         with self.assertRaises(openai.BadRequestError) as caught:
-            await self.openai.chat.completions.create(**body)
+            await self.openai.chat.completions.create(
+                model=CHAT_ALIAS,
+                messages=[{"role": "user", "content": "abc " * 1125}],
+                max_tokens=N_TOKENS,
+            )
         self.assertIn("exceeds the available context size", str(caught.exception))

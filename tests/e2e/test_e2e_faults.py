@@ -48,6 +48,8 @@ def is_openai_error(response: httpx.Response) -> bool:
 
 
 class FaultsTest(unittest.IsolatedAsyncioTestCase):
+    _group: Fleet | None = None
+
     def _fleet(self, model_size: str = "large") -> Fleet:
         context = fleet(self.id().rsplit(".", 1)[-1], model_size=model_size)
         group = context.__enter__()
@@ -56,7 +58,7 @@ class FaultsTest(unittest.IsolatedAsyncioTestCase):
         return group
 
     async def asyncSetUp(self) -> None:
-        self._group: Fleet | None = None
+        self._group = None
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0))
 
     async def asyncTearDown(self) -> None:
