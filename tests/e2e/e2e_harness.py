@@ -318,7 +318,18 @@ class Fleet:
     def start(
         self, balancer_args: Sequence[str] = (), *, not_yet: Sequence[LlamaServer] = ()
     ) -> Fleet:
-        """Start the backends (but those in `not_yet`), then the balancer in front of all."""
+        """Start the backends (but those in `not_yet`), then the balancer in front of all.
+
+        If anything fails to come up, everything started so far is stopped before the failure
+        propagates (pytest's `Failed` is a BaseException, which unittest's class cleanups miss).
+        """
+        try:
+            return self._start(balancer_args, not_yet)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, balancer_args: Sequence[str], not_yet: Sequence[LlamaServer]) -> Fleet:
         for server in self.backends:
             if server not in not_yet:
                 server.start()
