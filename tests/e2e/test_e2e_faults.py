@@ -88,7 +88,7 @@ class FaultsTest(unittest.IsolatedAsyncioTestCase):
         url = group.url
 
         n_requests = 10
-        tasks = [asyncio.create_task(self._timed_chat(url, i, 64)) for i in range(n_requests)]
+        tasks = [asyncio.create_task(self._timed_chat(url, i, 200)) for i in range(n_requests)]
         await self._wait_busy(victim, victim.slots, 20)
         await await_monitor(
             self.http, url, lambda d: d["queue"]["depth"] > 0, timeout_s=10, what="a queue"
