@@ -94,6 +94,7 @@ class Balancer:
         self.retry_budget = RetryBudget(ratio=config.retry_budget_ratio)
         self.metrics = Metrics(self.registry, self.queue)
         self.exchanges: set[RelayResponse] = set()
+        self.endpoints: frozenset[str] = frozenset()  # the app's routes, set by create_app
         self.admitting = True
         self._idle = asyncio.Event()
         self._idle.set()
@@ -265,8 +266,10 @@ class Balancer:
         self, endpoint: str, status: int, code: str | None, context: dict[str, Any]
     ) -> None:
         """A request refused before it reached the queue: bad input, auth, limits."""
+        # Unknown paths share one label: clients must not be able to grow the metrics.
+        label = endpoint if endpoint in self.endpoints else "other"
         self.stats.count_answered_early(status, code)
-        self.metrics.requests.labels(endpoint, "", "none", str(status)).inc()
+        self.metrics.requests.labels(label, "", "none", str(status)).inc()
         if code in CAPACITY_CODES:
             self.metrics.rejected(code)
         key = context.get("client_key")

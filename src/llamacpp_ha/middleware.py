@@ -11,7 +11,7 @@ import hmac
 import ipaddress
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -89,10 +89,16 @@ class ApiKeyMiddleware:
     OPEN_PATHS = frozenset({"/health"})
     MONITOR_PATHS = frozenset({"/monitor", "/monitor/data", "/metrics"})
 
-    def __init__(self, app: ASGIApp, keyring: Keyring) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keyring: Keyring,
+        on_reject: Callable[[str, int, str | None, dict[str, Any]], None],
+    ) -> None:
         self.app = app
         # Read on every request, so a reload takes effect at once.
         self._keyring = keyring
+        self._on_reject = on_reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -108,6 +114,7 @@ class ApiKeyMiddleware:
             elif path not in self.OPEN_PATHS and path not in self.MONITOR_PATHS and keyring.client:
                 state(scope)["client_key"] = self._authenticate(scope, keyring.client)
         except ProxyError as error:
+            self._on_reject(path, error.status, error.code, state(scope))
             await send_error(send, error)
             return
         await self.app(scope, receive, send)

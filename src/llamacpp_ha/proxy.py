@@ -82,7 +82,9 @@ def create_app(config: ProxyConfig) -> FastAPI:
     )
     app.state.balancer = balancer
     # Added innermost first: a request passes context, then CORS, then auth.
-    app.add_middleware(ApiKeyMiddleware, keyring=balancer.keyring)
+    app.add_middleware(
+        ApiKeyMiddleware, keyring=balancer.keyring, on_reject=balancer.answered_early
+    )
     if config.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -111,6 +113,8 @@ def create_app(config: ProxyConfig) -> FastAPI:
             path, _proxy_endpoint(balancer, path), methods=["POST"], include_in_schema=False
         )
 
+    balancer.endpoints = frozenset(getattr(route, "path", "") for route in app.routes)
+
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         return JSONResponse({"object": "list", "data": balancer.registry.model_list()})
@@ -125,6 +129,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
             status_code=503,
         )
 
+    balancer.endpoints |= {"/v1/models", "/health"}
     return app
 
 
@@ -229,12 +234,8 @@ def _requested_model(registry: Registry, payload: dict[str, Any]) -> str | None:
 
 
 def _add_error_handlers(app: FastAPI, balancer: Balancer) -> None:
-    known = set(PROXIED_PATHS) | {route.path for route in app.routes if hasattr(route, "path")}
-
     def as_response(request: Request, error: ProxyError) -> JSONResponse:
-        # Unknown paths share one label: clients must not be able to grow the metrics.
-        path = request.url.path if request.url.path in known else "other"
-        balancer.answered_early(path, error.status, error.code, state(request.scope))
+        balancer.answered_early(request.url.path, error.status, error.code, state(request.scope))
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
     async def proxy_error(request: Request, exc: Exception) -> Response:
