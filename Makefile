@@ -17,11 +17,13 @@ $(STAMP): pyproject.toml
 
 ## every test: unit, integration over real sockets, then the end-to-end suite on real llama-server
 test: $(STAMP)
+	scripts/install-test-deps.sh
 	$(BIN)/python -m pytest -q -m "not e2e"
 	$(MAKE) e2e
 	$(MAKE) bench-smoke
 
 unit: $(STAMP)
+	scripts/install-test-deps.sh
 	$(BIN)/python -m pytest -q -m "not e2e"
 
 e2e: $(STAMP)
