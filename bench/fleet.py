@@ -31,6 +31,9 @@ class FleetSpec:
     profiles: tuple[str, ...]
     time_scale: float
     n_ctx: int = 8192
+    # llama-server keeps evicted slot states in host memory (--cache-ram, 8 GiB by default in
+    # recent builds): about 65k tokens of an 8B model's KV cache at 128 KiB per token.
+    cache_ram_tokens: int = 65536
 
     @property
     def total_slots(self) -> int:
@@ -39,7 +42,9 @@ class FleetSpec:
     def describe(self) -> str:
         parts = [f"{p}x{s}" for p, s in zip(self.profiles, self.slots, strict=True)]
         return (
-            f"{len(self.slots)} backends ({', '.join(parts)} slots), time scale {self.time_scale:g}"
+            f"{len(self.slots)} backends ({', '.join(parts)} slots), n_ctx {self.n_ctx} per slot, "
+            f"host prompt cache {self.cache_ram_tokens} tokens each, "
+            f"time scale {self.time_scale:g}"
         )
 
 
@@ -80,6 +85,8 @@ def start_fleet(spec: FleetSpec, log_dir: Path, name: str, cpu_list: str | None)
         f"{spec.time_scale:g}",
         "--n-ctx",
         str(spec.n_ctx),
+        "--cache-ram",
+        str(spec.cache_ram_tokens),
     ]
     child = procs.spawn(name, procs.pinned(command, cpu_list), log_dir)
     deadline = time.monotonic() + 20

@@ -39,10 +39,11 @@ OVERHEAD_CONTENDERS = ("direct", "ha-affinity", "nginx-lc", "haproxy", "sglang-c
 
 def full_workloads(seed: int) -> list[wl.Workload]:
     # Sized for 15 minutes on 2 cores at time scale 4: about 12 s of wall time per run.
-    # Capacity of the fleet is ~5 chat requests per model second (12 slots, ~2 s a reply).
+    # The fleet serves ~6 chat requests per model second (12 slots, ~2 s a 150-token reply):
+    # chat-medium offers about half of that, chat-saturated a little more than all of it.
     return [
-        wl.chat(seed, "chat-medium", sessions_per_s=0.7, span_s=26),
-        wl.chat(seed, "chat-saturated", sessions_per_s=1.5, span_s=26),
+        wl.chat(seed, "chat-medium", sessions_per_s=0.8, span_s=24),
+        wl.chat(seed, "chat-saturated", sessions_per_s=2.2, span_s=22),
         wl.mooncake(seed, "mooncake", wl.TraceScale(conversations=40, span_s=30)),
         wl.random_prompts(seed, "random", rate_per_s=3.0, span_s=30),
         wl.burst(seed, "burst", per_burst=36, n_bursts=2, gap_s=14),
