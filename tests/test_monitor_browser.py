@@ -354,6 +354,7 @@ class MonitorPageTest(unittest.IsolatedAsyncioTestCase):
                 clients = [asyncio.create_task(load(lb.url, stop, sent)) for _ in range(10)]
                 try:
                     await self._check_under_load(page, names)
+                    await self._check_poll_rate(page)
                     await backends[1].aclose()
                     shown = await page.wait_until_shown(
                         lambda s: s["backends"]["beta"]["state"] == "dead",
@@ -393,6 +394,16 @@ class MonitorPageTest(unittest.IsolatedAsyncioTestCase):
             self.assertIn("Data unavailable", shown["banner"])
             self.assertEqual(shown["order"], names, "the last data stays on the page")
         self.assertEqual(browser.exceptions, [], "the page threw in the browser")
+
+    async def _check_poll_rate(self, page: Page) -> None:
+        fetches = (
+            "performance.getEntriesByType('resource')"
+            ".filter((e) => e.name.endsWith('/monitor/data')).length"
+        )
+        before = await page.evaluate(fetches)
+        await asyncio.sleep(2.5)
+        polled = await page.evaluate(fetches) - before
+        self.assertGreaterEqual(polled, 2, "the page polls monitor/data at least every second")
 
     async def _check_under_load(self, page: Page, names: list[str]) -> None:
         first = await page.read()
