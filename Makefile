@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv test unit e2e check demo run bench bench-smoke soak clean
+.PHONY: venv test unit unit-py313 e2e check demo run bench bench-smoke soak clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,15 @@ unit: $(STAMP)
 e2e: $(STAMP)
 	scripts/build-llama-server.sh
 	$(BIN)/python -m pytest -q -m e2e tests/e2e
+
+## the unit and socket tests again on Python 3.13, when one is installed (CI does this)
+PY313 ?= $(shell PYENV_VERSION=3.13.0 command -v python3.13 >/dev/null 2>&1 && echo "env PYENV_VERSION=3.13.0 python3.13")
+unit-py313:
+	@if [ -z "$(PY313)" ]; then echo "no Python 3.13 here: skipping the 3.13 run"; exit 0; fi; \
+	test -x .venv313/bin/python || $(PY313) -m venv .venv313; \
+	test -f .venv313/.installed -a .venv313/.installed -nt pyproject.toml || { \
+	  .venv313/bin/python -m pip install --quiet -e ".[test]" && touch .venv313/.installed; }; \
+	.venv313/bin/python -m pytest -q -m "not e2e" -p no:cacheprovider
 
 check: $(STAMP)
 	$(BIN)/ruff check src tests
@@ -55,4 +64,4 @@ soak: $(STAMP)
 	$(BIN)/python scripts/soak.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv313 build *.egg-info
