@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -51,11 +52,28 @@ class BackendConfig(BaseModel):
     url: str
     name: str = ""
     api_key: str | None = Field(default=None, repr=False)
+    # For https backends: a CA bundle to trust (a private CA), or no verification at all.
+    ca_file: Path | None = None
+    tls_verify: bool = True
 
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: str) -> str:
         return validate_backend_url(url)
+
+    @model_validator(mode="after")
+    def _tls_options(self) -> BackendConfig:
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"ca_file: no such file {self.ca_file}")
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext | bool:
+        """What aiohttp's `ssl=` takes for this backend: True is the default verification."""
+        if not self.tls_verify:
+            return False
+        if self.ca_file is not None:
+            return ssl.create_default_context(cafile=str(self.ca_file))
+        return True
 
     @model_validator(mode="after")
     def _default_name(self) -> BackendConfig:

@@ -100,6 +100,7 @@ class Forwarder:
                         total=None, sock_connect=self.timeouts.connect_s, sock_read=None
                     ),
                     auto_decompress=False,
+                    ssl=backend.ssl,
                 )
         except aiohttp.ConnectionTimeoutError:
             raise GatewayTimeout(f"backend {name}: connect timed out", unreachable=True) from None

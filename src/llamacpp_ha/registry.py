@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class BackendState:
     draining: bool = False
     last_error: str | None = None
     last_poll_at: float | None = None
+    ssl: ssl.SSLContext | bool = True
     changed_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -99,7 +101,10 @@ class Registry:
             failures_to_eject=3, base_s=5.0, max_s=300.0, good_polls=3, max_fraction=0.5
         )
         self._backends: dict[str, BackendState] = {
-            c.name: BackendState(config=c, slots=SlotTracker(on_release=on_change)) for c in configs
+            c.name: BackendState(
+                config=c, slots=SlotTracker(on_release=on_change), ssl=c.ssl_context()
+            )
+            for c in configs
         }
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -136,7 +141,9 @@ class Registry:
             raise ValueError(f"a backend named {config.name!r} exists already")
         if any(b.url == config.url for b in self._backends.values()):
             raise ValueError(f"a backend with URL {config.url} exists already")
-        backend = BackendState(config=config, slots=SlotTracker(on_release=self._on_change))
+        backend = BackendState(
+            config=config, slots=SlotTracker(on_release=self._on_change), ssl=config.ssl_context()
+        )
         self._backends[config.name] = backend
         if self._session is not None:
             self._start_polling(backend)
@@ -278,7 +285,7 @@ class Registry:
             headers["Authorization"] = f"Bearer {backend.config.api_key}"
         try:
             async with self._session.get(
-                backend.url + path, headers=headers, timeout=self._poll_timeout
+                backend.url + path, headers=headers, timeout=self._poll_timeout, ssl=backend.ssl
             ) as resp:
                 try:
                     body = await resp.json(content_type=None)

@@ -28,6 +28,9 @@ class SimConfig:
     default_max_tokens: int = 16
     fault: Fault | None = None
     name: str = "sim"
+    # Serve https with this PEM certificate and key, as llama-server's --ssl-cert-file does.
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
 
     def __post_init__(self) -> None:
         if self.slots < 1:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -76,7 +77,8 @@ class SimBackend:
         host = self.config.host
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self._port}"
+        scheme = "https" if self.config.tls_certfile else "http"
+        return f"{scheme}://{host}:{self._port}"
 
     @property
     def name(self) -> str:
@@ -121,7 +123,11 @@ class SimBackend:
             app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
         )
         await runner.setup()
-        site = web.TCPSite(runner, self.config.host, self.config.port)
+        tls = None
+        if self.config.tls_certfile:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(self.config.tls_certfile, self.config.tls_keyfile)
+        site = web.TCPSite(runner, self.config.host, self.config.port, ssl_context=tls)
         try:
             await site.start()
         except BaseException:
