@@ -127,7 +127,9 @@ class Browser:
         port, path = port_file.read_text().split()[:2]
         self._http = aiohttp.ClientSession()
         self._ws = await self._http.ws_connect(
-            f"ws://127.0.0.1:{port}{path}", max_msg_size=0, timeout=aiohttp.ClientWSTimeout(10)
+            f"ws://127.0.0.1:{port}{path}",
+            max_msg_size=0,
+            timeout=aiohttp.ClientWSTimeout(ws_close=5),
         )
         self._reader = asyncio.create_task(self._read())
 
