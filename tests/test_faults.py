@@ -181,6 +181,13 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
                     self.assertEqual(len(events), 4)
                     self.assertIn(b'"bad_gateway"', events[-1])
                     self.assertNotIn(b"[DONE]", body)
+                    # Counted as what it was: a failure of that backend, not a success.
+                    self.assertEqual(
+                        (lb.balancer.stats.failed, lb.balancer.stats.succeeded), (1, 0)
+                    )
+                    self.assertEqual(
+                        lb.balancer.stats.backend(lb.balancer.registry.backends[0].name).failed, 1
+                    )
                     # Non-streaming: the whole answer or a clean 502, never half a body.
                     response = await self.post(lb.url, chat("crash"))
                     self.assertEqual(response.status_code, 502)

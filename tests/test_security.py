@@ -7,6 +7,7 @@ not have (it records every request line and header).
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import unittest
@@ -237,6 +238,20 @@ class SecurityTest(unittest.IsolatedAsyncioTestCase):
             sims(SimConfig(slots=1, profile="test")) as (sim,),
             balancer_for([sim], admin_keys=["root"], monitor_requires_admin=True) as lb,
         ):
+            basic = {"Authorization": "Basic " + base64.b64encode(b"ops:root").decode()}
+            page = await self.http.get(lb.url + "/monitor")
+            self.assertEqual(page.headers["www-authenticate"], 'Basic realm="llamacpp-ha monitor"')
+            self.assertEqual(
+                (await self.http.get(lb.url + "/monitor", headers=basic)).status_code, 200
+            )
+            wrong = {"Authorization": "Basic " + base64.b64encode(b"ops:nope").decode()}
+            self.assertEqual(
+                (await self.http.get(lb.url + "/monitor", headers=wrong)).status_code, 401
+            )
+            # Basic is for the browser on the monitor only, not for the admin API.
+            self.assertEqual(
+                (await self.http.get(lb.url + "/admin/backends", headers=basic)).status_code, 401
+            )
             for path in ("/monitor", "/monitor/data", "/metrics"):
                 self.assertEqual((await self.http.get(lb.url + path)).status_code, 401, path)
                 self.assertEqual(

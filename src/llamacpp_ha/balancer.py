@@ -258,6 +258,7 @@ class Balancer:
                 if usage.cache_hit_ratio is None
                 else round(usage.cache_hit_ratio, 3),
                 "client_disconnected": result.client_disconnected or None,
+                "mid_stream": result.mid_stream or None,
                 "error": result.error,
             },
         )

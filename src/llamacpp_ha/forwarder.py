@@ -169,6 +169,7 @@ class ExchangeResult:
     client_disconnected: bool = False
     error: str | None = None
     error_code: str | None = None
+    mid_stream: bool = False  # the failure came after the response had started
     usage: Usage = field(default_factory=Usage)
 
 
@@ -467,7 +468,10 @@ class RelayResponse(Response):
                 await send_error(send, error)
             else:
                 # Headers are gone; the client must still learn the stream did not end well,
-                # so it gets an error event and never the final `data: [DONE]`.
+                # so it gets an error event and never the final `data: [DONE]`. For stats,
+                # metrics and logs the exchange failed, whatever the status line said.
+                self.result.status = error.status
+                self.result.mid_stream = True
                 event = b"data: " + error.body_bytes() + b"\n\n"
                 await self._send_body(send, event, more=False)
         except (_ClientTooSlow, OSError):

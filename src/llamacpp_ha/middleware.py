@@ -6,6 +6,7 @@ buffered and a client disconnect still reaches the endpoint.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import ipaddress
@@ -107,9 +108,11 @@ class ApiKeyMiddleware:
         path: str = scope["path"]
         try:
             keyring = self._keyring
-            if path.startswith("/admin/") or (
-                path in self.MONITOR_PATHS and keyring.monitor_requires_admin
-            ):
+            if path in self.MONITOR_PATHS and keyring.monitor_requires_admin:
+                # A browser opening the page can only send Basic credentials: the admin key as
+                # the password (any user name) is accepted here, and here only.
+                state(scope)["admin_key"] = self._authenticate_admin(scope, allow_basic=True)
+            elif path.startswith("/admin/"):
                 state(scope)["admin_key"] = self._authenticate_admin(scope)
             elif path not in self.OPEN_PATHS and path not in self.MONITOR_PATHS and keyring.client:
                 state(scope)["client_key"] = self._authenticate(scope, keyring.client)
@@ -119,26 +122,40 @@ class ApiKeyMiddleware:
             return
         await self.app(scope, receive, send)
 
-    def _authenticate_admin(self, scope: Scope) -> ClientKey:
+    def _authenticate_admin(self, scope: Scope, *, allow_basic: bool = False) -> ClientKey:
         keyring = self._keyring
         if not keyring.admin:
             raise Forbidden("admin endpoints are disabled: no admin key is configured")
+        refused = _BasicChallenge if allow_basic else Unauthorized
         try:
-            return self._authenticate(scope, keyring.admin)
-        except Unauthorized:
-            if keyring.client and _find(_presented_digest(scope), keyring.client) is not None:
-                raise Forbidden("this endpoint needs an admin key") from None
-            raise
+            digest = _presented_digest(scope, allow_basic)
+        except Unauthorized as error:
+            raise refused(error.message) from None
+        key = _find(digest, keyring.admin)
+        if key is not None:
+            return key
+        if keyring.client and _find(digest, keyring.client) is not None:
+            raise Forbidden("this endpoint needs an admin key")
+        raise refused("invalid API key")
 
     @staticmethod
-    def _authenticate(scope: Scope, keys: Sequence[ClientKey]) -> ClientKey:
-        key = _find(_presented_digest(scope), keys)
+    def _authenticate(
+        scope: Scope, keys: Sequence[ClientKey], *, allow_basic: bool = False
+    ) -> ClientKey:
+        key = _find(_presented_digest(scope, allow_basic), keys)
         if key is None:
             raise Unauthorized("invalid API key")
         return key
 
 
-def _presented_digest(scope: Scope) -> bytes:
+class _BasicChallenge(Unauthorized):
+    """Asks a browser for credentials (the admin key as the password)."""
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Basic realm="llamacpp-ha monitor"'}
+
+
+def _presented_digest(scope: Scope, allow_basic: bool = False) -> bytes:
     presented = [v for k, v in scope["headers"] if k in (b"authorization", b"x-api-key")]
     if not presented:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
@@ -147,6 +164,12 @@ def _presented_digest(scope: Scope) -> bytes:
     value = presented[0]
     if _header(scope["headers"], b"authorization") is not None:
         scheme, _, token = value.partition(b" ")
+        if allow_basic and scheme.lower() == b"basic":
+            try:
+                _, _, password = base64.b64decode(token.strip(), validate=True).partition(b":")
+            except ValueError:
+                raise Unauthorized("malformed Basic credentials") from None
+            return hashlib.sha256(password).digest()
         if scheme.lower() != b"bearer" or not token.strip():
             raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
         value = token.strip()

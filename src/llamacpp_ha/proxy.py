@@ -115,6 +115,10 @@ def create_app(config: ProxyConfig) -> FastAPI:
 
     balancer.endpoints = frozenset(getattr(route, "path", "") for route in app.routes)
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(status_code=204)  # browsers on /monitor ask; not a client error
+
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         return JSONResponse({"object": "list", "data": balancer.registry.model_list()})

@@ -295,7 +295,7 @@ class Registry:
         except TimeoutError:
             raise _PollFailed(Health.DEAD, f"GET {path} timed out") from None
         except aiohttp.ClientError as exc:
-            raise _PollFailed(Health.DEAD, f"GET {path}: {type(exc).__name__}") from None
+            raise _PollFailed(Health.DEAD, f"GET {path}: {_describe(exc)}") from None
 
     async def _check_health(self, backend: BackendState) -> None:
         status, body = await self._get(backend, "/health")
@@ -364,3 +364,18 @@ def _error_message(body: Any) -> str:
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         return str(body["error"].get("message", ""))
     return ""
+
+
+def _describe(exc: aiohttp.ClientError) -> str:
+    """In words, for operators: aiohttp's class names stay inside this module."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return "TLS handshake failed"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connection refused"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "connection closed without an answer"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return "invalid HTTP response"
+    if isinstance(exc, aiohttp.ClientOSError):
+        return "connection reset"
+    return "request failed"
