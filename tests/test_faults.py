@@ -182,6 +182,7 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
                     self.assertIn(b'"bad_gateway"', events[-1])
                     self.assertNotIn(b"[DONE]", body)
                     # Counted as what it was: a failure of that backend, not a success.
+                    await wait_until(lambda lb=lb: lb.balancer.stats.in_flight == 0)
                     self.assertEqual(
                         (lb.balancer.stats.failed, lb.balancer.stats.succeeded), (1, 0)
                     )
