@@ -53,6 +53,7 @@ _DROPPED_RESPONSE_HEADERS = frozenset(
         "date",
         "server",
         "access-control-allow-origin",
+        "x-accel-buffering",  # set once by us on streams
     }
 )
 _CHUNK_BYTES = 64 * 1024
