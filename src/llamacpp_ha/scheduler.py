@@ -133,27 +133,31 @@ class Scheduler:
             self._drain()
 
     def _drain(self) -> None:
-        room = any(b.slots.free > 0 for b in self._registry.backends)
+        # Most queued requests share a model and exclude nothing: compute each distinct
+        # eligibility once per drain, not once per entry.
+        eligible_for: dict[tuple[str | None, frozenset[str]], list[BackendState]] = {}
         for entry in self._queue:
             assert entry.future is not None
             if entry.future.done():  # cancelled by its waiter; it removes itself
                 continue
-            if not self.can_serve(entry.routing):
+            key = (entry.routing.model, entry.routing.exclude)
+            if key not in eligible_for:
+                eligible_for[key] = self._eligible(entry.routing)
+            eligible = eligible_for[key]
+            if not eligible:
                 # Every backend that could serve it is down: fail now rather than let it wait
                 # out its timeout for a capacity that is not coming back soon.
                 self._queue.remove(entry)
                 entry.future.set_exception(_no_backend(entry.routing))
                 continue
-            if not room:
-                continue
-            backend = self._place(entry.routing)
+            backend = self._place(entry.routing, eligible)
             if backend is not None:
                 self._queue.remove(entry)
                 entry.future.set_result(backend)
-                room = any(b.slots.free > 0 for b in self._registry.backends)
 
-    def _place(self, routing: RoutingRequest) -> BackendState | None:
-        eligible = self._eligible(routing)
+    def _place(self, routing: RoutingRequest, eligible: list[BackendState]) -> BackendState | None:
+        if not any(b.slots.free > 0 for b in eligible):
+            return None
         candidates = [
             BackendCandidate(name=b.name, free_slots=b.slots.free, total_slots=b.slots.total)
             for b in eligible
