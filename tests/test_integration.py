@@ -21,9 +21,8 @@ def app_with(**overrides: object):  # type: ignore[no-untyped-def]
 
 class ErrorShapeTest(unittest.TestCase):
     def setUp(self) -> None:
-        self.client = TestClient(app_with(max_body_size=1000))
-        self.client.__enter__()
-        self.addCleanup(self.client.__exit__, None, None, None)
+        # The context manager form runs the app's lifespan (scheduler, poller, client session).
+        self.client = self.enterContext(TestClient(app_with(max_body_size=1000)))
 
     def assertError(self, response, status: int, code: str | None = None) -> None:  # type: ignore[no-untyped-def]
         self.assertEqual(response.status_code, status, response.text)
@@ -111,9 +110,7 @@ class ErrorShapeTest(unittest.TestCase):
 
 class AuthTest(unittest.TestCase):
     def setUp(self) -> None:
-        self.client = TestClient(app_with(api_keys=["key-one", "key-two"]))
-        self.client.__enter__()
-        self.addCleanup(self.client.__exit__, None, None, None)
+        self.client = self.enterContext(TestClient(app_with(api_keys=["key-one", "key-two"])))
 
     def post(self, headers: dict[str, str]):  # type: ignore[no-untyped-def]
         return self.client.post("/v1/chat/completions", content=b"{bad", headers=headers)
