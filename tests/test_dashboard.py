@@ -157,9 +157,15 @@ class DashboardTest(unittest.IsolatedAsyncioTestCase):
         async with (
             sims(*fleet) as backends,
             balancer_for(
-                backends, eject_after_failures=1, max_ejected_fraction=0.5, max_queue=0
+                backends,
+                eject_after_failures=1,
+                max_ejected_fraction=0.5,
+                max_queue=0,
+                api_keys=[{"id": "dashboard", "key": "dashboard-key"}],
             ) as lb,
-            httpx.AsyncClient(base_url=lb.url, timeout=10) as http,
+            httpx.AsyncClient(
+                base_url=lb.url, timeout=10, headers={"Authorization": "Bearer dashboard-key"}
+            ) as http,
         ):
             stats, registry = lb.balancer.stats, lb.balancer.registry
             # The same prompt again until a backend answers it from its prompt cache.

@@ -271,9 +271,11 @@ class Balancer:
         label = endpoint if endpoint in self.endpoints else "other"
         self.stats.count_answered_early(status, code)
         self.metrics.requests.labels(label, "", "none", str(status)).inc()
+        key = context.get("client_key")
+        if key is not None:
+            self.metrics.key_requests.labels(key.id, str(status)).inc()
         if code in CAPACITY_CODES:
             self.metrics.rejected(code)
-        key = context.get("client_key")
         logs.access(
             f"{endpoint} {status}",
             {

@@ -2,8 +2,8 @@
 
 Counters and histograms are updated as requests end; what describes the fleet right now
 (slots, states, queue depth) is read at scrape time by `FleetCollector`, so it cannot drift.
-Labels are bounded: endpoint (a fixed list), backend (configured), model (served ids), status.
-Never a key, a key id or a prompt.
+Labels are bounded: endpoint (a fixed list), backend (configured), model (served ids), status,
+key id (configured ids). Never a key or a prompt.
 """
 
 from __future__ import annotations
@@ -86,6 +86,10 @@ class Metrics:
         self.ejections = Counter(
             f"{PREFIX}_ejections", "Backends ejected after failures", ["backend"], registry=r
         )
+        self.key_requests = Counter(
+            f"{PREFIX}_key_requests", "Requests by client key id (configured ids, never keys)",
+            ["key_id", "status"], registry=r,
+        )  # fmt: skip
         self.disconnects = Counter(
             f"{PREFIX}_client_disconnects", "Clients that left before the end", registry=r
         )
@@ -109,6 +113,8 @@ class Metrics:
             self.disconnects.inc()
         status = "disconnected" if result.client_disconnected else str(result.status)
         self.requests.labels(result.endpoint, model, backend, status).inc()
+        if result.key_id is not None:
+            self.key_requests.labels(result.key_id, status).inc()
         if result.attempts > 1:
             self.retries.inc(result.attempts - 1)
         if result.status == 200 and not result.client_disconnected:
