@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,11 +128,13 @@ def _host_port(url: str) -> str:
     return url.split("://", 1)[1].rstrip("/")
 
 
-async def _poll_ready(check: Callable[[aiohttp.ClientSession], object], deadline: float) -> bool:
+async def _poll_ready(
+    child: procs.Child, check: Callable[[aiohttp.ClientSession], Awaitable[bool]], deadline: float
+) -> bool:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and child.alive():
             try:
-                if await check(session):  # type: ignore[misc]
+                if await check(session):
                     return True
             except (aiohttp.ClientError, TimeoutError, ValueError):
                 pass
@@ -140,9 +142,11 @@ async def _poll_ready(check: Callable[[aiohttp.ClientSession], object], deadline
     return False
 
 
-def _wait_ready(child: procs.Child, check: Callable[[aiohttp.ClientSession], object]) -> None:
+def _wait_ready(
+    child: procs.Child, check: Callable[[aiohttp.ClientSession], Awaitable[bool]]
+) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    ok = asyncio.run(_poll_ready(check, deadline))
+    ok = asyncio.run(_poll_ready(child, check, deadline))
     if not ok or not child.alive():
         tail = child.log_tail()
         child.stop()
@@ -182,7 +186,22 @@ def _ha_starter(routing: str) -> Callable[[list[str], list[int], Path, str | Non
 
 
 def _ha_version() -> str:
-    return f"{_pkg_version('llamacpp-ha')} (git {_git_commit()})"
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.find_spec("llamacpp_ha")
+    origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+    where = f"git {_git_commit()}"
+    if origin is None or root not in origin.parents:
+        where += f", imported from {origin.parent if origin else '?'}"
+    else:
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "src"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        if dirty:
+            where += ", src/ modified"
+    return f"{_pkg_version('llamacpp-ha')} ({where})"
 
 
 # -- nginx -----------------------------------------------------------------------------------
@@ -193,7 +212,8 @@ def _nginx_starter(method: str) -> Callable[[list[str], list[int], Path, str | N
         binary = _which("nginx")
         assert binary is not None
         port = procs.free_port()
-        prefix = log_dir / f"nginx-{method}"
+        # Absolute: nginx resolves relative paths against its -p prefix, not our directory.
+        prefix = (log_dir / f"nginx-{method}").resolve()
         for sub in ("tmp/body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"):
             (prefix / sub).mkdir(parents=True, exist_ok=True)
         # weight = slots: a careful operator's round robin sends a 4-slot box twice the
@@ -246,7 +266,7 @@ http {{
     return start
 
 
-def _tcp_open(port: int) -> Callable[[aiohttp.ClientSession], object]:
+def _tcp_open(port: int) -> Callable[[aiohttp.ClientSession], Awaitable[bool]]:
     async def check(session: aiohttp.ClientSession) -> bool:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)

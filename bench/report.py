@@ -144,6 +144,64 @@ def overhead_table(over: list[OverheadResult], labels: dict[str, str]) -> list[s
     return lines
 
 
+def summary_table(
+    results: list[RunResult], context: dict[str, Any], labels: dict[str, str]
+) -> list[str]:
+    names = [w["name"] for w in context["workloads"]]
+    lines = [
+        "Time to first token p50 / p99 (ms, wall clock) and prompt cache hit rate; **bold** "
+        "marks runs with failed or rejected requests.",
+        "",
+        "| contender | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "|---|" + "--:|" * len(names),
+    ]
+    for key, label in labels.items():
+        cells = []
+        for name in names:
+            r = next((x for x in results if x.contender == key and x.workload == name), None)
+            if r is None:
+                cells.append("n/a")
+                continue
+            cell = f"{_f(r.ttft_ms['p50'])} / {_f(r.ttft_ms['p99'])} · {_pct(r.hit_rate)}"
+            cells.append(f"**{cell}**" if r.failed or r.rejected else cell)
+        if any(c != "n/a" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    ceilings = [f"{_pct(context['ceilings'][n])}" for n in names]
+    lines.append("| *hit-rate ceiling* | " + " | ".join(ceilings) + " |")
+    return lines
+
+
+CONFIGURATIONS = """\
+## How each contender was configured
+
+- **direct**: no balancer. In the workloads, the client pins each session (a Mooncake
+  conversation, a single request) to one backend by a hash of its id, spread in proportion to
+  slots: a perfectly sticky balancer with no hop, no queue and no view of load. In the overhead
+  section, the one backend.
+- **llamacpp-ha**: its defaults (poll interval 1 s, queue timeout 60 s), `--routing affinity`
+  (the default) and `--routing round-robin`.
+- **nginx**: one worker, `upstream` with `weight` = slots per server (round robin, and
+  `least_conn`, which divides active connections by weight), `keepalive 256`,
+  `proxy_http_version 1.1`, `proxy_buffering off`, `proxy_request_buffering off`. Open-source
+  nginx has no upstream queue, so no `max_conns`.
+- **HAProxy**: `nbthread 1`, `balance leastconn`, `maxconn` = slots per server, `timeout queue
+  60s`, `option http-no-delay`. Without that last option HAProxy holds each SSE chunk until
+  the next one arrives (about 100 ms added per chunk at 10 chunks/s, measured while setting
+  this up), which no one streaming tokens would accept.
+- **SGLang router**: `python -m sglang_router.launch_router --policy cache_aware` and
+  `--policy round_robin`, otherwise its defaults. With the default `balance_abs_threshold` of
+  64, a 12-slot fleet never counts as imbalanced, so `cache_aware` always routes by prefix.
+  Seen with strace: it writes a response's headers and first chunks in separate small segments
+  without `TCP_NODELAY`, so on a kept-alive client connection the first chunks can wait for
+  the client's delayed ACK (about 40 ms).
+- **LiteLLM proxy**: 1.106.12, the newest release tried whose `[proxy]` extra installs from
+  PyPI here (1.108.14 and 1.110.2 pin `litellm-proxy-extras`/`litellm-proxy` releases the index
+  does not serve; the index offers no 1.107.0). One worker, `routing_strategy: least-busy`, one
+  deployment per backend, a random master key (it refuses to start without one). It strips
+  llama-server's `timings` from the stream; the backends' counters are used instead.
+"""
+
+
 CAVEATS = """\
 ## What this machine cannot show, and how each figure was isolated
 
@@ -226,7 +284,10 @@ def write(
         lines.append(f"| {label} | {context['versions'].get(key, '-')} | {status} |")
     if context["failures"]:
         lines += ["", "Runs that did not complete:", ""]
-        lines += [f"- {k}: {v.splitlines()[0][:300]}" for k, v in context["failures"].items()]
+        lines += [f"- {k}: {' '.join(v.split())[:300]}" for k, v in context["failures"].items()]
+    if results:
+        lines += ["", "## Summary", ""]
+        lines += summary_table(results, context, labels)
     for w in context["workloads"]:
         mine = [r for r in results if r.workload == w["name"]]
         lines += ["", f"## {w['title']} (`{w['name']}`)", "", w["description"] + ".", ""]
@@ -252,5 +313,6 @@ def write(
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{p}]({p})" for p in plots]
-    lines += ["", CAVEATS]
+    lines += ["", CONFIGURATIONS, CAVEATS]
+    lines += ["", "Raw numbers of every run: `results.json` beside this file."]
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")

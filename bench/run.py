@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     contenders = [c for c in everyone if c.key in keys]
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    log_dir = out / "logs"
+    log_dir = out.resolve() / "logs"
 
     unavailable = {c.key: r for c in contenders if (r := c.unavailable_reason()) is not None}
     usable = [c for c in contenders if c.key not in unavailable]

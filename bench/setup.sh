@@ -13,8 +13,8 @@ VENV=bench/.venv
 LOGS=$VENV/setup-logs
 # Exact pins: a benchmark that silently upgrades its peers is not reproducible.
 SGLANG_ROUTER=sglang-router==0.3.2
-# 1.106.12: the newest release whose [proxy] extra resolves from PyPI here (later ones pin
-# litellm-proxy and litellm-proxy-extras releases the registry does not serve).
+# 1.106.12: the newest release tried whose [proxy] extra resolves from PyPI here (1.108.14 and
+# 1.110.2 pin litellm-proxy-extras / litellm-proxy releases the index does not serve).
 LITELLM='litellm[proxy]==1.106.12'
 MATPLOTLIB=matplotlib==3.11.2
 
