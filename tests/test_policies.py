@@ -6,6 +6,7 @@ from collections import Counter
 from llamacpp_ha.policies import (
     AffinityPolicy,
     BackendCandidate,
+    LeastBusyPolicy,
     Policy,
     RoundRobinPolicy,
     RoutingRequest,
@@ -83,6 +84,28 @@ class RoundRobinTest(PolicyContract, unittest.TestCase):
         self.assertEqual(policy.select(fewer, RoutingRequest(model="m")), "b2")
 
 
+class LeastBusyTest(PolicyContract, unittest.TestCase):
+    def make(self) -> Policy:
+        return LeastBusyPolicy()
+
+    def test_prefers_the_emptiest_share(self) -> None:
+        fleet = [
+            BackendCandidate(name="big", free_slots=2, total_slots=4),  # half busy
+            BackendCandidate(name="small", free_slots=1, total_slots=1),  # idle
+        ]
+        self.assertEqual(self.make().select(fleet, RoutingRequest(model="m")), "small")
+
+    def test_rotates_among_equals(self) -> None:
+        policy = self.make()
+        picks = [policy.select(candidates(4, 4), RoutingRequest(model="m")) for _ in range(4)]
+        self.assertEqual(picks, ["b0", "b1", "b0", "b1"])
+
+
+class AffinityLeastBusyTest(PolicyContract, unittest.TestCase):
+    def make(self) -> Policy:
+        return AffinityPolicy(fallback=LeastBusyPolicy())
+
+
 class AffinityTest(PolicyContract, unittest.TestCase):
     def make(self) -> Policy:
         return AffinityPolicy(fallback=RoundRobinPolicy())
@@ -114,6 +137,8 @@ class BuildPolicyTest(unittest.TestCase):
     def test_names(self) -> None:
         self.assertIsInstance(build_policy("round-robin"), RoundRobinPolicy)
         self.assertIsInstance(build_policy("affinity"), AffinityPolicy)
+        self.assertIsInstance(build_policy("least-busy"), LeastBusyPolicy)
+        self.assertIsInstance(build_policy("affinity-least-busy"), AffinityPolicy)
         with self.assertRaises(ValueError):
             build_policy("random")
 

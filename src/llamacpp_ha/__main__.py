@@ -18,7 +18,10 @@ from .config import ConfigError, ProxyConfig, build_config
 _FLAGS: dict[str, tuple[str, str]] = {
     "--host": ("host", "address to listen on (default 127.0.0.1)"),
     "--port": ("port", "port to listen on (default 8000)"),
-    "--routing": ("routing", "affinity (default) or round-robin"),
+    "--routing": (
+        "routing",
+        "affinity (default), affinity-least-busy, round-robin or least-busy",
+    ),
     "--poll-interval": ("poll_interval_s", "seconds between polls of each backend (default 1)"),
     "--queue-timeout": ("queue_timeout_s", "seconds a request may wait for a slot (default 60)"),
     "--max-queue": ("max_queue", "requests that may wait before 503 queue_full (default 1024)"),

@@ -142,7 +142,7 @@ class ProxyConfig(BaseSettings):
     max_json_depth: int = Field(default=64, ge=2)
     max_tokens_cap: int | None = Field(default=None, gt=0)
     log_format: Literal["text", "json"] = "text"
-    routing: Literal["affinity", "round-robin"] = "affinity"
+    routing: Literal["affinity", "affinity-least-busy", "round-robin", "least-busy"] = "affinity"
     poll_interval_s: float = Field(default=1.0, gt=0)
     queue_timeout_s: float = Field(default=60.0, gt=0)
     max_queue: int = Field(default=1024, ge=0)

@@ -5,6 +5,9 @@ A policy is synchronous and pure with respect to the fleet: it sees frozen snaps
 
 - `RoundRobinPolicy`: per model, the next backend in name order after the last one picked,
   skipping backends with no free slot. Spreads load evenly; ignores caches.
+- `LeastBusyPolicy`: the backend with the smallest share of its slots busy (ties in name order
+  after the last pick). Suits fleets of unequal size and keeps every backend's batch small, which
+  is when llama-server decodes fastest.
 - `AffinityPolicy`: the backend that last served this conversation's longest known prefix
   (resolved by the scheduler from the session store), if it has a free slot; otherwise the
   fallback policy. A follow-up turn then lands where its prompt is already cached.
@@ -62,6 +65,22 @@ class RoundRobinPolicy:
         return None
 
 
+class LeastBusyPolicy:
+    def __init__(self) -> None:
+        self._rotation = RoundRobinPolicy()
+
+    def select(self, candidates: Sequence[BackendCandidate], request: RoutingRequest) -> str | None:
+        free = [c for c in candidates if c.free_slots > 0]
+        if not free:
+            return None
+        least = min(_busy_share(c) for c in free)
+        return self._rotation.select([c for c in free if _busy_share(c) == least], request)
+
+
+def _busy_share(candidate: BackendCandidate) -> float:
+    return 1 - candidate.free_slots / candidate.total_slots if candidate.total_slots else 1.0
+
+
 class AffinityPolicy:
     def __init__(self, fallback: Policy) -> None:
         self._fallback = fallback
@@ -77,6 +96,10 @@ class AffinityPolicy:
 def build_policy(name: str) -> Policy:
     if name == "round-robin":
         return RoundRobinPolicy()
+    if name == "least-busy":
+        return LeastBusyPolicy()
     if name == "affinity":
         return AffinityPolicy(fallback=RoundRobinPolicy())
+    if name == "affinity-least-busy":
+        return AffinityPolicy(fallback=LeastBusyPolicy())
     raise ValueError(f"unknown routing policy {name!r}")
