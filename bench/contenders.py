@@ -110,7 +110,8 @@ def _command_version(command: list[str]) -> str:
     except OSError as exc:
         return f"unknown ({exc})"
     text = (done.stdout + done.stderr).strip().splitlines()
-    return text[0] if text else "unknown"
+    # "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://..." -> the part before " - ".
+    return text[0].split(" - ")[0].strip() if text else "unknown"
 
 
 def _git_commit() -> str:

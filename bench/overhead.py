@@ -10,6 +10,7 @@ before the delay it adds to a chunk exceeds 20 ms at the 99th percentile.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import sys
 import time
@@ -46,7 +47,7 @@ class OverheadPlan:
     cpu_stream_tick_ms: float = 10.0
     cpu_streams_s: float = 3.0
     open_streams: int = 256
-    ramp: tuple[int, ...] = (16, 64, 128, 256, 512)
+    ramp: tuple[int, ...] = (16, 32, 64, 128, 192, 256, 384, 512)
     ramp_chunks: int = 15
     ramp_tick_ms: float = 100.0
 
@@ -235,13 +236,27 @@ async def measure(
             result.rss_idle_mb, result.rss_kb_per_stream = await _memory(http, running, pid, plan)
         for n in plan.ramp:
             stats, failures = await _relay_step(http, running, n, plan)
+            base = (baseline_relay or {}).get(n) or stats
+            if _over(stats, base):
+                # One hiccup of a shared 2-core machine must not end the ramp: a step over the
+                # limit is run again and the better p99 kept; a real limit fails twice.
+                again, failures_again = await _relay_step(http, running, n, plan)
+                failures += failures_again
+                if (again.get("p99") or math.inf) < (stats.get("p99") or math.inf):
+                    stats = again
             result.relay_ms[n] = stats
             result.failures += failures
-            if baseline_relay is not None and n in baseline_relay:
-                added = _added(stats, baseline_relay[n])
-                if added is not None and added > RELAY_LIMIT_MS:
-                    break
+            if baseline_relay is not None and _over(stats, base):
+                break
     return result
+
+
+def _over(stats: dict[str, float | None], base: dict[str, float | None]) -> bool:
+    """True when this step adds more than the limit over direct (or, for direct, exceeds it)."""
+    if stats is base:
+        return (stats.get("p99") or 0.0) > RELAY_LIMIT_MS
+    added = _added(stats, base)
+    return added is not None and added > RELAY_LIMIT_MS
 
 
 def _added(stats: dict[str, float | None], base: dict[str, float | None]) -> float | None:
@@ -250,14 +265,31 @@ def _added(stats: dict[str, float | None], base: dict[str, float | None]) -> flo
     return float(stats["p99"]) - float(base["p99"])  # type: ignore[arg-type]
 
 
+def generator_limit(baseline: dict[int, dict[str, float | None]]) -> int | None:
+    """Most streams the load generator itself relays (direct) under the limit."""
+    best: int | None = None
+    for n in sorted(baseline):
+        if (baseline[n].get("p99") or math.inf) > RELAY_LIMIT_MS:
+            break
+        best = n
+    return best
+
+
 def carried_streams(
     result: OverheadResult, baseline: dict[int, dict[str, float | None]]
-) -> tuple[int | None, bool]:
-    """Most streams with added p99 relay delay <= 20 ms, and whether the ramp never broke."""
+) -> tuple[int | None, str]:
+    """Most streams with added p99 relay delay <= 20 ms, and why the count stops there.
+
+    The reason is ``limit`` (the next step broke it), ``generator`` (direct itself broke it at
+    the next step, so nothing above can be measured here) or ``max`` (the ramp ended).
+    """
     best: int | None = None
+    ceiling = generator_limit(baseline)
     for n in sorted(result.relay_ms):
+        if ceiling is None or n > ceiling:
+            return best, "generator"
         added = _added(result.relay_ms[n], baseline.get(n, {}))
         if added is None or added > RELAY_LIMIT_MS:
-            return best, False
+            return best, "limit"
         best = n
-    return best, True
+    return best, "max"
