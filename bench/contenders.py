@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+import typing
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -184,6 +185,22 @@ def _ha_starter(routing: str) -> Callable[[list[str], list[int], Path, str | Non
         return Running(base_url=base, child=child)
 
     return start
+
+
+def ha_policies() -> list[str]:
+    """Every routing policy the installed llamacpp-ha offers, its default first."""
+    from llamacpp_ha.config import ProxyConfig
+
+    field = ProxyConfig.model_fields["routing"]
+    names = [str(n) for n in typing.get_args(field.annotation)] or [str(field.default)]
+    default = ha_default_policy()
+    return [default, *sorted(n for n in names if n != default)]
+
+
+def ha_default_policy() -> str:
+    from llamacpp_ha.config import ProxyConfig
+
+    return str(ProxyConfig.model_fields["routing"].default)
 
 
 def _ha_version() -> str:
@@ -437,21 +454,16 @@ def roster() -> list[Contender]:
     litellm_v = lambda: "litellm " + _pkg_version("litellm")  # noqa: E731
     return [
         Contender("direct", "direct", "direct", _start_direct, _always, lambda: "-"),
-        Contender(
-            "ha-affinity",
-            "llamacpp-ha",
-            "llamacpp-ha (affinity, default)",
-            _ha_starter("affinity"),
-            _always,
-            _ha_version,
-        ),
-        Contender(
-            "ha-rr",
-            "llamacpp-ha",
-            "llamacpp-ha (round-robin)",
-            _ha_starter("round-robin"),
-            _always,
-            _ha_version,
+        *(
+            Contender(
+                f"ha-{policy}",
+                "llamacpp-ha",
+                f"llamacpp-ha ({policy}{', default' if policy == default else ''})",
+                _ha_starter(policy),
+                _always,
+                _ha_version,
+            )
+            for policy, default in [(p, ha_default_policy()) for p in ha_policies()]
         ),
         Contender(
             "nginx-rr",

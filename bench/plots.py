@@ -18,7 +18,9 @@ from bench.overhead import RELAY_LIMIT_MS, OverheadResult
 _COLORS = {
     "direct": "#888888",
     "ha-affinity": "#d62728",
-    "ha-rr": "#ff9896",
+    "ha-affinity-least-busy": "#ff7f0e",
+    "ha-least-busy": "#ffbb78",
+    "ha-round-robin": "#ff9896",
     "nginx-rr": "#2ca02c",
     "nginx-lc": "#98df8a",
     "haproxy": "#1f77b4",

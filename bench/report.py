@@ -191,8 +191,8 @@ CONFIGURATIONS = """\
   conversation, a single request) to one backend by a hash of its id, spread in proportion to
   slots: a perfectly sticky balancer with no hop, no queue and no view of load. In the overhead
   section, the one backend.
-- **llamacpp-ha**: its defaults (poll interval 1 s, queue timeout 60 s), `--routing affinity`
-  (the default) and `--routing round-robin`.
+- **llamacpp-ha**: its defaults (poll interval 1 s, queue timeout 60 s) with each routing
+  policy it offers: HA_POLICIES (the first is its default).
 - **nginx**: one worker, `upstream` with `weight` = slots per server (round robin, and
   `least_conn`, which divides active connections by weight), `keepalive 256`,
   `proxy_http_version 1.1`, `proxy_buffering off`, `proxy_request_buffering off`. Open-source
@@ -326,6 +326,7 @@ def write(
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{p}]({p})" for p in plots]
-    lines += ["", CONFIGURATIONS, CAVEATS]
+    policies = ", ".join(f"`--routing {p}`" for p in context.get("ha_policies", [])) or "none"
+    lines += ["", CONFIGURATIONS.replace("HA_POLICIES", policies), CAVEATS]
     lines += ["", "Raw numbers of every run: `results.json` beside this file."]
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")

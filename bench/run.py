@@ -28,13 +28,14 @@ import aiohttp
 
 from bench import ceiling, fleet, loadgen, metrics, overhead, procs, report
 from bench import workloads as wl
-from bench.contenders import Contender, Running, roster
+from bench.contenders import Contender, Running, ha_default_policy, roster
 
 SEED = 20251127
 FULL_TIME_SCALE = 4.0
 SMOKE_TIME_SCALE = 20.0
-SMOKE_CONTENDERS = ("direct", "ha-affinity")
-OVERHEAD_CONTENDERS = ("direct", "ha-affinity", "nginx-lc", "haproxy", "sglang-ca", "litellm")
+# llamacpp-ha runs with its default policy (ha-<default>) in the smoke and overhead runs.
+SMOKE_CONTENDERS = ("direct", "ha-default")
+OVERHEAD_CONTENDERS = ("direct", "ha-default", "nginx-lc", "haproxy", "sglang-ca", "litellm")
 
 
 def full_workloads(seed: int) -> list[wl.Workload]:
@@ -208,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         wanted = set(args.workloads.split(","))
         workloads = [w for w in workloads if w.name in wanted]
     everyone = roster()
+    default_ha = f"ha-{ha_default_policy()}"
     keys = SMOKE_CONTENDERS if args.smoke else tuple(c.key for c in everyone)
+    keys = tuple(default_ha if k == "ha-default" else k for k in keys)
     if args.contenders:
         keys = tuple(k for k in keys if k in args.contenders.split(","))
     contenders = [c for c in everyone if c.key in keys]
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             raw.setdefault(workload.name, {})[contender.key] = outcomes
             print(
-                f"  {contender.key:<12} {report.run_line(result)} [{time.monotonic() - t:.1f} s]",
+                f"  {contender.key:<22} {report.run_line(result)} [{time.monotonic() - t:.1f} s]",
                 flush=True,
             )
 
@@ -260,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     over: list[overhead.OverheadResult] = []
     if not args.no_overhead:
         print("bench: overhead against the timestamping backend", flush=True)
-        chosen = [c for c in usable if c.key in OVERHEAD_CONTENDERS]
+        wanted = {default_ha if k == "ha-default" else k for k in OVERHEAD_CONTENDERS}
+        chosen = [c for c in usable if c.key in wanted]
         over, problems = run_overhead(chosen, plan, log_dir, cpus)
         failures.update({f"overhead/{k}": v for k, v in problems.items()})
 
@@ -288,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "ceilings": ceilings,
         "labels": {c.key: c.label for c in contenders},
+        "ha_policies": [c.key.removeprefix("ha-") for c in contenders if c.family == "llamacpp-ha"],
         "runtime_s": 0.0,
         "open_streams": plan.open_streams,
     }
