@@ -245,13 +245,26 @@ CAVEATS = """\
 - **Cold start every run.** A new fleet is started for every (workload, contender) pair, so no
   contender inherits another's warm caches, and the balancer is started fresh in front of it.
 - **Small samples.** Each run is a few hundred requests at most: p99 is close to the maximum
-  and moves by tens of percent between runs; p50 and p90 are steadier. The seed fixes the
-  workload, not the scheduling noise of a shared machine.
+  and moves by tens of percent between runs; p50 and p90 are steadier, except at saturation,
+  where p50 too moved by 10-20% between full runs while this harness was built, and a policy
+  that piles load on one backend (SGLang's `cache_aware`) by a factor of 3. The seed fixes the
+  workload, not the scheduling noise of a shared machine: compare contenders within a run.
 - **Turns wait for replies.** Sessions arrive open-loop (Poisson), but a session's next turn
   is sent a think time after the previous reply, as a person would; a slow balancer delays a
   session's later turns, which lowers its offered load a little. Single-request workloads
   (random, Mooncake, bursts) are fully open-loop.
 """
+
+
+def rewrite(out: Path) -> None:
+    """Write RESULTS.md again from ``results.json`` (after a change to this module's text)."""
+    data = json.loads((out / "results.json").read_text())
+    results = [RunResult(**r) for r in data["runs"]]
+    over = []
+    for o in data["overhead"]:
+        o["relay_ms"] = {int(n): v for n, v in o["relay_ms"].items()}
+        over.append(OverheadResult(**o))
+    write(out, results, over, data["context"])
 
 
 def write(

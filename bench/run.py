@@ -190,7 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contenders", default=None, help="comma-separated keys (default all)")
     parser.add_argument("--workloads", default=None, help="comma-separated names (default all)")
     parser.add_argument("--no-overhead", action="store_true", help="skip the overhead section")
+    parser.add_argument(
+        "--rewrite-report",
+        action="store_true",
+        help="only write OUT/RESULTS.md again from OUT/results.json (no measurement)",
+    )
     args = parser.parse_args(argv)
+    if args.rewrite_report:
+        report.rewrite(args.out)
+        return 0
     started = time.monotonic()
     busy0, own0 = procs.machine_busy_seconds(), procs.own_seconds()
     cpus = cpu_split()
