@@ -105,6 +105,14 @@ class AffinityLeastBusyTest(PolicyContract, unittest.TestCase):
     def make(self) -> Policy:
         return AffinityPolicy(fallback=LeastBusyPolicy())
 
+    def test_much_busier_preferred_gives_way_to_the_least_busy(self) -> None:
+        fleet = [
+            BackendCandidate(name="a-cached", free_slots=1, total_slots=4),
+            BackendCandidate(name="b-idle", free_slots=4, total_slots=4),
+        ]
+        request = RoutingRequest(model="m", preferred_backend="a-cached")
+        self.assertEqual(self.make().select(fleet, request), "b-idle")
+
 
 class AffinityTest(PolicyContract, unittest.TestCase):
     def make(self) -> Policy:
@@ -117,6 +125,16 @@ class AffinityTest(PolicyContract, unittest.TestCase):
                 candidates(1, 1, 1), RoutingRequest(model="m", preferred_backend="b2")
             )
             self.assertEqual(choice, "b2")
+
+    def test_does_not_insist_on_a_much_busier_backend(self) -> None:
+        fleet = [
+            BackendCandidate(name="idle", free_slots=4, total_slots=4),
+            BackendCandidate(name="z-cached", free_slots=1, total_slots=4),  # 3/4 busy
+        ]
+        request = RoutingRequest(model="m", preferred_backend="z-cached")
+        self.assertEqual(self.make().select(fleet, request), "idle")  # round robin's first
+        fleet[0] = BackendCandidate(name="idle", free_slots=2, total_slots=4)  # 1/2 busy
+        self.assertEqual(self.make().select(fleet, request), "z-cached")
 
     def test_falls_back_when_preferred_is_full(self) -> None:
         choice = self.make().select(

@@ -72,12 +72,18 @@ class SessionStoreTest(unittest.TestCase):
 
     def test_unrelated_conversation_finds_nothing(self) -> None:
         self.store.record(prefix_keys(chat("sys", "hi")), "gpu-a")
-        self.assertIsNone(self.store.lookup(prefix_keys(chat("sys", "other"))))
+        self.assertIsNone(self.store.lookup(prefix_keys(chat("other sys", "hi"))))
 
-    def test_only_the_full_prompt_is_recorded(self) -> None:
-        # A shared system prompt alone must not pull every new conversation to one backend.
+    def test_shared_system_prompt_finds_where_it_was_computed(self) -> None:
         self.store.record(prefix_keys(chat("sys", "hi")), "gpu-a")
-        self.assertIsNone(self.store.lookup(prefix_keys(chat("sys"))))
+        self.assertEqual(self.store.lookup(prefix_keys(chat("sys", "another question"))), "gpu-a")
+
+    def test_shared_document_prefix_in_plain_prompts(self) -> None:
+        document = "d" * (4 * BLOCK_CHARS)
+        self.store.record(prefix_keys({"prompt": document + "question one"}), "gpu-b")
+        self.assertEqual(
+            self.store.lookup(prefix_keys({"prompt": document + "question two"})), "gpu-b"
+        )
 
     def test_longest_match_wins(self) -> None:
         self.store.record(prefix_keys(chat("sys", "hi")), "gpu-a")

@@ -8,9 +8,12 @@ A policy is synchronous and pure with respect to the fleet: it sees frozen snaps
 - `LeastBusyPolicy`: the backend with the smallest share of its slots busy (ties in name order
   after the last pick). Suits fleets of unequal size and keeps every backend's batch small, which
   is when llama-server decodes fastest.
-- `AffinityPolicy`: the backend that last served this conversation's longest known prefix
-  (resolved by the scheduler from the session store), if it has a free slot; otherwise the
-  fallback policy. A follow-up turn then lands where its prompt is already cached.
+- `AffinityPolicy`: the backend that last computed the longest known prefix of this prompt
+  (resolved by the scheduler from the session store), if it has a free slot and is not much
+  busier than the least busy candidate (its share of busy slots at most `max_imbalance` above
+  theirs); otherwise the fallback policy. A follow-up turn then lands where its prompt is
+  cached, and a new conversation where its system prompt is, unless that would pile work on one
+  backend while others idle.
 """
 
 from __future__ import annotations
@@ -82,14 +85,17 @@ def _busy_share(candidate: BackendCandidate) -> float:
 
 
 class AffinityPolicy:
-    def __init__(self, fallback: Policy) -> None:
+    def __init__(self, fallback: Policy, max_imbalance: float = 0.5) -> None:
         self._fallback = fallback
+        self._max_imbalance = max_imbalance
 
     def select(self, candidates: Sequence[BackendCandidate], request: RoutingRequest) -> str | None:
-        preferred = request.preferred_backend
-        for candidate in candidates:
-            if candidate.name == preferred and candidate.free_slots > 0:
-                return candidate.name
+        free = [c for c in candidates if c.free_slots > 0]
+        preferred = next((c for c in free if c.name == request.preferred_backend), None)
+        if preferred is not None:
+            least = min(_busy_share(c) for c in free)
+            if _busy_share(preferred) - least <= self._max_imbalance:
+                return preferred.name
         return self._fallback.select(candidates, request)
 
 

@@ -1,10 +1,12 @@
 """Which backend holds a conversation's prompt in its cache.
 
 A request's prompt is summarised as cumulative SHA-256 keys: one per chat message (so turn n+1,
-which repeats turn n's messages and adds more, contains turn n's last key), or one per
-`BLOCK_CHARS` of a plain prompt. After a backend serves a request we record the request's
-longest key; the next request is steered to the backend of its longest recorded key.
-Entries expire `ttl_s` after their last use; the store holds at most `max_entries`.
+which repeats turn n's messages and adds more, contains all of turn n's keys), or one per
+`BLOCK_CHARS` of a plain prompt. After a backend serves a request we record every key of it; the
+next request is steered to the backend of its longest recorded key, which is where the longest
+part of its prompt was last computed: a conversation's earlier turn, or another conversation
+with the same system prompt or document. Entries expire `ttl_s` after their last use; the store
+holds at most `max_entries` keys (least recently used go first).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class SessionStore:
         self._evict()
 
     def lookup(self, keys: Sequence[str]) -> str | None:
+        """The backend of the longest key of `keys` on record."""
         now = self._clock()
         for key in reversed(keys):
             found = self._entries.get(key)
@@ -80,11 +83,10 @@ class SessionStore:
         return None
 
     def record(self, keys: Sequence[str], backend: str) -> None:
-        if not keys:
-            return
-        key = keys[-1]
-        self._entries[key] = (backend, self._clock() + self._ttl_s)
-        self._entries.move_to_end(key)
+        expires_at = self._clock() + self._ttl_s
+        for key in keys:
+            self._entries[key] = (backend, expires_at)
+            self._entries.move_to_end(key)
         self._evict()
 
     def forget_backend(self, backend: str) -> None:
