@@ -40,8 +40,8 @@ unit-py313:
 	.venv313/bin/python -m pytest -q -m "not e2e" -p no:cacheprovider
 
 check: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/mypy
 
 demo: $(STAMP)
