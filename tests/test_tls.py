@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import tempfile
 import unittest
@@ -38,7 +39,8 @@ class TlsTest(unittest.IsolatedAsyncioTestCase):
                 async with serve_app(create_app(config)) as served:
                     url = served.url.replace("http://", "https://")
                     await wait_until(lambda: served.balancer.registry.backends[0].routable)
-                    async with httpx.AsyncClient(verify=str(cert), timeout=10) as client:
+                    trust = ssl.create_default_context(cafile=str(cert))
+                    async with httpx.AsyncClient(verify=trust, timeout=10) as client:
                         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
                         response = await client.post(url + "/v1/chat/completions", json=body)
                         self.assertEqual(response.status_code, 200)
