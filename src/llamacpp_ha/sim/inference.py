@@ -248,15 +248,9 @@ class Inference:
             if not role_sent:
                 await writer.send_data(dumps(shapes.chat_chunk(role, None, job.model, cmpl_id)))
             last = shapes.chat_chunk({}, job.finish, job.model, cmpl_id)
-            if _include_usage(body):
-                await writer.send_data(dumps(last))
-                usage = shapes.usage_chunk(job.task, "chat.completion.chunk", job.model, cmpl_id)
-                await writer.send_data(dumps(usage))
-            else:
-                last["timings"] = shapes.timings(job.task)
-                await writer.send_data(dumps(last))
-            await writer.send_data("[DONE]")
-            return await writer.finish()
+            return await _end_openai_stream(
+                writer, body, job, last, "chat.completion.chunk", cmpl_id
+            )
         finally:
             self.backend.engine.cancel(job.task)
 
@@ -283,15 +277,7 @@ class Inference:
                 )
                 await writer.send_data(dumps(chunk))
             last = shapes.text_completion(job.task, "", job.finish, job.model, cmpl_id, False)
-            if _include_usage(body):
-                await writer.send_data(dumps(last))
-                usage = shapes.usage_chunk(job.task, "text_completion", job.model, cmpl_id)
-                await writer.send_data(dumps(usage))
-            else:
-                last["timings"] = shapes.timings(job.task)
-                await writer.send_data(dumps(last))
-            await writer.send_data("[DONE]")
-            return await writer.finish()
+            return await _end_openai_stream(writer, body, job, last, "text_completion", cmpl_id)
         finally:
             self.backend.engine.cancel(job.task)
 
@@ -503,3 +489,24 @@ def _embedding(tokens: list[int], dim: int) -> list[float]:
     vec = [rng.gauss(0.0, 1.0) for _ in range(dim)]
     norm = math.sqrt(sum(v * v for v in vec)) or 1.0
     return [v / norm for v in vec]
+
+
+async def _end_openai_stream(
+    writer: SseWriter,
+    body: dict[str, Any],
+    job: _Job,
+    last: dict[str, Any],
+    object_name: str,
+    cmpl_id: str,
+) -> web.StreamResponse:
+    """The last chunks as llama-server sends them: `timings` ride on the final chunk, or on a
+    separate usage chunk when the client asked for `stream_options.include_usage`."""
+    if _include_usage(body):
+        await writer.send_data(dumps(last))
+        usage = shapes.usage_chunk(job.task, object_name, job.model, cmpl_id)
+        await writer.send_data(dumps(usage))
+    else:
+        last["timings"] = shapes.timings(job.task)
+        await writer.send_data(dumps(last))
+    await writer.send_data("[DONE]")
+    return await writer.finish()
