@@ -291,13 +291,16 @@ class RelayResponse(Response):
         try:
             await asyncio.wait({relay, listen, aborted}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if not relay.done():
+            cut = not relay.done()
+            if cut:
                 self.result.client_disconnected = listen.done()
                 relay.cancel()
             for task in (listen, aborted):
                 task.cancel()
             await asyncio.gather(listen, aborted, relay, return_exceptions=True)
-            if self._abort is not None and not self.result.client_disconnected:
+            # Only an exchange the abort actually cut is told why; one that had just finished
+            # has already sent its last byte.
+            if cut and self._abort is not None and not self.result.client_disconnected:
                 await self._send_failure(send, self._abort)
             self.result.total_s = time.monotonic() - self._started_at
             self._hooks.exchange_finished(self)
