@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import unittest
 from typing import Any
 
 import aiohttp
@@ -15,6 +14,7 @@ import openai
 from llamacpp_ha.sim import SimBackend, SimConfig
 from test_sim_support import (
     STEP_TIMEOUT_S,
+    SimTestCase,
     chat_body,
     key_shape,
     missing_keys,
@@ -24,39 +24,6 @@ from test_sim_support import (
     sse_payloads,
     wait_until,
 )
-
-
-class SimTestCase(unittest.IsolatedAsyncioTestCase):
-    config = SimConfig(slots=2, profile="test", time_scale=1.0)
-
-    async def asyncSetUp(self) -> None:
-        self.sim = SimBackend(self.config)
-        await self.sim.start()
-        self.http = aiohttp.ClientSession(
-            base_url=self.sim.url, timeout=aiohttp.ClientTimeout(total=STEP_TIMEOUT_S)
-        )
-
-    async def asyncTearDown(self) -> None:
-        await self.http.close()
-        try:
-            # Leak check: every request ended and every slot is free again.
-            async with asyncio.timeout(STEP_TIMEOUT_S):
-                for rec in self.sim.requests:
-                    await rec.done.wait()
-            self.assertEqual(self.sim.processing, 0)
-            self.assertEqual(self.sim.deferred, 0)
-        finally:
-            await self.sim.aclose()
-
-    async def get_json(self, path: str, status: int = 200) -> Any:
-        async with self.http.get(path) as resp:
-            self.assertEqual(resp.status, status, path)
-            self.assertEqual(resp.headers["Server"], "llama.cpp")
-            return await resp.json(content_type=None)
-
-    async def post(self, path: str, body: Any) -> tuple[int, str, aiohttp.ClientResponse]:
-        async with self.http.post(path, json=body) as resp:
-            return resp.status, await resp.text(), resp
 
 
 class ShapesTest(SimTestCase):

@@ -6,14 +6,13 @@ import asyncio
 import json
 import socket
 import time
-import unittest
 from typing import Any
 
 import aiohttp
 
 from llamacpp_ha.sim import Fault, SimBackend, SimConfig
 from llamacpp_ha.sim.server import is_loopback
-from test_sim_support import STEP_TIMEOUT_S, chat_body, read_frames, wait_until
+from test_sim_support import STEP_TIMEOUT_S, SimTestCase, chat_body, read_frames, wait_until
 
 STREAM = chat_body(
     [{"role": "user", "content": "stream please"}],
@@ -23,24 +22,8 @@ STREAM = chat_body(
 )
 
 
-class FaultTestCase(unittest.IsolatedAsyncioTestCase):
-    async def asyncSetUp(self) -> None:
-        self.sim = SimBackend(SimConfig(slots=2, profile="test", time_scale=10.0))
-        await self.sim.start()
-        self.http = aiohttp.ClientSession(
-            base_url=self.sim.url, timeout=aiohttp.ClientTimeout(total=STEP_TIMEOUT_S)
-        )
-
-    async def asyncTearDown(self) -> None:
-        await self.http.close()
-        try:
-            async with asyncio.timeout(STEP_TIMEOUT_S):
-                for rec in self.sim.requests:
-                    await rec.done.wait()
-            self.assertEqual(self.sim.processing, 0)
-            self.assertEqual(self.sim.deferred, 0)
-        finally:
-            await self.sim.aclose()
+class FaultTestCase(SimTestCase):
+    config = SimConfig(slots=2, profile="test", time_scale=10.0)
 
     async def control(self, fault: dict[str, Any]) -> dict[str, Any]:
         async with self.http.post("/sim/control", json=fault) as resp:
