@@ -8,6 +8,7 @@ import unittest
 
 import aiohttp
 
+from fake_llama import FakeLlamaServer
 from llamacpp_ha.config import BackendConfig
 from llamacpp_ha.registry import Health, Registry
 from llamacpp_ha.sim import Fault, SimBackend, SimConfig
@@ -140,3 +141,17 @@ class RegistryTest(unittest.IsolatedAsyncioTestCase):
             self.assertFalse(registry.serves(registry.get("b0"), "b"))
             self.assertTrue(registry.knows_model("b"))
             self.assertFalse(registry.knows_model("c"))
+
+    async def test_a_hostile_models_answer_does_not_stop_the_poll(self) -> None:
+        async with FakeLlamaServer() as fake:
+            fake.answer("/v1/models", 200, {"data": [{"id": "m", "aliases": 5}]})
+            registry = Registry(
+                [BackendConfig(url=fake.url, name="b0")], 0.05, lambda: None, self.session
+            )
+            registry.start(self.session)
+            self.addAsyncCleanup(registry.aclose)
+            await wait_until(lambda: registry.get("b0").health is Health.READY)
+            self.assertEqual(registry.get("b0").model_names, frozenset({"m"}))
+            self.assertEqual(registry.model_list(), [{"id": "m", "aliases": []}])
+            polls = fake.hits["/health"]
+            await wait_until(lambda: fake.hits["/health"] >= polls + 2)

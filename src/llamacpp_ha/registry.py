@@ -2,7 +2,8 @@
 
 Every backend has its own poll task, so a slow or hung backend never delays what we learn
 about the others. A poll reads `/health`, then `/v1/models` and `/slots` (or `/props` for the
-slot count where llama-server runs with `--no-slots`).
+slot count where llama-server runs with `--no-slots`); `probe.py` reads the answers, and the
+registry applies what they say.
 """
 
 from __future__ import annotations
@@ -14,22 +15,26 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import aiohttp
 
 from .config import BackendConfig
 from .ejection import EjectionPolicy, EjectionState
+from .probe import (
+    Health,
+    Slots,
+    Unavailable,
+    parse_health,
+    parse_models,
+    parse_props,
+    parse_slots,
+)
 from .slot_tracker import SlotTracker
 
+__all__ = ["BackendState", "Health", "Registry"]
+
 log = logging.getLogger("llamacpp_ha.registry")
-
-
-class Health(StrEnum):
-    READY = "ready"
-    LOADING = "loading"
-    DEAD = "dead"
 
 
 @dataclass
@@ -77,10 +82,11 @@ class BackendState:
 
 
 class _PollFailed(Exception):
-    def __init__(self, health: Health, reason: str) -> None:
+    """A poll request got no answer at all."""
+
+    def __init__(self, reason: str) -> None:
         super().__init__(reason)
-        self.health = health
-        self.reason = reason
+        self.unavailable = Unavailable(Health.DEAD, reason)
 
 
 class Registry:
@@ -264,21 +270,57 @@ class Registry:
 
     async def poll(self, backend: BackendState) -> None:
         try:
-            await self._check_health(backend)
-            await self._read_models(backend)
-            await self._read_slots(backend)
-        except _PollFailed as failure:
-            self._set_health(backend, failure.health, failure.reason)
-        else:
-            self._set_health(backend, Health.READY, None)
+            unavailable = await self._probe(backend)
+        except _PollFailed as failed:
+            unavailable = failed.unavailable
         finally:
             backend.last_poll_at = time.monotonic()
+        if unavailable is None:
+            self._set_health(backend, Health.READY, None)
+        else:
+            self._set_health(backend, unavailable.health, unavailable.reason)
         healthy = backend.health is Health.READY
         if self.ejection_policy.on_poll(backend.ejection, healthy):
             log.warning("backend %s: readmitted after an ejection", backend.name)
             self._on_change()
 
-    async def _get(self, backend: BackendState, path: str) -> tuple[int, Any]:
+    async def _probe(self, backend: BackendState) -> Unavailable | None:
+        """Ask, and apply what the answers say; None when the backend is ready."""
+        unavailable = parse_health(*await self._get(backend, "/health"))
+        if unavailable is not None:
+            return unavailable
+        models = parse_models(*await self._get(backend, "/v1/models"))
+        if isinstance(models, Unavailable):
+            return models
+        backend.model_entries = models.entries
+        backend.model_ids = models.ids
+        backend.model_names = models.names
+        slots = await self._read_slots(backend)
+        if isinstance(slots, Unavailable):
+            return slots
+        if slots is not None and backend.slots.observe(
+            total=slots.total, busy_on_backend=slots.busy
+        ):
+            self._on_change()
+        return None
+
+    async def _read_slots(self, backend: BackendState) -> Slots | Unavailable | None:
+        try:
+            status, body = await self._get(backend, "/slots")
+        except _PollFailed:
+            # llama-server answers /slots from its main loop, which a long batch can delay.
+            # Healthy otherwise, the backend keeps its last known slot count and foreign
+            # traffic: stale data never turns into spare capacity.
+            if backend.slots.total > 0:
+                return None
+            raise
+        slots = parse_slots(status, body)
+        if slots is None:
+            # --no-slots: the count comes from /props and we rely on our own accounting.
+            return parse_props(*await self._get(backend, "/props"))
+        return slots
+
+    async def _get(self, backend: BackendState, path: str) -> tuple[int, bytes]:
         assert self._session is not None, "Registry.start() was not called"
         headers = {}
         if backend.config.api_key:
@@ -287,60 +329,11 @@ class Registry:
             async with self._session.get(
                 backend.url + path, headers=headers, timeout=self._poll_timeout, ssl=backend.ssl
             ) as resp:
-                try:
-                    body = await resp.json(content_type=None)
-                except ValueError:
-                    body = None
-                return resp.status, body
+                return resp.status, await resp.read()
         except TimeoutError:
-            raise _PollFailed(Health.DEAD, f"GET {path} timed out") from None
+            raise _PollFailed(f"GET {path} timed out") from None
         except aiohttp.ClientError as exc:
-            raise _PollFailed(Health.DEAD, f"GET {path}: {_describe(exc)}") from None
-
-    async def _check_health(self, backend: BackendState) -> None:
-        status, body = await self._get(backend, "/health")
-        if status == 200:
-            return
-        message = _error_message(body)
-        if status == 503 and message == "Loading model":
-            raise _PollFailed(Health.LOADING, "loading model")
-        raise _PollFailed(Health.DEAD, f"/health answered {status} {message}".strip())
-
-    async def _read_models(self, backend: BackendState) -> None:
-        status, body = await self._get(backend, "/v1/models")
-        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("data"), list):
-            raise _PollFailed(Health.DEAD, f"/v1/models answered {status}")
-        entries = tuple(e for e in body["data"] if isinstance(e, dict) and "id" in e)
-        names = set()
-        for entry in entries:
-            names.add(str(entry["id"]))
-            names.update(str(a) for a in entry.get("aliases") or [])
-        backend.model_entries = entries
-        backend.model_ids = tuple(sorted(str(e["id"]) for e in entries))
-        backend.model_names = frozenset(names)
-
-    async def _read_slots(self, backend: BackendState) -> None:
-        try:
-            status, body = await self._get(backend, "/slots")
-        except _PollFailed:
-            # llama-server answers /slots from its main loop, which a long batch can delay.
-            # Healthy otherwise, the backend keeps its last known slot count and foreign
-            # traffic: stale data never turns into spare capacity.
-            if backend.slots.total > 0:
-                return
-            raise
-        if status == 200 and isinstance(body, list):
-            busy = sum(1 for s in body if isinstance(s, dict) and s.get("is_processing"))
-            changed = backend.slots.observe(total=len(body), busy_on_backend=busy)
-        else:
-            # --no-slots: the count comes from /props and we rely on our own accounting.
-            status, props = await self._get(backend, "/props")
-            total = props.get("total_slots") if isinstance(props, dict) else None
-            if status != 200 or not isinstance(total, int):
-                raise _PollFailed(Health.DEAD, "neither /slots nor /props gave a slot count")
-            changed = backend.slots.observe(total=total, busy_on_backend=0)
-        if changed:
-            self._on_change()
+            raise _PollFailed(f"GET {path}: {_describe(exc)}") from None
 
     def _set_health(self, backend: BackendState, health: Health, reason: str | None) -> None:
         backend.last_error = reason
@@ -358,12 +351,6 @@ class Registry:
             f" ({reason})" if reason else "",
         )
         self._on_change()
-
-
-def _error_message(body: Any) -> str:
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return str(body["error"].get("message", ""))
-    return ""
 
 
 def _describe(exc: aiohttp.ClientError) -> str:

@@ -1,0 +1,124 @@
+"""What a llama-server's answers to a poll say: pure functions of (status, body), no I/O.
+
+A poll asks `/health`, then `/v1/models`, then `/slots` (or `/props` for the slot count where
+llama-server runs with `--no-slots`). Each answer is read here into a small result of ours;
+the registry does the asking and applies the results. An answer of any shape, however
+hostile, gives a result or `Unavailable`, never an exception: a backend must not be able to
+break its own poll.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+# A backend's error message goes into logs and `/admin/backends`: enough to say what happened.
+_MAX_MESSAGE = 200
+
+
+class Health(StrEnum):
+    READY = "ready"
+    LOADING = "loading"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """The backend cannot take requests (it is loading or dead), and why, for operators."""
+
+    health: Health
+    reason: str
+
+
+@dataclass(frozen=True)
+class Models:
+    """What `/v1/models` lists: its entries as clients get them, their ids, ids and aliases."""
+
+    entries: tuple[dict[str, Any], ...]
+    ids: tuple[str, ...]
+    names: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Slots:
+    """A backend's slot count, and how many of them it says are busy."""
+
+    total: int
+    busy: int
+
+
+def parse_health(status: int, body: bytes) -> Unavailable | None:
+    """None when `/health` says the backend is up."""
+    if status == 200:
+        return None
+    message = _error_message(_json(body))
+    if status == 503 and message == "Loading model":
+        return Unavailable(Health.LOADING, "loading model")
+    return Unavailable(Health.DEAD, f"/health answered {status} {message}".strip())
+
+
+def parse_models(status: int, body: bytes) -> Models | Unavailable:
+    data = _json(body)
+    if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        return Unavailable(Health.DEAD, f"/v1/models answered {status}")
+    entries = []
+    names: set[str] = set()
+    for entry in data["data"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+            continue
+        if "aliases" in entry:
+            # The entries reach clients as they are (`GET /v1/models`): aliases are strings.
+            aliases = entry["aliases"]
+            kept = [a for a in aliases if isinstance(a, str)] if isinstance(aliases, list) else []
+            if kept != aliases:
+                entry = {**entry, "aliases": kept}
+            names.update(kept)
+        names.add(entry["id"])
+        entries.append(entry)
+    return Models(
+        entries=tuple(entries),
+        ids=tuple(sorted(e["id"] for e in entries)),
+        names=frozenset(names),
+    )
+
+
+def parse_slots(status: int, body: bytes) -> Slots | None:
+    """None when the answer lists no slots (llama-server with `--no-slots`): ask `/props`."""
+    data = _json(body)
+    if status != 200 or not isinstance(data, list):
+        return None
+    return Slots(total=len(data), busy=sum(1 for slot in data if _busy(slot)))
+
+
+def parse_props(status: int, body: bytes) -> Slots | Unavailable:
+    """The slot count from `/props` `total_slots`; none of them is known to be busy."""
+    data = _json(body)
+    total = data.get("total_slots") if isinstance(data, dict) else None
+    # bool is an int to Python, and `true` slots is no count.
+    if status != 200 or not isinstance(total, int) or isinstance(total, bool) or total < 0:
+        return Unavailable(Health.DEAD, "neither /slots nor /props gave a slot count")
+    return Slots(total=total, busy=0)
+
+
+def _busy(slot: Any) -> bool:
+    # A slot we cannot read counts as busy: what we do not understand never turns into spare
+    # capacity. A slot without `is_processing` at all is idle, as it always was here.
+    if not isinstance(slot, dict):
+        return True
+    processing = slot.get("is_processing", False)
+    return processing is not False
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested beyond the parser
+        return None
+
+
+def _error_message(body: Any) -> str:
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("message", ""))[:_MAX_MESSAGE]
+    return ""
