@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 
+from . import catalogue
 from .config import BackendConfig
 from .ejection import EjectionPolicy, EjectionState
 from .probe import (
@@ -187,41 +188,19 @@ class Registry:
             self._poll_loop(backend), name=f"poll {backend.name}"
         )
 
-    # Model names -------------------------------------------------------------------------
+    # Model names: the catalogue's, kept here for the callers that ask the registry -------
 
     def single_model(self) -> bool:
-        """True when every backend we know serves one and the same model.
-
-        llama-server ignores the `model` field, so such a fleet accepts any name.
-        """
-        known = {b.model_ids for b in self._backends.values() if b.model_ids}
-        return len(known) <= 1
+        return catalogue.single_model(self._backends.values())
 
     def knows_model(self, model: str) -> bool:
-        return any(model in b.model_names for b in self._backends.values())
+        return catalogue.knows_model(self._backends.values(), model)
 
     def serves(self, backend: BackendState, model: str | None) -> bool:
-        if model is None or self.single_model():
-            return True
-        return model in backend.model_names
+        return catalogue.serves(self._backends.values(), backend, model)
 
     def model_list(self) -> list[dict[str, Any]]:
-        """The union of the ready backends' models, in OpenAI's `/v1/models` format."""
-        merged: dict[str, dict[str, Any]] = {}
-        for backend in self._backends.values():
-            if backend.health is not Health.READY:
-                continue
-            for entry in backend.model_entries:
-                model_id = str(entry.get("id"))
-                if model_id not in merged:
-                    merged[model_id] = dict(entry)
-                    continue
-                aliases = list(merged[model_id].get("aliases") or [])
-                for alias in entry.get("aliases") or []:
-                    if alias not in aliases:
-                        aliases.append(alias)
-                merged[model_id]["aliases"] = aliases
-        return list(merged.values())
+        return catalogue.model_list(self._backends.values())
 
     # Reports from live traffic ------------------------------------------------------------
 
