@@ -155,3 +155,46 @@ class RegistryTest(unittest.IsolatedAsyncioTestCase):
             self.assertEqual(registry.model_list(), [{"id": "m", "aliases": []}])
             polls = fake.hits["/health"]
             await wait_until(lambda: fake.hits["/health"] >= polls + 2)
+
+    async def test_a_poll_that_breaks_is_logged_and_polling_goes_on(self) -> None:
+        calls = 0
+
+        def changed() -> None:  # the first call breaks the poll in the middle of applying it
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("CANARY-BODY-4417")
+
+        async with FakeLlamaServer() as fake:
+            registry = Registry([BackendConfig(url=fake.url, name="b0")], 0.05, changed)
+            with self.assertLogs("llamacpp_ha.registry", logging.ERROR) as captured:
+                registry.start(self.session)
+                self.addAsyncCleanup(registry.aclose)
+                await wait_until(lambda: calls >= 1)
+            await wait_until(lambda: registry.get("b0").health is Health.READY)
+            polls = fake.hits["/health"]
+            await wait_until(lambda: fake.hits["/health"] >= polls + 2)
+            [line] = captured.output
+            self.assertIn("backend b0: poll failed with RuntimeError at ", line)
+            self.assertIn("test_registry.py:", line)
+            self.assertNotIn("CANARY", line)
+
+    async def test_a_poll_that_keeps_breaking_is_logged_once_and_keeps_the_backend_out(
+        self,
+    ) -> None:
+        def changed() -> None:
+            raise RuntimeError("CANARY-BODY-4418")
+
+        async with FakeLlamaServer() as fake:
+            registry = Registry([BackendConfig(url=fake.url, name="b0")], 0.05, changed)
+            with self.assertLogs("llamacpp_ha.registry", logging.DEBUG) as captured:
+                registry.start(self.session)
+                self.addAsyncCleanup(registry.aclose)
+                await wait_until(lambda: fake.hits["/health"] >= 4)
+            broke = [r for r in captured.records if "poll failed" in r.getMessage()]
+            self.assertGreaterEqual(len(broke), 3)
+            self.assertEqual([r.levelno for r in broke][:1], [logging.ERROR])
+            self.assertEqual({r.levelno for r in broke[1:]}, {logging.DEBUG})
+            self.assertIs(registry.get("b0").health, Health.DEAD)
+            self.assertFalse(registry.get("b0").routable)
+            self.assertEqual(registry.get("b0").last_error, "poll failed (RuntimeError)")

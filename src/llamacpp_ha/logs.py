@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from typing import Any
 
 ACCESS = logging.getLogger("llamacpp_ha.access")
@@ -62,3 +63,9 @@ def configure(level: str, fmt: str) -> None:
 
 def access(message: str, fields: dict[str, Any], level: int = logging.INFO) -> None:
     ACCESS.log(level, message, extra={"fields": fields})
+
+
+def location(exc: BaseException) -> str:
+    """Where `exc` was raised (" at file:line"), to log with its type instead of its message."""
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    return f" at {where.filename}:{where.lineno}" if where else ""

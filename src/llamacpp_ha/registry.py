@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from . import catalogue
+from . import catalogue, logs
 from .config import BackendConfig
 from .ejection import EjectionPolicy, EjectionState
 from .probe import (
@@ -241,11 +241,37 @@ class Registry:
     # Polling -----------------------------------------------------------------------------
 
     async def _poll_loop(self, backend: BackendState) -> None:
+        # Supervised: a poll that raises (a bug of ours; no answer can make it raise) is logged
+        # and the loop goes on, so a backend is never left unpolled. The first of a run of
+        # failures at one place is an error, the repeats are debug.
+        failing_at: str | None = None
         while True:
             started = time.monotonic()
-            await self.poll(backend)
+            try:
+                await self.poll(backend)
+                failing_at = None
+            except Exception as exc:
+                where = logs.location(exc)
+                # Its type and where, never its message: that may quote a backend's answer.
+                log.log(
+                    logging.DEBUG if where == failing_at else logging.ERROR,
+                    "backend %s: poll failed with %s%s; polling goes on",
+                    backend.name,
+                    type(exc).__name__,
+                    where,
+                )
+                failing_at = where
+                self._poll_broke(backend, type(exc).__name__)
             elapsed = time.monotonic() - started
             await asyncio.sleep(max(0.0, self._poll_interval_s - elapsed))
+
+    def _poll_broke(self, backend: BackendState, error: str) -> None:
+        """A poll that broke shows nothing about the backend: not ready until one works."""
+        backend.last_error = f"poll failed ({error})"
+        if backend.health is not Health.DEAD:
+            # Not through _set_health: its on_change may be what raised. Less capacity needs
+            # no wake-up; the scheduler checks each backend when it next places a request.
+            backend.health, backend.changed_at = Health.DEAD, time.monotonic()
 
     async def poll(self, backend: BackendState) -> None:
         try:
