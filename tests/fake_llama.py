@@ -35,6 +35,7 @@ class FakeLlamaServer:
             "/props": captured("props.txt"),
         }
         self.hits: Counter[str] = Counter()
+        self.authorization: dict[str, str | None] = {}  # the last one each path was sent
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -47,6 +48,7 @@ class FakeLlamaServer:
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.hits[request.path] += 1
+        self.authorization[request.path] = request.headers.get("Authorization")
         status, body = self.answers.get(request.path, (404, b'{"error": {"message": "no"}}'))
         return web.Response(status=status, body=body, content_type="application/json")
 

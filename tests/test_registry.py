@@ -198,3 +198,30 @@ class RegistryTest(unittest.IsolatedAsyncioTestCase):
             self.assertIs(registry.get("b0").health, Health.DEAD)
             self.assertFalse(registry.get("b0").routable)
             self.assertEqual(registry.get("b0").last_error, "poll failed (RuntimeError)")
+
+    async def test_a_changed_backend_keeps_its_state_and_is_polled_at_once(self) -> None:
+        async with FakeLlamaServer() as old, FakeLlamaServer() as new:
+            new.answer("/slots", 200, [{"id": i, "is_processing": False} for i in range(5)])
+            registry = Registry(
+                [BackendConfig(url=old.url, name="b0")], 30, lambda: None, self.session
+            )
+            registry.start(self.session)
+            self.addAsyncCleanup(registry.aclose)
+            backend = registry.get("b0")
+            await wait_until(lambda: backend.health is Health.READY)
+            self.assertEqual(backend.slots.total, 2)
+            registry.report_failure(backend, "a failure on live traffic")
+            self.assertTrue(backend.slots.try_claim())  # a request in flight
+            updated = registry.update(BackendConfig(url=new.url, name="b0", api_key="k2"))
+            self.assertIs(updated, backend)
+            self.assertIs(registry.get("b0"), backend)
+            self.assertEqual(backend.url, new.url)
+            await wait_until(lambda: backend.slots.total == 5, within_s=2)  # not in 30 s
+            self.assertEqual(new.authorization["/health"], "Bearer k2")
+            self.assertEqual(backend.ejection.consecutive_failures, 1)
+            self.assertEqual(backend.slots.in_flight, 1)
+            self.assertEqual([b.name for b in registry.backends], ["b0"])
+            polled_old = old.hits["/health"]
+            await registry.poll(backend)
+            self.assertEqual(old.hits["/health"], polled_old)
+            await backend.slots.release()

@@ -185,12 +185,10 @@ class Balancer:
             if name not in wanted:
                 self.remove_backend(name)
             elif wanted[name] != backend_config:
-                # Same name, new URL or key: the old one drains under another name while the
-                # new one takes over the name.
-                retired = self.registry.rename(name, f"{name}~retired")
-                self.remove_backend(retired)
+                # Same name, new URL, key or TLS: the backend keeps its state.
+                self.registry.update(wanted[name])
         for name, backend_config in wanted.items():
-            if current.get(name) != backend_config:
+            if name not in current:
                 self.add_backend(backend_config)
         self.keyring.update(new)
         self.sessions.configure(new.session_ttl_s, new.max_sessions)

@@ -114,6 +114,7 @@ class Registry:
             for c in configs
         }
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopping: set[asyncio.Task[None]] = set()  # cancelled, not yet finished
 
     def set_poll_interval(self, poll_interval_s: float) -> None:
         self._poll_interval_s = poll_interval_s
@@ -134,7 +135,7 @@ class Registry:
             self._start_polling(backend)
 
     async def aclose(self) -> None:
-        tasks = list(self._tasks.values())
+        tasks = [*self._tasks.values(), *self._stopping]
         self._tasks = {}
         for task in tasks:
             task.cancel()
@@ -171,19 +172,27 @@ class Registry:
         log.warning("backend %s: removed", name)
         self._on_change()
 
-    def rename(self, name: str, new_name: str) -> str:
-        """Give a backend another name (to retire it while a new one takes its name)."""
-        while new_name in self._backends:
-            new_name += "~"
-        backend = self._backends.pop(name)
-        backend.config = backend.config.model_copy(update={"name": new_name})
-        self._backends[new_name] = backend
-        task = self._tasks.pop(name, None)
-        if task is not None:
-            self._tasks[new_name] = task
-        return new_name
+    def update(self, config: BackendConfig) -> BackendState:
+        """The backend named `config.name` takes a new configuration (URL, key, TLS) in place.
+
+        What we know of it stays: ejection history, slot counts, requests in flight (they
+        finish on their own connections). It is polled at once with the new configuration.
+        The caller has checked that the URL is not another backend's (ProxyConfig does).
+        """
+        backend = self._backends[config.name]
+        backend.config, backend.ssl = config, config.ssl_context()
+        if self._session is not None:
+            self._start_polling(backend)
+        log.warning("backend %s: configuration changed (%s)", config.name, config.url)
+        return backend
 
     def _start_polling(self, backend: BackendState) -> None:
+        previous = self._tasks.get(backend.name)
+        if previous is not None:
+            # A poll under way asks the old address: its answers must not land on the new one.
+            previous.cancel()
+            self._stopping.add(previous)
+            previous.add_done_callback(self._stopping.discard)
         self._tasks[backend.name] = asyncio.get_running_loop().create_task(
             self._poll_loop(backend), name=f"poll {backend.name}"
         )
