@@ -23,6 +23,7 @@ from .forwarder import ExchangeLimits, Forwarder, RelayResponse, Timeouts
 from .keyring import Keyring
 from .limits import KeyLimits
 from .metrics import Metrics
+from .middleware import HeaderRules
 from .monitor import ProxyStats
 from .policies import RoutingRequest, build_policy
 from .queue import RequestQueue
@@ -73,6 +74,7 @@ class Balancer:
         self.config = config
         self.stats = ProxyStats()
         self.keyring = Keyring(config)
+        self.header_rules = HeaderRules(config)
         self.key_limits = KeyLimits()
         self.queue = RequestQueue()
         self.sessions = SessionStore(config.session_ttl_s, config.max_sessions)
@@ -191,6 +193,9 @@ class Balancer:
             if name not in current:
                 self.add_backend(backend_config)
         self.keyring.update(new)
+        self.header_rules.update(new)
+        if new.log_level != old.log_level:
+            logs.set_level(new.log_level)
         self.sessions.configure(new.session_ttl_s, new.max_sessions)
         self.registry.set_poll_interval(new.poll_interval_s)
         self.registry.ejection_policy = _ejection_policy(new)

@@ -53,12 +53,19 @@ def configure(level: str, fmt: str) -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    set_level(level)
     # uvicorn's own loggers bring their own handlers; send them through ours.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+
+
+def set_level(level: str) -> None:
+    """At start and on reload. uvicorn gives its own loggers the level it started with."""
+    logging.getLogger().setLevel(level.upper())
+    for name in ("uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
+        logging.getLogger(name).setLevel(level.upper())
 
 
 def access(message: str, fields: dict[str, Any], level: int = logging.INFO) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .config import ClientKey
+from .config import ClientKey, ProxyConfig
 from .errors import Forbidden, HeadersTooLarge, ProxyError, Unauthorized, send_error
 from .keyring import Keyring
 
@@ -30,14 +30,27 @@ def state(scope: Scope) -> dict[str, Any]:
     return result
 
 
+class HeaderRules:
+    """Whose `X-Forwarded-For` to believe and how large headers may be; `update()` on reload."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+        self.max_header_size = 0
+        self.update(config)
+
+    def update(self, config: ProxyConfig) -> None:
+        self.trusted = tuple(ipaddress.ip_network(n, strict=False) for n in config.trusted_proxies)
+        self.max_header_size = config.max_header_size
+
+
 class RequestContextMiddleware:
     """Gives every request an id (returned as `X-Request-Id`), its client address as
     `X-Forwarded-For` would carry it, and a bound on the size of its headers."""
 
-    def __init__(self, app: ASGIApp, trusted_proxies: Sequence[str], max_header_size: int) -> None:
+    def __init__(self, app: ASGIApp, rules: HeaderRules) -> None:
         self.app = app
-        self._trusted = [ipaddress.ip_network(n, strict=False) for n in trusted_proxies]
-        self._max_header_size = max_header_size
+        # Read on every request, so a reload takes effect at once.
+        self._rules = rules
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -52,8 +65,9 @@ class RequestContextMiddleware:
         context["request_id"] = request_id
         context["forwarded_for"] = self._forwarded_for(scope, headers)
         id_header = (b"x-request-id", request_id.encode())
-        if sum(len(k) + len(v) for k, v in headers) > self._max_header_size:
-            error = HeadersTooLarge(f"request headers exceed {self._max_header_size} bytes")
+        max_size = self._rules.max_header_size
+        if sum(len(k) + len(v) for k, v in headers) > max_size:
+            error = HeadersTooLarge(f"request headers exceed {max_size} bytes")
             await send_error(send, error, [id_header])
             return
 
@@ -77,7 +91,7 @@ class RequestContextMiddleware:
             address = ipaddress.ip_address(peer)
         except ValueError:
             return False
-        return any(address in network for network in self._trusted)
+        return any(address in network for network in self._rules.trusted)
 
 
 class ApiKeyMiddleware:

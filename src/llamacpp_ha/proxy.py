@@ -93,11 +93,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-Id", "x-api-key"],
             expose_headers=["X-Request-Id", "Retry-After"],
         )
-    app.add_middleware(
-        RequestContextMiddleware,
-        trusted_proxies=config.trusted_proxies,
-        max_header_size=config.max_header_size,
-    )
+    app.add_middleware(RequestContextMiddleware, rules=balancer.header_rules)
     _add_error_handlers(app, balancer)
     app.include_router(
         build_router(

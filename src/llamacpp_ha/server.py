@@ -38,12 +38,13 @@ class Server(uvicorn.Server):
                 ssl_certfile=config.tls_certfile,
                 ssl_keyfile=config.tls_keyfile,
                 # The hard limit of the HTTP parser, above our own 431 check, bounds memory.
+                # Only h11 has it (httptools, used when installed, does not), and it stays as
+                # started: a reload changes our check, not this bound.
                 h11_max_incomplete_event_size=2 * config.max_header_size,
                 **uvicorn_options,  # type: ignore[arg-type]
             )
         )
         self.balancer: Balancer = app.state.balancer
-        self._grace_s = config.shutdown_grace_s
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -59,5 +60,8 @@ class Server(uvicorn.Server):
         # Stop listening first, so nothing new arrives while we drain.
         for server in self.servers:
             server.close()
-        await self.balancer.drain(self._grace_s)
+        # The grace in force now: a reload may have changed it since start.
+        grace_s = self.balancer.config.shutdown_grace_s
+        self.config.timeout_graceful_shutdown = int(grace_s) + 5
+        await self.balancer.drain(grace_s)
         await super().shutdown(sockets)
