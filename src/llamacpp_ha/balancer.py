@@ -2,8 +2,9 @@
 
 The lifespan starts the components in order and closes them in reverse. The exchange hooks
 are how a proxied request reports back (backend failures, success, its end). `reload()`
-applies a new configuration without a restart: backends join, leave after draining, or change;
-every setting that lives in a component is updated in place.
+applies a new configuration without a restart, as `reload.plan_reload` plans it: backends
+join, leave after draining, or change in place; every setting that lives in a component is
+updated in place.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .monitor import ProxyStats
 from .policies import RoutingRequest, build_policy
 from .queue import RequestQueue
 from .registry import BackendState, Registry
+from .reload import plan_reload
 from .retry import RetryBudget
 from .scheduler import Scheduler
 from .session_store import SessionStore
@@ -35,9 +37,6 @@ from .session_store import SessionStore
 log = logging.getLogger("llamacpp_ha")
 
 CAPACITY_CODES = frozenset({"queue_full", "queue_timeout", "no_healthy_backend", "shutting_down"})
-
-# Settings read once at start-up: changing them needs a restart.
-RESTART_SETTINGS = ("host", "port", "tls_certfile", "tls_keyfile", "cors_origins", "log_format")
 
 
 def _ejection_policy(config: ProxyConfig) -> EjectionPolicy:
@@ -148,11 +147,24 @@ class Balancer:
     # Changing the fleet ----------------------------------------------------------------
 
     def add_backend(self, config: BackendConfig) -> BackendState:
-        return self.registry.add(config)
+        backend = self.registry.add(config)
+        self._set_backends([*self.config.backends, config])
+        return backend
 
     def remove_backend(self, name: str) -> None:
         """Start draining `name`; it leaves once its requests in flight have finished."""
-        self.registry.get(name)  # KeyError for an unknown name, before anything changes
+        self._drain_and_remove(name)
+        self._set_backends([b for b in self.config.backends if b.name != name])
+
+    def _set_backends(self, backends: list[BackendConfig]) -> None:
+        # The configuration in force includes the fleet's changes through /admin/, so that a
+        # reload compares the new configuration with what runs.
+        self.config = self.config.model_copy(update={"backends": backends})
+
+    def _drain_and_remove(self, name: str) -> None:
+        # KeyError for an unknown name, before anything changes. Draining at once, not when
+        # the removal task first runs: no request may be placed on it in between.
+        self.registry.set_draining(self.registry.get(name), True)
         task = asyncio.get_running_loop().create_task(self.registry.remove(name))
         self._removals.add(task)
         task.add_done_callback(self._removals.discard)
@@ -180,33 +192,34 @@ class Balancer:
 
     def reload(self, new: ProxyConfig) -> list[str]:
         """Apply `new`; returns the settings that still need a restart to change."""
-        old, self.config = self.config, new
-        current = {b.name: b.config for b in self.registry.backends if not b.draining}
-        wanted = {b.name: b for b in new.backends}
-        for name, backend_config in current.items():
-            if name not in wanted:
-                self.remove_backend(name)
-            elif wanted[name] != backend_config:
-                # Same name, new URL, key or TLS: the backend keeps its state.
-                self.registry.update(wanted[name])
-        for name, backend_config in wanted.items():
-            if name not in current:
-                self.add_backend(backend_config)
+        plan = plan_reload(self.config, new)
+        self.config = new
+        for name in plan.backends.removed:
+            self._drain_and_remove(name)
+        for backend in plan.backends.changed:
+            self.registry.update(backend)  # same name: it keeps its state
+        for backend in plan.backends.added:
+            self.registry.add(backend)
+        # The components that hold a setting take the new value; the others (body and JSON
+        # limits, the receive timeout, the shutdown grace) read self.config when they need it.
         self.keyring.update(new)
         self.header_rules.update(new)
-        if new.log_level != old.log_level:
-            logs.set_level(new.log_level)
         self.sessions.configure(new.session_ttl_s, new.max_sessions)
         self.registry.set_poll_interval(new.poll_interval_s)
         self.registry.ejection_policy = _ejection_policy(new)
         self.scheduler.max_queue = new.max_queue
-        if new.routing != old.routing:
-            self.scheduler.policy = build_policy(new.routing)
         self.forwarder.timeouts = _timeouts(new)
         self.limits = _limits(new)
-        self.retry_budget = RetryBudget(ratio=new.retry_budget_ratio)
+        # These hold state of their own (a rotation, tokens) or act on the whole process:
+        # only a new value replaces them.
+        if "routing" in plan.live:
+            self.scheduler.policy = build_policy(new.routing)
+        if "retry_budget_ratio" in plan.live:
+            self.retry_budget = RetryBudget(ratio=new.retry_budget_ratio)
+        if "log_level" in plan.live:
+            logs.set_level(new.log_level)
         self.queue.wakeup.set()
-        return [s for s in RESTART_SETTINGS if getattr(old, s) != getattr(new, s)]
+        return list(plan.restart)
 
     # ExchangeHooks ---------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.config import JsonDict
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -123,47 +124,57 @@ def _keys_from_strings(value: Any) -> Any:
     return value
 
 
+# How a new value of a ProxyConfig field takes effect on reload: LIVE at once, or RESTART (read
+# at start only; the reload reports it). Every field says which (reload.py plans from it).
+LIVE: JsonDict = {"reload": "live"}
+RESTART: JsonDict = {"reload": "restart"}
+
+
 class ProxyConfig(BaseSettings):
     """Every setting of the balancer; see the README for each one."""
 
     model_config = SettingsConfigDict(env_prefix="LLAMACPP_HA_", extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    backends: list[BackendConfig] = Field(default_factory=list)
-    api_keys: list[ClientKey] = Field(default_factory=list, repr=False)
-    admin_keys: list[ClientKey] = Field(default_factory=list, repr=False)
-    monitor_requires_admin: bool = False
-    trusted_proxies: list[str] = Field(default_factory=list)
-    cors_origins: list[str] = Field(default_factory=list)
-    tls_certfile: Path | None = None
-    tls_keyfile: Path | None = None
-    max_header_size: int = Field(default=32 * 1024, ge=1024)
-    max_json_depth: int = Field(default=64, ge=2)
-    max_tokens_cap: int | None = Field(default=None, gt=0)
-    log_format: Literal["text", "json"] = "text"
-    routing: Literal["affinity", "affinity-least-busy", "round-robin", "least-busy"] = "affinity"
-    poll_interval_s: float = Field(default=1.0, gt=0)
-    queue_timeout_s: float = Field(default=60.0, gt=0)
-    max_queue: int = Field(default=1024, ge=0)
-    session_ttl_s: float = Field(default=900.0, gt=0)
-    max_sessions: int = Field(default=100_000, gt=0)
-    connect_timeout_s: float = Field(default=5.0, gt=0)
-    first_byte_timeout_s: float = Field(default=600.0, gt=0)
-    idle_timeout_s: float = Field(default=120.0, gt=0)
-    request_timeout_s: float = Field(default=1800.0, gt=0)
-    write_timeout_s: float = Field(default=30.0, gt=0)
-    receive_timeout_s: float = Field(default=30.0, gt=0)
-    shutdown_grace_s: float = Field(default=30.0, ge=0)
-    max_attempts: int = Field(default=3, ge=1)
-    retry_budget_ratio: float = Field(default=0.2, ge=0, le=1)
-    eject_after_failures: int = Field(default=3, ge=1)
-    eject_base_s: float = Field(default=5.0, gt=0)
-    eject_max_s: float = Field(default=300.0, gt=0)
-    readmit_after_polls: int = Field(default=3, ge=1)
-    max_ejected_fraction: float = Field(default=0.5, ge=0, le=1)
-    max_body_size: int = Field(default=32 * 1024 * 1024, gt=0)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    host: str = Field(default="127.0.0.1", json_schema_extra=RESTART)
+    port: int = Field(default=8000, ge=0, le=65535, json_schema_extra=RESTART)
+    backends: list[BackendConfig] = Field(default_factory=list, json_schema_extra=LIVE)
+    api_keys: list[ClientKey] = Field(default_factory=list, repr=False, json_schema_extra=LIVE)
+    admin_keys: list[ClientKey] = Field(default_factory=list, repr=False, json_schema_extra=LIVE)
+    monitor_requires_admin: bool = Field(default=False, json_schema_extra=LIVE)
+    trusted_proxies: list[str] = Field(default_factory=list, json_schema_extra=LIVE)
+    cors_origins: list[str] = Field(default_factory=list, json_schema_extra=RESTART)
+    tls_certfile: Path | None = Field(default=None, json_schema_extra=RESTART)
+    tls_keyfile: Path | None = Field(default=None, json_schema_extra=RESTART)
+    max_header_size: int = Field(default=32 * 1024, ge=1024, json_schema_extra=LIVE)
+    max_json_depth: int = Field(default=64, ge=2, json_schema_extra=LIVE)
+    max_tokens_cap: int | None = Field(default=None, gt=0, json_schema_extra=LIVE)
+    log_format: Literal["text", "json"] = Field(default="text", json_schema_extra=RESTART)
+    routing: Literal["affinity", "affinity-least-busy", "round-robin", "least-busy"] = Field(
+        default="affinity", json_schema_extra=LIVE
+    )
+    poll_interval_s: float = Field(default=1.0, gt=0, json_schema_extra=LIVE)
+    queue_timeout_s: float = Field(default=60.0, gt=0, json_schema_extra=LIVE)
+    max_queue: int = Field(default=1024, ge=0, json_schema_extra=LIVE)
+    session_ttl_s: float = Field(default=900.0, gt=0, json_schema_extra=LIVE)
+    max_sessions: int = Field(default=100_000, gt=0, json_schema_extra=LIVE)
+    connect_timeout_s: float = Field(default=5.0, gt=0, json_schema_extra=LIVE)
+    first_byte_timeout_s: float = Field(default=600.0, gt=0, json_schema_extra=LIVE)
+    idle_timeout_s: float = Field(default=120.0, gt=0, json_schema_extra=LIVE)
+    request_timeout_s: float = Field(default=1800.0, gt=0, json_schema_extra=LIVE)
+    write_timeout_s: float = Field(default=30.0, gt=0, json_schema_extra=LIVE)
+    receive_timeout_s: float = Field(default=30.0, gt=0, json_schema_extra=LIVE)
+    shutdown_grace_s: float = Field(default=30.0, ge=0, json_schema_extra=LIVE)
+    max_attempts: int = Field(default=3, ge=1, json_schema_extra=LIVE)
+    retry_budget_ratio: float = Field(default=0.2, ge=0, le=1, json_schema_extra=LIVE)
+    eject_after_failures: int = Field(default=3, ge=1, json_schema_extra=LIVE)
+    eject_base_s: float = Field(default=5.0, gt=0, json_schema_extra=LIVE)
+    eject_max_s: float = Field(default=300.0, gt=0, json_schema_extra=LIVE)
+    readmit_after_polls: int = Field(default=3, ge=1, json_schema_extra=LIVE)
+    max_ejected_fraction: float = Field(default=0.5, ge=0, le=1, json_schema_extra=LIVE)
+    max_body_size: int = Field(default=32 * 1024 * 1024, gt=0, json_schema_extra=LIVE)
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", json_schema_extra=LIVE
+    )
 
     @field_validator("backends", mode="before")
     @classmethod

@@ -123,6 +123,10 @@ class Registry:
         self._poll_timeout = aiohttp.ClientTimeout(total=max(poll_interval_s, 1.0))
 
     @property
+    def poll_interval_s(self) -> float:
+        return self._poll_interval_s
+
+    @property
     def backends(self) -> list[BackendState]:
         return list(self._backends.values())
 
