@@ -30,15 +30,20 @@ from .errors import (
     ShuttingDown,
     UnsupportedMediaType,
 )
-from .forwarder import RelayResponse
+from .exchange import Exchange, ProxiedRequest
 from .middleware import ApiKeyMiddleware, RequestContextMiddleware, state
 from .monitor import build_router, snapshot
 from .policies import RoutingRequest
+from .prefix_index import prefix_keys
 from .registry import Health, Registry
-from .session_store import prefix_keys
+from .relay import RelayResponse
 from .validation import check_body
 
 log = logging.getLogger("llamacpp_ha")
+
+# A rough figure for English text and JSON under llama.cpp's usual tokenizers; routing only
+# weighs requests against each other with it.
+_BYTES_PER_TOKEN = 4
 
 # Everything of a backend that a client may reach. Not /slots (it holds other users'
 # prompts and takes actions), not POST /props, not a backend's /metrics (ours is ours).
@@ -83,7 +88,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
     app.state.balancer = balancer
     # Added innermost first: a request passes context, then CORS, then auth.
     app.add_middleware(
-        ApiKeyMiddleware, keyring=balancer.keyring, on_reject=balancer.answered_early
+        ApiKeyMiddleware, keyring=balancer.keyring, on_reject=balancer.recorder.answered_early
     )
     if config.cors_origins:
         app.add_middleware(
@@ -113,7 +118,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
             path, _proxy_endpoint(balancer, path), methods=["POST"], include_in_schema=False
         )
 
-    balancer.endpoints = frozenset(getattr(route, "path", "") for route in app.routes)
+    balancer.recorder.endpoints = frozenset(getattr(route, "path", "") for route in app.routes)
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon() -> Response:
@@ -133,7 +138,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
             status_code=503,
         )
 
-    balancer.endpoints |= {"/v1/models", "/health"}
+    balancer.recorder.endpoints |= {"/v1/models", "/health"}
     return app
 
 
@@ -161,13 +166,12 @@ def _proxy_endpoint(balancer: Balancer, path: str) -> Any:
         model = _requested_model(balancer.registry, payload)
         context = state(request.scope)
         key: ClientKey | None = context.get("client_key")
-        if key is not None:
-            balancer.key_limits.admit(key)  # 429 when over; released when the exchange ends
-        balancer.stats.in_flight += 1
-        return RelayResponse(
-            scheduler=balancer.scheduler,
-            forwarder=balancer.forwarder,
-            routing=RoutingRequest(model=model, prefix_keys=prefix_keys(payload)),
+        routing = RoutingRequest(
+            model=model,
+            prefix_keys=prefix_keys(payload),
+            prompt_tokens=len(body) // _BYTES_PER_TOKEN,
+        )
+        proxied = ProxiedRequest(
             method="POST",
             path=path,
             body=body,
@@ -177,13 +181,15 @@ def _proxy_endpoint(balancer: Balancer, path: str) -> Any:
                 "X-Request-Id": context["request_id"],
                 "X-Forwarded-For": context["forwarded_for"],
             },
-            limits=balancer.limits,
-            hooks=balancer,
+            payload=payload,
+            routing=routing,
             started_at=started_at,
-            priority=key.priority if key is not None else 0,
             client_key=key,
             request_id=context["request_id"],
         )
+        # Admitted (the key's limits, the count in flight) by the response itself, inside the
+        # try/finally that releases it: nothing here holds anything yet.
+        return RelayResponse(Exchange(proxied, balancer))
 
     return proxy
 
@@ -239,7 +245,9 @@ def _requested_model(registry: Registry, payload: dict[str, Any]) -> str | None:
 
 def _add_error_handlers(app: FastAPI, balancer: Balancer) -> None:
     def as_response(request: Request, error: ProxyError) -> JSONResponse:
-        balancer.answered_early(request.url.path, error.status, error.code, state(request.scope))
+        balancer.recorder.answered_early(
+            request.url.path, error.status, error.code, state(request.scope)
+        )
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
     async def proxy_error(request: Request, exc: Exception) -> Response:
@@ -250,7 +258,7 @@ def _add_error_handlers(app: FastAPI, balancer: Balancer) -> None:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 404:
             return as_response(request, NotFound("no such endpoint"))
-        balancer.answered_early("other", exc.status_code, None, state(request.scope))
+        balancer.recorder.answered_early("other", exc.status_code, None, state(request.scope))
         return JSONResponse(
             {"error": {"message": str(exc.detail), "type": "invalid_request_error", "code": None}},
             status_code=exc.status_code,

@@ -21,7 +21,7 @@ import aiohttp
 
 from .config import BackendConfig
 from .ejection import EjectionPolicy, EjectionState
-from .slot_tracker import SlotTracker
+from .slot_ledger import SlotLedger, SlotTracker
 
 log = logging.getLogger("llamacpp_ha.registry")
 
@@ -37,11 +37,12 @@ class BackendState:
     """What we know of one backend right now."""
 
     config: BackendConfig
-    slots: SlotTracker
+    slots: SlotLedger
     health: Health = Health.DEAD
     model_ids: tuple[str, ...] = ()
     model_names: frozenset[str] = frozenset()
     model_entries: tuple[dict[str, Any], ...] = ()
+    n_ctx: int | None = None  # one slot's context size, from /slots
     ejection: EjectionState = field(default_factory=EjectionState)
     draining: bool = False
     last_error: str | None = None
@@ -102,7 +103,7 @@ class Registry:
         )
         self._backends: dict[str, BackendState] = {
             c.name: BackendState(
-                config=c, slots=SlotTracker(on_release=on_change), ssl=c.ssl_context()
+                config=c, slots=SlotTracker(c.name, on_release=on_change), ssl=c.ssl_context()
             )
             for c in configs
         }
@@ -142,7 +143,9 @@ class Registry:
         if any(b.url == config.url for b in self._backends.values()):
             raise ValueError(f"a backend with URL {config.url} exists already")
         backend = BackendState(
-            config=config, slots=SlotTracker(on_release=self._on_change), ssl=config.ssl_context()
+            config=config,
+            slots=SlotTracker(config.name, on_release=self._on_change),
+            ssl=config.ssl_context(),
         )
         self._backends[config.name] = backend
         if self._session is not None:
