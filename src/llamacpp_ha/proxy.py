@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import traceback
@@ -11,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -213,18 +213,29 @@ async def _read_json_object(
     except TimeoutError:
         raise RequestTimeout(f"request body not received within {receive_timeout_s:g} s") from None
     body = b"".join(chunks)
-    try:
-        payload = json.loads(body)
-    except UnicodeDecodeError:
-        raise InvalidRequest("request body is not valid UTF-8") from None
-    except json.JSONDecodeError as exc:
-        # The position, not the text: error messages must not echo a prompt back into logs.
-        raise InvalidRequest(f"request body is not valid JSON ({exc.msg} at {exc.pos})") from None
-    except RecursionError:
-        raise InvalidRequest("request body is nested too deeply") from None
+    payload = parse_json(body)
     if not isinstance(payload, dict):
         raise InvalidRequest("request body must be a JSON object")
     return payload, body
+
+
+def parse_json(body: bytes) -> Any:
+    """The body as JSON, strictly: UTF-8 without a byte order mark, no lone surrogate, no number
+    beyond a double, no NaN, at most 1,024 levels deep. Anything else is a 400 here rather than
+    a surprise later (a string we cannot encode, a body the backend reads another way)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        # The position, not the text: error messages must not echo a prompt back into logs.
+        if "UTF-8" in exc.msg or "byte order mark" in exc.msg:
+            raise InvalidRequest(
+                "request body is not valid UTF-8 (JSON must be UTF-8, with no byte order mark)"
+            ) from None
+        if "surrogate" in exc.msg:
+            raise InvalidRequest(
+                f"request body has an invalid Unicode escape (a lone surrogate) at {exc.pos}"
+            ) from None
+        raise InvalidRequest(f"request body is not valid JSON ({exc.msg} at {exc.pos})") from None
 
 
 def _requested_model(registry: Registry, payload: dict[str, Any]) -> str | None:
