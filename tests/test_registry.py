@@ -211,7 +211,8 @@ class RegistryTest(unittest.IsolatedAsyncioTestCase):
             await wait_until(lambda: backend.health is Health.READY)
             self.assertEqual(backend.slots.total, 2)
             registry.report_failure(backend, "a failure on live traffic")
-            self.assertTrue(backend.slots.try_claim())  # a request in flight
+            claim = backend.slots.try_claim()  # a request in flight
+            assert claim is not None
             updated = registry.update(BackendConfig(url=new.url, name="b0", api_key="k2"))
             self.assertIs(updated, backend)
             self.assertIs(registry.get("b0"), backend)
@@ -224,4 +225,4 @@ class RegistryTest(unittest.IsolatedAsyncioTestCase):
             polled_old = old.hits["/health"]
             await registry.poll(backend)
             self.assertEqual(old.hits["/health"], polled_old)
-            await backend.slots.release()
+            await backend.slots.release(claim)

@@ -2,28 +2,40 @@ from __future__ import annotations
 
 import asyncio
 import unittest
+from collections.abc import Sequence
 
 from fleet import make_registry, set_ready
 from llamacpp_ha.errors import NoHealthyBackend, QueueFull, QueueTimeout
-from llamacpp_ha.policies import RoundRobinPolicy, RoutingRequest, build_policy
+from llamacpp_ha.policies import (
+    BackendCandidate,
+    Policy,
+    RoundRobinPolicy,
+    RoutingRequest,
+    build_policy,
+)
+from llamacpp_ha.prefix_index import PrefixIndex, SessionStore
 from llamacpp_ha.queue import RequestQueue
 from llamacpp_ha.registry import Health, Registry
 from llamacpp_ha.scheduler import Lease, Scheduler
-from llamacpp_ha.session_store import SessionStore
 
 
-class SchedulerTest(unittest.IsolatedAsyncioTestCase):
+class SchedulerFixture(unittest.IsolatedAsyncioTestCase):
     def build(
         self,
         *specs: tuple[str, int, tuple[str, ...]],
         max_queue: int = 100,
-        policy: str = "round-robin",
+        policy: str | Policy = "round-robin",
+        index: PrefixIndex | None = None,
     ) -> tuple[Scheduler, Registry, RequestQueue]:
         queue = RequestQueue()
         registry = make_registry(*specs, on_change=queue.wakeup.set)
         self.sessions = SessionStore(ttl_s=60, max_entries=100)
         scheduler = Scheduler(
-            queue, registry, build_policy(policy), self.sessions, max_queue=max_queue
+            queue,
+            registry,
+            build_policy(policy) if isinstance(policy, str) else policy,
+            index or self.sessions,
+            max_queue=max_queue,
         )
         scheduler.start()
         self.addAsyncCleanup(scheduler.aclose)
@@ -34,6 +46,8 @@ class SchedulerTest(unittest.IsolatedAsyncioTestCase):
     ) -> Lease:
         return await scheduler.acquire(RoutingRequest(model=model), timeout_s=within_s)
 
+
+class SchedulerTest(SchedulerFixture):
     async def test_free_slot_is_granted_without_queueing(self) -> None:
         scheduler, registry, queue = self.build(("a", 1, ("m",)))
         lease = await asyncio.wait_for(self.acquire(scheduler), 1)
@@ -207,3 +221,75 @@ class SchedulerTest(unittest.IsolatedAsyncioTestCase):
         )
         self.assertIsNone(scheduler.start())
         await scheduler.aclose()
+
+
+def raising(candidates: Sequence[BackendCandidate], request: RoutingRequest) -> str | None:
+    raise ZeroDivisionError
+
+
+def naming(name: str) -> Policy:
+    return lambda candidates, request: name
+
+
+class FailingIndex:
+    """A prefix index whose first `failures` lookups raise, as a broken shared store might."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.store = SessionStore(ttl_s=60, max_entries=100)
+
+    def match(self, keys: Sequence[str]) -> dict[str, int]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("index unavailable")
+        return self.store.match(keys)
+
+    def record(self, keys: Sequence[str], backend: str) -> None:
+        self.store.record(keys, backend)
+
+    def forget_backend(self, backend: str) -> None:
+        self.store.forget_backend(backend)
+
+    def configure(self, ttl_s: float, max_entries: int) -> None:
+        self.store.configure(ttl_s, max_entries)
+
+
+class BrokenPolicyTest(SchedulerFixture):
+    """A policy or index that fails must not stall the queue or leak a slot."""
+
+    async def test_a_policy_that_raises_is_overruled_by_least_busy(self) -> None:
+        scheduler, registry, queue = self.build(("a", 1, ("m",)), ("b", 2, ("m",)), policy=raising)
+        with self.assertLogs("llamacpp_ha.scheduler", "ERROR") as logged:
+            lease = await asyncio.wait_for(self.acquire(scheduler), 1)
+        self.assertIn(lease.backend.name, {"a", "b"})
+        self.assertIn("ZeroDivisionError", logged.output[0])
+        self.assertEqual(len(queue), 0)
+        await lease.release()
+        self.assertEqual([b.slots.in_flight for b in registry.backends], [0, 0])
+
+    async def test_a_policy_naming_an_unknown_backend_is_overruled(self) -> None:
+        scheduler, _, _ = self.build(("a", 1, ("m",)), policy=naming("gone"))
+        with self.assertLogs("llamacpp_ha.scheduler", "ERROR"):
+            lease = await asyncio.wait_for(self.acquire(scheduler), 1)
+        self.assertEqual(lease.backend.name, "a")
+
+    async def test_a_policy_naming_a_full_backend_never_overfills_it(self) -> None:
+        scheduler, registry, _ = self.build(("a", 1, ("m",)), ("b", 1, ("m",)), policy=naming("a"))
+        first = await asyncio.wait_for(self.acquire(scheduler), 1)
+        self.assertEqual(first.backend.name, "a")
+        with self.assertLogs("llamacpp_ha.scheduler", "ERROR"):
+            second = await asyncio.wait_for(self.acquire(scheduler), 1)
+        self.assertEqual(second.backend.name, "b")
+        for backend in registry.backends:
+            self.assertLessEqual(backend.slots.in_flight, backend.slots.total)
+
+    async def test_a_failing_drain_is_logged_and_runs_again(self) -> None:
+        index = FailingIndex(failures=1)
+        scheduler, _, queue = self.build(("a", 1, ("m",)), index=index)
+        with self.assertLogs("llamacpp_ha.scheduler", "ERROR") as logged:
+            lease = await asyncio.wait_for(
+                scheduler.acquire(RoutingRequest(model=None, prefix_keys=("k",)), timeout_s=5), 2
+            )
+        self.assertIn("ConnectionError", logged.output[0])
+        self.assertEqual(lease.backend.name, "a")
+        self.assertEqual((index.failures, len(queue)), (0, 0))

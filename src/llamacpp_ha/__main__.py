@@ -12,16 +12,14 @@ from typing import Any, NoReturn
 
 from . import logs
 from .config import ConfigError, ProxyConfig, build_config
+from .policies import DEFAULT_POLICY, POLICIES
 
 # flag -> (config field, help). Values stay strings here so that pydantic checks them and
 # names the field in the error, exactly as for the file and the environment.
 _FLAGS: dict[str, tuple[str, str]] = {
     "--host": ("host", "address to listen on (default 127.0.0.1)"),
     "--port": ("port", "port to listen on (default 8000)"),
-    "--routing": (
-        "routing",
-        "affinity (default), affinity-least-busy, round-robin or least-busy",
-    ),
+    "--routing": ("routing", "{policies}"),
     "--poll-interval": ("poll_interval_s", "seconds between polls of each backend (default 1)"),
     "--queue-timeout": ("queue_timeout_s", "seconds a request may wait for a slot (default 60)"),
     "--max-queue": ("max_queue", "requests that may wait before 503 queue_full (default 1024)"),
@@ -89,9 +87,16 @@ def _serve_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="a key clients must send as 'Authorization: Bearer KEY' (repeatable)",
     )
+    policies = "; ".join(
+        f"{name}{' (default)' if name == DEFAULT_POLICY else ''}: {spec.summary}"
+        for name, spec in POLICIES.items()
+    )
     for flag, (field, help_text) in _FLAGS.items():
         parser.add_argument(
-            flag, dest=field, metavar=field.rsplit("_s", 1)[0].upper(), help=help_text
+            flag,
+            dest=field,
+            metavar=field.rsplit("_s", 1)[0].upper(),
+            help=help_text.format(policies=policies),
         )
     return parser
 

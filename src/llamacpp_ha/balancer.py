@@ -1,7 +1,8 @@
 """`Balancer`: every component of one app, its lifecycle, and how a new configuration applies.
 
-The lifespan starts the components in order and closes them in reverse. The exchange hooks
-are how a proxied request reports back (backend failures, success, its end). `reload()`
+The lifespan starts the components in order and closes them in reverse. As `ExchangeHooks` it
+gives each exchange the components it uses, and hears back about backends' failures and
+successes; what requests leave behind (stats, metrics, logs) is the `Recorder`'s. `reload()`
 applies a new configuration without a restart, as `reload.plan_reload` plans it: backends
 join, leave after draining, or change in place; every setting that lives in a component is
 updated in place.
@@ -12,31 +13,28 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
-
-import aiohttp
 
 from . import logs
+from .attempts import RetryBudget
 from .config import BackendConfig, ConfigError, ProxyConfig
 from .ejection import EjectionPolicy
 from .errors import ShuttingDown, UpstreamError
-from .forwarder import ExchangeLimits, Forwarder, RelayResponse, Timeouts
+from .exchange import ExchangeLimits, LiveExchanges
 from .keyring import Keyring
 from .limits import KeyLimits
 from .metrics import Metrics
 from .middleware import HeaderRules
 from .monitor import ProxyStats
 from .policies import RoutingRequest, build_policy
+from .prefix_index import SessionStore
 from .queue import RequestQueue
+from .recorder import Recorder
 from .registry import BackendState, Registry
 from .reload import plan_reload
-from .retry import RetryBudget
 from .scheduler import Scheduler
-from .session_store import SessionStore
+from .transport import Timeouts, Transport
 
 log = logging.getLogger("llamacpp_ha")
-
-CAPACITY_CODES = frozenset({"queue_full", "queue_timeout", "no_healthy_backend", "shutting_down"})
 
 
 def _ejection_policy(config: ProxyConfig) -> EjectionPolicy:
@@ -90,30 +88,21 @@ class Balancer:
             self.sessions,
             max_queue=config.max_queue,
         )
-        self.forwarder = Forwarder(_timeouts(config))
+        self.transport = Transport()
+        self.timeouts = _timeouts(config)
         self.limits = _limits(config)
         self.retry_budget = RetryBudget(ratio=config.retry_budget_ratio)
         self.metrics = Metrics(self.registry, self.queue)
-        self.exchanges: set[RelayResponse] = set()
-        self.endpoints: frozenset[str] = frozenset()  # the app's routes, set by create_app
+        self.recorder = Recorder(self.stats, self.metrics, self.registry)
+        self.live = LiveExchanges()
         self.admitting = True
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._session: aiohttp.ClientSession | None = None
         self._removals: set[asyncio.Task[None]] = set()
         # Where reload reads the configuration again; set by the command line.
         self.config_source: Callable[[], ProxyConfig] | None = None
 
     async def start(self) -> None:
-        # No connection limit: the slot accounting already bounds concurrency per backend,
-        # and aiohttp's default of 100 would be a hidden second queue in front of it.
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
-            timeout=aiohttp.ClientTimeout(total=None),
-            skip_auto_headers=("User-Agent",),
-        )
-        self.forwarder.start(self._session)
-        self.registry.start(self._session)
+        await self.transport.start()
+        self.registry.start(self.transport.session)
         self.scheduler.start()
 
     async def aclose(self) -> None:
@@ -122,9 +111,7 @@ class Balancer:
         await asyncio.gather(*self._removals, return_exceptions=True)
         await self.scheduler.aclose()
         await self.registry.aclose()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.transport.aclose()
 
     async def drain(self, grace_s: float) -> None:
         """Shutdown: stop admitting, fail the queue, let exchanges finish, then cut them."""
@@ -133,16 +120,16 @@ class Balancer:
         log.warning(
             "shutting down: %d queued requests answered 503, %d in flight get %g s to finish",
             rejected,
-            len(self.exchanges),
+            len(self.live),
             grace_s,
         )
         try:
-            await asyncio.wait_for(self._idle.wait(), grace_s)
+            await asyncio.wait_for(self.live.wait_idle(), grace_s)
         except TimeoutError:
-            log.warning("shutting down: cutting %d requests still in flight", len(self.exchanges))
-            for exchange in list(self.exchanges):
+            log.warning("shutting down: cutting %d requests still in flight", len(self.live))
+            for exchange in self.live:
                 exchange.abort(ShuttingDown("llamacpp-ha shut down before the response ended"))
-            await self._idle.wait()
+            await self.live.wait_idle()
 
     # Changing the fleet ----------------------------------------------------------------
 
@@ -208,7 +195,7 @@ class Balancer:
         self.registry.set_poll_interval(new.poll_interval_s)
         self.registry.ejection_policy = _ejection_policy(new)
         self.scheduler.max_queue = new.max_queue
-        self.forwarder.timeouts = _timeouts(new)
+        self.timeouts = _timeouts(new)
         self.limits = _limits(new)
         # These hold state of their own (a rotation, tokens) or act on the whole process:
         # only a new value replaces them.
@@ -235,76 +222,3 @@ class Balancer:
     def upstream_succeeded(self, backend: BackendState, routing: RoutingRequest) -> None:
         self.registry.report_success(backend)
         self.sessions.record(routing.prefix_keys, backend.name)
-
-    def exchange_started(self, exchange: RelayResponse) -> None:
-        self.exchanges.add(exchange)
-        self._idle.clear()
-
-    def exchange_finished(self, exchange: RelayResponse) -> None:
-        self.exchanges.discard(exchange)
-        if not self.exchanges:
-            self._idle.set()
-        if exchange.client_key is not None:
-            self.key_limits.release(exchange.client_key)
-        result = exchange.result
-        self.stats.in_flight -= 1
-        self.stats.record(result)
-        self.metrics.observe(result, self._model_of)
-        if result.error_code in CAPACITY_CODES:
-            self.metrics.rejected(result.error_code)
-        usage = result.usage
-        outcome = "disconnected" if result.client_disconnected else result.status
-        logs.access(
-            f"POST {result.endpoint} {outcome}",
-            {
-                "request_id": result.request_id,
-                "endpoint": result.endpoint,
-                "model": result.model,
-                "backend": result.backend,
-                "status": result.status,
-                "key_id": result.key_id,
-                "attempts": result.attempts,
-                "queue_wait_ms": round(result.queue_wait_s * 1000, 1),
-                "ttfb_ms": None if result.ttfb_s is None else round(result.ttfb_s * 1000, 1),
-                "duration_ms": round(result.total_s * 1000, 1),
-                "prompt_tokens": usage.prompt_tokens,
-                "cached_tokens": usage.cached_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "cache_hit": None
-                if usage.cache_hit_ratio is None
-                else round(usage.cache_hit_ratio, 3),
-                "client_disconnected": result.client_disconnected or None,
-                "mid_stream": result.mid_stream or None,
-                "error": result.error,
-            },
-        )
-
-    def answered_early(
-        self, endpoint: str, status: int, code: str | None, context: dict[str, Any]
-    ) -> None:
-        """A request refused before it reached the queue: bad input, auth, limits."""
-        # Unknown paths share one label: clients must not be able to grow the metrics.
-        label = endpoint if endpoint in self.endpoints else "other"
-        self.stats.count_answered_early(status, code)
-        self.metrics.requests.labels(label, "", "none", str(status)).inc()
-        key = context.get("client_key")
-        if key is not None:
-            self.metrics.key_requests.labels(key.id, str(status)).inc()
-        if code in CAPACITY_CODES:
-            self.metrics.rejected(code)
-        logs.access(
-            f"{endpoint} {status}",
-            {
-                "request_id": context.get("request_id"),
-                "endpoint": endpoint,
-                "status": status,
-                "code": code,
-                "key_id": key.id if key is not None else None,
-            },
-        )
-
-    def _model_of(self, backend_name: str) -> str:
-        for backend in self.registry.backends:
-            if backend.name == backend_name and backend.model_ids:
-                return backend.model_ids[0]
-        return ""

@@ -23,6 +23,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from .policies import DEFAULT_POLICY, POLICIES
+
 
 class ConfigError(Exception):
     """Invalid configuration, with a one-line message naming the field."""
@@ -149,9 +151,7 @@ class ProxyConfig(BaseSettings):
     max_json_depth: int = Field(default=64, ge=2, json_schema_extra=LIVE)
     max_tokens_cap: int | None = Field(default=None, gt=0, json_schema_extra=LIVE)
     log_format: Literal["text", "json"] = Field(default="text", json_schema_extra=RESTART)
-    routing: Literal["affinity", "affinity-least-busy", "round-robin", "least-busy"] = Field(
-        default="affinity", json_schema_extra=LIVE
-    )
+    routing: str = Field(default=DEFAULT_POLICY, json_schema_extra=LIVE)
     poll_interval_s: float = Field(default=1.0, gt=0, json_schema_extra=LIVE)
     queue_timeout_s: float = Field(default=60.0, gt=0, json_schema_extra=LIVE)
     max_queue: int = Field(default=1024, ge=0, json_schema_extra=LIVE)
@@ -181,6 +181,13 @@ class ProxyConfig(BaseSettings):
     def _urls_as_backends(cls, value: Any) -> Any:
         if isinstance(value, list):
             return [{"url": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @field_validator("routing")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in POLICIES:
+            raise ValueError(f"unknown policy {value!r}; one of {', '.join(POLICIES)}")
         return value
 
     @field_validator("api_keys", "admin_keys", mode="before")

@@ -20,7 +20,7 @@
         ├── BadGateway              502 refused, reset, garbage, closed before answering
         └── GatewayTimeout          504 the backend did not answer in time
 
-`forwarder.py` is the only place that turns aiohttp exceptions into `UpstreamError`s.
+`transport.py` is the only place that turns aiohttp exceptions into `UpstreamError`s.
 """
 
 from __future__ import annotations

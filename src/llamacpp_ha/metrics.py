@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .forwarder import ExchangeResult
+from .exchange_result import ExchangeResult
 from .queue import RequestQueue
 from .registry import Registry
 

@@ -14,7 +14,7 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .forwarder import ExchangeResult
+from .exchange_result import ExchangeResult
 from .queue import RequestQueue
 from .registry import Registry
 

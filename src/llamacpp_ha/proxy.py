@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import traceback
@@ -11,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,15 +30,20 @@ from .errors import (
     ShuttingDown,
     UnsupportedMediaType,
 )
-from .forwarder import RelayResponse
+from .exchange import Exchange, ProxiedRequest
 from .middleware import ApiKeyMiddleware, RequestContextMiddleware, state
 from .monitor import build_router, snapshot
 from .policies import RoutingRequest
+from .prefix_index import prefix_keys
 from .registry import Health, Registry
-from .session_store import prefix_keys
+from .relay import RelayResponse
 from .validation import check_body
 
 log = logging.getLogger("llamacpp_ha")
+
+# A rough figure for English text and JSON under llama.cpp's usual tokenizers; routing only
+# weighs requests against each other with it.
+_BYTES_PER_TOKEN = 4
 
 # Everything of a backend that a client may reach. Not /slots (it holds other users'
 # prompts and takes actions), not POST /props, not a backend's /metrics (ours is ours).
@@ -83,7 +88,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
     app.state.balancer = balancer
     # Added innermost first: a request passes context, then CORS, then auth.
     app.add_middleware(
-        ApiKeyMiddleware, keyring=balancer.keyring, on_reject=balancer.answered_early
+        ApiKeyMiddleware, keyring=balancer.keyring, on_reject=balancer.recorder.answered_early
     )
     if config.cors_origins:
         app.add_middleware(
@@ -109,7 +114,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
             path, _proxy_endpoint(balancer, path), methods=["POST"], include_in_schema=False
         )
 
-    balancer.endpoints = frozenset(getattr(route, "path", "") for route in app.routes)
+    balancer.recorder.endpoints = frozenset(getattr(route, "path", "") for route in app.routes)
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon() -> Response:
@@ -129,7 +134,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
             status_code=503,
         )
 
-    balancer.endpoints |= {"/v1/models", "/health"}
+    balancer.recorder.endpoints |= {"/v1/models", "/health"}
     return app
 
 
@@ -157,13 +162,12 @@ def _proxy_endpoint(balancer: Balancer, path: str) -> Any:
         model = _requested_model(balancer.registry, payload)
         context = state(request.scope)
         key: ClientKey | None = context.get("client_key")
-        if key is not None:
-            balancer.key_limits.admit(key)  # 429 when over; released when the exchange ends
-        balancer.stats.in_flight += 1
-        return RelayResponse(
-            scheduler=balancer.scheduler,
-            forwarder=balancer.forwarder,
-            routing=RoutingRequest(model=model, prefix_keys=prefix_keys(payload)),
+        routing = RoutingRequest(
+            model=model,
+            prefix_keys=prefix_keys(payload),
+            prompt_tokens=len(body) // _BYTES_PER_TOKEN,
+        )
+        proxied = ProxiedRequest(
             method="POST",
             path=path,
             body=body,
@@ -173,13 +177,15 @@ def _proxy_endpoint(balancer: Balancer, path: str) -> Any:
                 "X-Request-Id": context["request_id"],
                 "X-Forwarded-For": context["forwarded_for"],
             },
-            limits=balancer.limits,
-            hooks=balancer,
+            payload=payload,
+            routing=routing,
             started_at=started_at,
-            priority=key.priority if key is not None else 0,
             client_key=key,
             request_id=context["request_id"],
         )
+        # Admitted (the key's limits, the count in flight) by the response itself, inside the
+        # try/finally that releases it: nothing here holds anything yet.
+        return RelayResponse(Exchange(proxied, balancer))
 
     return proxy
 
@@ -203,18 +209,29 @@ async def _read_json_object(
     except TimeoutError:
         raise RequestTimeout(f"request body not received within {receive_timeout_s:g} s") from None
     body = b"".join(chunks)
-    try:
-        payload = json.loads(body)
-    except UnicodeDecodeError:
-        raise InvalidRequest("request body is not valid UTF-8") from None
-    except json.JSONDecodeError as exc:
-        # The position, not the text: error messages must not echo a prompt back into logs.
-        raise InvalidRequest(f"request body is not valid JSON ({exc.msg} at {exc.pos})") from None
-    except RecursionError:
-        raise InvalidRequest("request body is nested too deeply") from None
+    payload = parse_json(body)
     if not isinstance(payload, dict):
         raise InvalidRequest("request body must be a JSON object")
     return payload, body
+
+
+def parse_json(body: bytes) -> Any:
+    """The body as JSON, strictly: UTF-8 without a byte order mark, no lone surrogate, no number
+    beyond a double, no NaN, at most 1,024 levels deep. Anything else is a 400 here rather than
+    a surprise later (a string we cannot encode, a body the backend reads another way)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        # The position, not the text: error messages must not echo a prompt back into logs.
+        if "UTF-8" in exc.msg or "byte order mark" in exc.msg:
+            raise InvalidRequest(
+                "request body is not valid UTF-8 (JSON must be UTF-8, with no byte order mark)"
+            ) from None
+        if "surrogate" in exc.msg:
+            raise InvalidRequest(
+                f"request body has an invalid Unicode escape (a lone surrogate) at {exc.pos}"
+            ) from None
+        raise InvalidRequest(f"request body is not valid JSON ({exc.msg} at {exc.pos})") from None
 
 
 def _requested_model(registry: Registry, payload: dict[str, Any]) -> str | None:
@@ -235,7 +252,9 @@ def _requested_model(registry: Registry, payload: dict[str, Any]) -> str | None:
 
 def _add_error_handlers(app: FastAPI, balancer: Balancer) -> None:
     def as_response(request: Request, error: ProxyError) -> JSONResponse:
-        balancer.answered_early(request.url.path, error.status, error.code, state(request.scope))
+        balancer.recorder.answered_early(
+            request.url.path, error.status, error.code, state(request.scope)
+        )
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
     async def proxy_error(request: Request, exc: Exception) -> Response:
@@ -246,7 +265,7 @@ def _add_error_handlers(app: FastAPI, balancer: Balancer) -> None:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 404:
             return as_response(request, NotFound("no such endpoint"))
-        balancer.answered_early("other", exc.status_code, None, state(request.scope))
+        balancer.recorder.answered_early("other", exc.status_code, None, state(request.scope))
         return JSONResponse(
             {"error": {"message": str(exc.detail), "type": "invalid_request_error", "code": None}},
             status_code=exc.status_code,

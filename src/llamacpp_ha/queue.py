@@ -10,18 +10,18 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .policies import RoutingRequest
-    from .registry import BackendState
+    from .scheduler import Lease
 
 
 @dataclass(eq=False)
 class QueueEntry:
-    """A request waiting for a backend; the scheduler resolves `future` with the one it claimed."""
+    """A request waiting for a backend; the scheduler resolves `future` with the slot it claimed."""
 
     routing: RoutingRequest
     priority: int = 0
     enqueued_at: float = field(default_factory=time.monotonic)
     # No default future: it must be created on the running loop by whoever enqueues.
-    future: asyncio.Future[BackendState] | None = None
+    future: asyncio.Future[Lease] | None = None
 
 
 class RequestQueue:

@@ -31,7 +31,7 @@ from .probe import (
     parse_props,
     parse_slots,
 )
-from .slot_tracker import SlotTracker
+from .slot_ledger import SlotLedger, SlotTracker
 
 __all__ = ["BackendState", "Health", "Registry"]
 
@@ -43,11 +43,12 @@ class BackendState:
     """What we know of one backend right now."""
 
     config: BackendConfig
-    slots: SlotTracker
+    slots: SlotLedger
     health: Health = Health.DEAD
     model_ids: tuple[str, ...] = ()
     model_names: frozenset[str] = frozenset()
     model_entries: tuple[dict[str, Any], ...] = ()
+    n_ctx: int | None = None  # one slot's context size, from /slots
     ejection: EjectionState = field(default_factory=EjectionState)
     draining: bool = False
     last_error: str | None = None
@@ -109,7 +110,7 @@ class Registry:
         )
         self._backends: dict[str, BackendState] = {
             c.name: BackendState(
-                config=c, slots=SlotTracker(on_release=on_change), ssl=c.ssl_context()
+                config=c, slots=SlotTracker(c.name, on_release=on_change), ssl=c.ssl_context()
             )
             for c in configs
         }
@@ -154,7 +155,9 @@ class Registry:
         if any(b.url == config.url for b in self._backends.values()):
             raise ValueError(f"a backend with URL {config.url} exists already")
         backend = BackendState(
-            config=config, slots=SlotTracker(on_release=self._on_change), ssl=config.ssl_context()
+            config=config,
+            slots=SlotTracker(config.name, on_release=self._on_change),
+            ssl=config.ssl_context(),
         )
         self._backends[config.name] = backend
         if self._session is not None:

@@ -3,6 +3,12 @@
 `acquire()` enqueues a request and waits; the drain walks the queue from the front and gives
 each entry a backend chosen by the policy among those that serve its model and have room. An
 entry that cannot be placed does not block later entries for other models.
+
+What the policy sees is a `RoutingView`, built once per drain: per backend its slots, our
+requests and their tokens in flight, its slots' context size, and, per request, what the prefix
+index says the backend holds of its prompt. A policy that raises or names a backend it may not
+have is logged and overruled by least busy for that request; the drain itself is supervised, so
+a failure in it never leaves the queue unattended.
 """
 
 from __future__ import annotations
@@ -12,13 +18,15 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 from .errors import NoCapacity, NoHealthyBackend, QueueFull, QueueTimeout
-from .policies import BackendCandidate, Policy, RoutingRequest
+from .policies import BackendCandidate, LeastBusyPolicy, Policy, RoutingRequest
+from .prefix_index import PrefixIndex
 from .queue import QueueEntry, RequestQueue
 from .registry import BackendState, Registry
-from .session_store import SessionStore
+from .slot_ledger import Claim
 
 log = logging.getLogger("llamacpp_ha.scheduler")
 
@@ -26,33 +34,76 @@ log = logging.getLogger("llamacpp_ha.scheduler")
 class Lease:
     """One claimed slot on `backend`; `release()` is idempotent so every exit path may call it."""
 
-    def __init__(self, backend: BackendState, queue_wait_s: float) -> None:
+    def __init__(self, backend: BackendState, claim: Claim, queue_wait_s: float) -> None:
         self.backend = backend
+        self.claim = claim
         self.queue_wait_s = queue_wait_s
         self.released = False
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
 
     async def release(self) -> None:
         if not self.released:
             self.released = True
-            await self.backend.slots.release()
+            await self.backend.slots.release(self.claim)
+
+
+class RoutingView:
+    """The fleet as routing sees it during one drain; kept current as the drain claims slots."""
+
+    def __init__(self, backends: Sequence[BackendState], index: PrefixIndex) -> None:
+        self._index = index
+        self._seen = {
+            b.name: BackendCandidate(
+                name=b.name,
+                free_slots=b.slots.free,
+                total_slots=b.slots.total,
+                in_flight=b.slots.in_flight,
+                in_flight_tokens=b.slots.in_flight_tokens,
+                n_ctx=b.n_ctx,
+            )
+            for b in backends
+        }
+
+    def has_room(self, backends: Sequence[BackendState]) -> bool:
+        return any(self._seen[b.name].free_slots > 0 for b in backends)
+
+    def candidates(
+        self, backends: Sequence[BackendState], routing: RoutingRequest
+    ) -> list[BackendCandidate]:
+        held = self._index.match(routing.prefix_keys) if routing.prefix_keys else {}
+        return [replace(self._seen[b.name], prefix_match=held.get(b.name, 0)) for b in backends]
+
+    def claimed(self, claim: Claim) -> None:
+        seen = self._seen[claim.backend]
+        self._seen[claim.backend] = replace(
+            seen,
+            free_slots=seen.free_slots - 1,
+            in_flight=seen.in_flight + 1,
+            in_flight_tokens=seen.in_flight_tokens + claim.tokens,
+        )
 
 
 class Scheduler:
-    """Owns the drain task; the queue and the slot counts are the state it works on."""
+    """Owns the drain task; the queue and the slot ledgers are the state it works on."""
 
     def __init__(
         self,
         queue: RequestQueue,
         registry: Registry,
         policy: Policy,
-        sessions: SessionStore,
+        index: PrefixIndex,
         max_queue: int,
     ) -> None:
         self._queue = queue
         self._registry = registry
         self.policy = policy
-        self._sessions = sessions
+        self._index = index
         self.max_queue = max_queue
+        # Overrules a policy that fails: it always answers, and only with a free candidate.
+        self._fallback = LeastBusyPolicy()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -92,12 +143,12 @@ class Scheduler:
         entry.future = asyncio.get_running_loop().create_future()
         # A retry has already waited its turn once, so it goes to the front.
         self._queue.put(entry, front=retry)
-        self._drain()
+        self._drain_supervised()
         if not entry.future.done() and len(self._queue) > self.max_queue:
             self._queue.remove(entry)
             raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
         try:
-            backend = await asyncio.wait_for(asyncio.shield(entry.future), timeout_s)
+            return await asyncio.wait_for(asyncio.shield(entry.future), timeout_s)
         except TimeoutError:
             self._queue.remove(entry)
             if not entry.future.done():
@@ -106,16 +157,15 @@ class Scheduler:
                     f"no slot became free within {timeout_s:g} s",
                     retry_after_s=max(1, math.ceil(timeout_s / 4)),
                 ) from None
-            backend = entry.future.result()  # placed just as the timeout fired: use it
+            return entry.future.result()  # placed just as the timeout fired: use it
         except asyncio.CancelledError:
             self._queue.remove(entry)
             placed = entry.future.done() and not entry.future.cancelled()
             if placed and entry.future.exception() is None:
-                await entry.future.result().slots.release()
+                await entry.future.result().release()
             else:
                 entry.future.cancel()
             raise
-        return Lease(backend, queue_wait_s=time.monotonic() - entry.enqueued_at)
 
     def _eligible(self, routing: RoutingRequest) -> list[BackendState]:
         return [
@@ -130,9 +180,22 @@ class Scheduler:
         while True:
             await self._queue.wakeup.wait()
             self._queue.wakeup.clear()
+            self._drain_supervised()
+
+    def _drain_supervised(self) -> None:
+        try:
             self._drain()
+        except Exception as exc:  # a bug must not leave the queue unattended
+            where = exc.__traceback__.tb_frame.f_code.co_name if exc.__traceback__ else "?"
+            log.error(
+                "scheduler: the drain failed (%s in %s); it runs again at the next wake-up",
+                type(exc).__name__,
+                where,
+            )
+            self._queue.wakeup.set()
 
     def _drain(self) -> None:
+        view: RoutingView | None = None
         # Most queued requests share a model and exclude nothing: compute each distinct
         # eligibility once per drain, not once per entry.
         eligible_for: dict[tuple[str | None, frozenset[str]], list[BackendState]] = {}
@@ -150,30 +213,48 @@ class Scheduler:
                 self._queue.remove(entry)
                 entry.future.set_exception(_no_backend(entry.routing))
                 continue
-            backend = self._place(entry.routing, eligible)
-            if backend is not None:
+            if view is None:
+                view = RoutingView(self._registry.backends, self._index)
+            lease = self._place(entry, eligible, view)
+            if lease is not None:
                 self._queue.remove(entry)
-                entry.future.set_result(backend)
+                entry.future.set_result(lease)
 
-    def _place(self, routing: RoutingRequest, eligible: list[BackendState]) -> BackendState | None:
-        if not any(b.slots.free > 0 for b in eligible):
+    def _place(
+        self, entry: QueueEntry, eligible: list[BackendState], view: RoutingView
+    ) -> Lease | None:
+        if not view.has_room(eligible):
             return None
-        candidates = [
-            BackendCandidate(name=b.name, free_slots=b.slots.free, total_slots=b.slots.total)
-            for b in eligible
-        ]
-        preferred = self._sessions.lookup(routing.prefix_keys)
-        if preferred is not None:
-            routing = replace(routing, preferred_backend=preferred)
-        choice = self.policy.select(candidates, routing)
+        routing = entry.routing
+        candidates = view.candidates(eligible, routing)
+        choice = self._choose(candidates, routing)
         if choice is None:
             return None
         backend = next(b for b in eligible if b.name == choice)
         # Choosing and claiming happen with no await in between: on one event loop nothing
         # else can take this slot, so select-and-claim is atomic.
-        if not backend.slots.try_claim():
-            raise RuntimeError(f"policy chose {choice}, which has no free slot")
-        return backend
+        claim = backend.slots.try_claim(tokens=routing.prompt_tokens)
+        if claim is None:
+            raise RuntimeError(f"{choice} was chosen with a free slot and had none")
+        view.claimed(claim)
+        return Lease(backend, claim, queue_wait_s=time.monotonic() - entry.enqueued_at)
+
+    def _choose(self, candidates: list[BackendCandidate], routing: RoutingRequest) -> str | None:
+        try:
+            choice = self.policy(candidates, routing)
+        except Exception as exc:
+            log.error(
+                "routing policy failed (%s); least busy places this request", type(exc).__name__
+            )
+            return self._fallback(candidates, routing)
+        if choice is None or any(c.name == choice and c.free_slots > 0 for c in candidates):
+            return choice
+        log.error(
+            "routing policy chose %r, not a candidate with a free slot; least busy places "
+            "this request",
+            choice,
+        )
+        return self._fallback(candidates, routing)
 
 
 def _no_backend(routing: RoutingRequest) -> NoHealthyBackend:

@@ -1,12 +1,15 @@
-"""Which backend holds a conversation's prompt in its cache.
+"""Which backend probably holds a prompt's prefix in its cache.
 
 A request's prompt is summarised as cumulative SHA-256 keys: one per chat message (so turn n+1,
 which repeats turn n's messages and adds more, contains all of turn n's keys), or one per
-`BLOCK_CHARS` of a plain prompt. After a backend serves a request we record every key of it; the
-next request is steered to the backend of its longest recorded key, which is where the longest
-part of its prompt was last computed: a conversation's earlier turn, or another conversation
-with the same system prompt or document. Entries expire `ttl_s` after their last use; the store
-holds at most `max_entries` keys (least recently used go first).
+`BLOCK_BYTES` of a plain prompt. After a backend serves a request we record every key of it.
+`PrefixIndex.match()` says, for a new request, how many of its leading keys each backend holds;
+the backend with the longest match is where the longest part of its prompt was last computed:
+a conversation's earlier turn, or another conversation with the same system prompt or document.
+
+`SessionStore` is the index in this process: each key remembers the last backend that computed
+it. Entries expire `ttl_s` after their last use; it holds at most `max_entries` keys (least
+recently used go first).
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-BLOCK_CHARS = 256
+BLOCK_BYTES = 256
 
 
 def prefix_keys(body: dict[str, Any]) -> tuple[str, ...]:
@@ -40,10 +43,26 @@ def prefix_keys(body: dict[str, Any]) -> tuple[str, ...]:
     if isinstance(prompt, str):
         data = prompt.encode()
         # Only whole blocks: the next turn's prompt extends this one past its last boundary.
-        for start in range(0, len(data) - BLOCK_CHARS + 1, BLOCK_CHARS):
-            hasher.update(data[start : start + BLOCK_CHARS])
+        for start in range(0, len(data) - BLOCK_BYTES + 1, BLOCK_BYTES):
+            hasher.update(data[start : start + BLOCK_BYTES])
             keys.append(hasher.hexdigest())
     return tuple(keys)
+
+
+class PrefixIndex(Protocol):
+    """What each backend probably holds of a prompt, as prefix keys."""
+
+    def match(self, keys: Sequence[str]) -> dict[str, int]:
+        """Backend name -> how many of `keys`, from the first, it holds (absent: none)."""
+        ...
+
+    def record(self, keys: Sequence[str], backend: str) -> None:
+        """`backend` has just computed the prompt of `keys`."""
+        ...
+
+    def forget_backend(self, backend: str) -> None: ...
+
+    def configure(self, ttl_s: float, max_entries: int) -> None: ...
 
 
 class SessionStore:
@@ -68,19 +87,24 @@ class SessionStore:
         self._max_entries = max_entries
         self._evict()
 
-    def lookup(self, keys: Sequence[str]) -> str | None:
-        """The backend of the longest key of `keys` on record."""
+    def match(self, keys: Sequence[str]) -> dict[str, int]:
         now = self._clock()
-        for key in reversed(keys):
-            found = self._entries.get(key)
+        held: dict[str, int] = {}
+        for depth in range(len(keys), 0, -1):
+            found = self._entries.get(keys[depth - 1])
             if found is None:
                 continue
             backend, expires_at = found
             if expires_at <= now:
-                del self._entries[key]
+                del self._entries[keys[depth - 1]]
                 continue
-            return backend
-        return None
+            held.setdefault(backend, depth)
+        return held
+
+    def lookup(self, keys: Sequence[str]) -> str | None:
+        """The backend of the longest key of `keys` on record."""
+        held = self.match(keys)
+        return max(held, key=held.__getitem__) if held else None
 
     def record(self, keys: Sequence[str], backend: str) -> None:
         expires_at = self._clock() + self._ttl_s

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import unittest
 
-from llamacpp_ha.session_store import BLOCK_CHARS, SessionStore, prefix_keys
+from llamacpp_ha.prefix_index import BLOCK_BYTES, SessionStore, prefix_keys
 
 
 class Clock:
@@ -46,15 +46,15 @@ class PrefixKeysTest(unittest.TestCase):
         self.assertNotEqual(prefix_keys(body)[0], prefix_keys(other)[0])
 
     def test_plain_prompt_in_whole_blocks(self) -> None:
-        short = prefix_keys({"prompt": "x" * (BLOCK_CHARS - 1)})
+        short = prefix_keys({"prompt": "x" * (BLOCK_BYTES - 1)})
         self.assertEqual(short, ())
-        two = prefix_keys({"prompt": "x" * (2 * BLOCK_CHARS + 5)})
+        two = prefix_keys({"prompt": "x" * (2 * BLOCK_BYTES + 5)})
         self.assertEqual(len(two), 2)
-        longer = prefix_keys({"prompt": "x" * (3 * BLOCK_CHARS)})
+        longer = prefix_keys({"prompt": "x" * (3 * BLOCK_BYTES)})
         self.assertEqual(longer[:2], two)
 
     def test_native_content_field(self) -> None:
-        self.assertEqual(len(prefix_keys({"content": "y" * BLOCK_CHARS})), 1)
+        self.assertEqual(len(prefix_keys({"content": "y" * BLOCK_BYTES})), 1)
 
     def test_no_prompt_no_keys(self) -> None:
         self.assertEqual(prefix_keys({"input": ["embed me"]}), ())
@@ -79,7 +79,7 @@ class SessionStoreTest(unittest.TestCase):
         self.assertEqual(self.store.lookup(prefix_keys(chat("sys", "another question"))), "gpu-a")
 
     def test_shared_document_prefix_in_plain_prompts(self) -> None:
-        document = "d" * (4 * BLOCK_CHARS)
+        document = "d" * (4 * BLOCK_BYTES)
         self.store.record(prefix_keys({"prompt": document + "question one"}), "gpu-b")
         self.assertEqual(
             self.store.lookup(prefix_keys({"prompt": document + "question two"})), "gpu-b"

@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import unittest
 
-from llamacpp_ha.slot_tracker import SlotTracker
+from llamacpp_ha.slot_ledger import Claim, SlotTracker
 
 
 class SlotTrackerTest(unittest.IsolatedAsyncioTestCase):
@@ -24,8 +24,10 @@ class SlotTrackerTest(unittest.IsolatedAsyncioTestCase):
         calls: list[int] = []
         tracker = SlotTracker(on_release=lambda: calls.append(tracker.free))
         tracker.observe(total=1, busy_on_backend=0)
-        self.assertTrue(tracker.try_claim())
-        await tracker.release()
+        claim = tracker.try_claim()
+        self.assertTrue(claim)
+        assert claim is not None
+        await tracker.release(claim)
         # The callback already sees the freed slot: release is done before anyone is told.
         self.assertEqual(calls, [1])
         self.assertTrue(tracker.try_claim())
@@ -33,7 +35,7 @@ class SlotTrackerTest(unittest.IsolatedAsyncioTestCase):
     async def test_release_without_claim_is_an_error(self) -> None:
         tracker = SlotTracker()
         with self.assertRaises(RuntimeError):
-            await tracker.release()
+            await tracker.release(Claim(""))
 
     def test_foreign_busy_slots_count_as_busy(self) -> None:
         tracker = SlotTracker()
@@ -76,11 +78,26 @@ class SlotTrackerTest(unittest.IsolatedAsyncioTestCase):
     async def test_wait_idle_returns_after_last_release(self) -> None:
         tracker = SlotTracker()
         tracker.observe(total=2, busy_on_backend=0)
-        tracker.try_claim()
-        tracker.try_claim()
+        first, second = tracker.try_claim(), tracker.try_claim()
+        assert first is not None
+        assert second is not None
         waiter = asyncio.create_task(tracker.wait_idle())
-        await tracker.release()
+        await tracker.release(first)
         await asyncio.sleep(0)
         self.assertFalse(waiter.done())
-        await tracker.release()
+        await tracker.release(second)
         await asyncio.wait_for(waiter, 1)
+
+    async def test_a_pinned_slot_is_claimed_once(self) -> None:
+        tracker = SlotTracker("b")
+        tracker.observe(total=2, busy_on_backend=0)
+        claim = tracker.try_claim(slot_id=1)
+        assert claim is not None
+        self.assertEqual((claim.backend, claim.slot_id), ("b", 1))
+        self.assertIsNone(tracker.try_claim(slot_id=1))  # held
+        self.assertIsNone(tracker.try_claim(slot_id=2))  # no such slot
+        other = tracker.try_claim()
+        self.assertIsNotNone(other)
+        self.assertIsNone(tracker.try_claim(slot_id=0))  # no slot free
+        await tracker.release(claim)
+        self.assertIsNotNone(tracker.try_claim(slot_id=1))

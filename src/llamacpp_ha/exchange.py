@@ -1,0 +1,365 @@
+"""One proxied request, from admission to release: what it holds and how it finds its answer.
+
+An `Exchange` is admitted (the key's concurrency, the count of requests in flight) and released
+(the slot and the upstream connection too) by the one `try/finally` of `RelayResponse`, which
+owns the ASGI side; nothing between admission and that block can raise. In between, it queues
+for a slot, opens the request upstream through the transport, retrying on another backend as
+the one rule in `attempts.py` allows, and reads the answer's head: the whole body of a JSON
+answer, the first chunk of a stream. The relay then sends what this gives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from .attempts import RETRYABLE_STATUSES, RetryableAnswer, RetryBudget, RetryRule
+from .attempts import first_good_answer as _first_good_answer
+from .config import ClientKey
+from .errors import BadGateway, GatewayTimeout, ProxyError, UpstreamError
+from .exchange_result import ExchangeResult
+from .limits import KeyLimits
+from .policies import RoutingRequest
+from .registry import BackendState
+from .scheduler import Lease, Scheduler
+from .transport import Timeouts, Transport, Upstream
+from .usage import MARKERS, from_answer, from_sse
+
+
+@dataclass(frozen=True)
+class ExchangeLimits:
+    queue_timeout_s: float
+    request_timeout_s: float
+    write_timeout_s: float
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class ProxiedRequest:
+    """A request that passed every check and may be queued: what the endpoint read of it."""
+
+    method: str
+    path: str
+    body: bytes
+    headers: Mapping[str, str]
+    # Parsed once by the endpoint and kept, so the exchange may change it at send time.
+    payload: dict[str, Any]
+    routing: RoutingRequest
+    started_at: float
+    client_key: ClientKey | None = None
+    request_id: str | None = None
+
+    @property
+    def priority(self) -> int:
+        return self.client_key.priority if self.client_key is not None else 0
+
+
+class ExchangeRecorder(Protocol):
+    def started(self) -> None: ...
+
+    def finished(self, result: ExchangeResult) -> None: ...
+
+    def answered_early(
+        self, endpoint: str, status: int, code: str | None, context: Mapping[str, Any]
+    ) -> None: ...
+
+
+class ExchangeHooks(Protocol):
+    """What an exchange needs from the rest of the balancer (implemented by `Balancer`)."""
+
+    @property
+    def scheduler(self) -> Scheduler: ...
+
+    @property
+    def transport(self) -> Transport: ...
+
+    @property
+    def timeouts(self) -> Timeouts: ...
+
+    @property
+    def limits(self) -> ExchangeLimits: ...
+
+    @property
+    def retry_budget(self) -> RetryBudget: ...
+
+    @property
+    def key_limits(self) -> KeyLimits: ...
+
+    @property
+    def live(self) -> LiveExchanges: ...
+
+    @property
+    def recorder(self) -> ExchangeRecorder: ...
+
+    def backend_failed(self, backend: BackendState, error: UpstreamError) -> None: ...
+
+    def backend_loading(self, backend: BackendState) -> None: ...
+
+    def upstream_succeeded(self, backend: BackendState, routing: RoutingRequest) -> None: ...
+
+
+class LiveExchanges:
+    """The exchanges admitted and not yet released; shutdown waits for them or cuts them."""
+
+    def __init__(self) -> None:
+        self._live: set[Exchange] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __iter__(self) -> Iterator[Exchange]:
+        return iter(list(self._live))
+
+    def add(self, exchange: Exchange) -> None:
+        self._live.add(exchange)
+        self._idle.clear()
+
+    def discard(self, exchange: Exchange) -> None:
+        self._live.discard(exchange)
+        if not self._live:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+class Answer:
+    """A backend's answer, started and not yet relayed, with the slot it holds."""
+
+    def __init__(self, lease: Lease, upstream: Upstream) -> None:
+        self.lease = lease
+        self.upstream = upstream
+        self.head = b""  # the whole body, or the first chunk of a stream
+        self.rest: AsyncIterator[bytes] | None = None  # the rest of a stream
+
+    @property
+    def backend_name(self) -> str:
+        return self.lease.backend_name
+
+    @property
+    def status(self) -> int:
+        return self.upstream.status
+
+    async def aclose(self, *, reuse: bool = False) -> None:
+        """Idempotent; `reuse` only once the body has been read to its end."""
+        self.upstream.aclose(reuse=reuse)
+        await self.lease.release()
+
+
+class Exchange:
+    """One proxied request: admitted, answered by the first good backend, released."""
+
+    def __init__(self, request: ProxiedRequest, hooks: ExchangeHooks) -> None:
+        self.request = request
+        self._hooks = hooks
+        # Read once: a reload changes what later requests get, not this one.
+        self.limits = hooks.limits
+        self._timeouts = hooks.timeouts
+        self.deadline = request.started_at + self.limits.request_timeout_s
+        self.answer: Answer | None = None
+        self._admitted = False
+        self._on_abort: Callable[[ProxyError], None] | None = None
+        self.result = ExchangeResult(
+            endpoint=request.path,
+            model=request.routing.model,
+            request_id=request.request_id,
+            key_id=request.client_key.id if request.client_key is not None else None,
+        )
+
+    # Admission and release -----------------------------------------------------------------
+
+    def admit(self, on_abort: Callable[[ProxyError], None]) -> None:
+        """Take the key's concurrency and count the request, or raise with nothing taken.
+
+        `on_abort` is how the owner of the exchange is told to end it now (`abort()`).
+        """
+        if self.request.client_key is not None:
+            self._hooks.key_limits.admit(self.request.client_key)  # 429 when over
+        self._on_abort = on_abort
+        self._admitted = True
+        self._hooks.live.add(self)
+        self._hooks.recorder.started()
+
+    def abort(self, error: ProxyError) -> None:
+        """End the exchange now with `error` (shutdown after its grace period)."""
+        if self._on_abort is not None:
+            self._on_abort(error)
+
+    def refused(self, error: ProxyError) -> None:
+        """Admission said no: the request never started, and is counted as answered early."""
+        context = {"request_id": self.request.request_id, "client_key": self.request.client_key}
+        self._hooks.recorder.answered_early(self.request.path, error.status, error.code, context)
+
+    async def close_answer(self) -> None:
+        if self.answer is not None:
+            await self.answer.aclose()
+
+    async def release(self) -> None:
+        """Everything admit() and the attempts took; idempotent, and whole even if cancelled."""
+        try:
+            await self.close_answer()
+        finally:
+            if self._admitted:
+                self._admitted = False
+                if self.request.client_key is not None:
+                    self._hooks.key_limits.release(self.request.client_key)
+                self._hooks.live.discard(self)
+                self.result.total_s = time.monotonic() - self.request.started_at
+                self._hooks.recorder.finished(self.result)
+
+    # Finding an answer ---------------------------------------------------------------------
+
+    async def first_good_answer(self) -> Answer:
+        """Queue, open upstream and read the head, retrying before any byte is relayed."""
+        routing = self.request.routing
+        scheduler = self._hooks.scheduler
+        queue_deadline = time.monotonic() + self.limits.queue_timeout_s
+
+        async def acquire(tried: frozenset[str]) -> Lease:
+            self.result.attempts += 1
+            lease = await scheduler.acquire(
+                _excluding(routing, tried),
+                timeout_s=max(0.001, min(queue_deadline, self.deadline) - time.monotonic()),
+                retry=bool(tried),  # a retry has already waited its turn once: to the front
+                priority=self.request.priority,
+            )
+            self.result.queue_wait_s += lease.queue_wait_s
+            self.result.backend = lease.backend.name
+            return lease
+
+        rule = RetryRule(
+            max_attempts=self.limits.max_attempts,
+            budget=self._hooks.retry_budget,
+            can_serve=lambda tried: scheduler.can_serve(_excluding(routing, tried)),
+        )
+        self.answer = await _first_good_answer(acquire, self._open, rule)
+        return self.answer
+
+    async def _open(self, lease: Lease) -> Answer:
+        """One attempt: an answer worth relaying, or an UpstreamError already reported."""
+        backend = lease.backend
+        headers = dict(self.request.headers)
+        if backend.config.api_key:
+            headers["Authorization"] = f"Bearer {backend.config.api_key}"
+        try:
+            upstream = await self._hooks.transport.open(
+                backend.name,
+                self.request.method,
+                backend.url + self.request.path,
+                self.request.body,
+                headers,
+                tls=backend.ssl,
+                timeouts=self._timeouts,
+            )
+        except BaseException as exc:
+            await lease.release()
+            if isinstance(exc, UpstreamError):
+                self._hooks.backend_failed(backend, exc)
+            raise
+        answer = Answer(lease, upstream)
+        try:
+            await self._read_head(answer)
+        except RetryableAnswer as retryable:
+            if answer.status == 503:
+                self._hooks.backend_loading(backend)
+            else:
+                self._hooks.backend_failed(backend, retryable)
+            raise
+        except BaseException as exc:
+            await answer.aclose()
+            if isinstance(exc, UpstreamError):
+                self._hooks.backend_failed(backend, exc)
+            raise
+        return answer
+
+    async def _read_head(self, answer: Answer) -> None:
+        name, upstream = answer.backend_name, answer.upstream
+        if upstream.status in RETRYABLE_STATUSES:
+            # Read the (small) error body so that, if no retry is allowed, it can be relayed.
+            answer.head = await self._read_all(name, upstream)
+            raise RetryableAnswer(f"backend {name} answered {upstream.status}", answer)
+        if upstream.media_type == "text/event-stream":
+            answer.rest = self._chunks(name, upstream, sse=True)
+            answer.head = await anext(answer.rest, b"")
+            if upstream.status == 200 and not _starts_like_sse(answer.head):
+                raise BadGateway(f"backend {name}: the stream is not server-sent events")
+            return
+        answer.head = await self._read_all(name, upstream)
+        if upstream.status == 200 and upstream.media_type == "application/json":
+            try:
+                parsed = json.loads(answer.head)
+            except ValueError:
+                raise BadGateway(f"backend {name}: invalid JSON") from None
+            self.result.usage = from_answer(parsed)
+
+    # Reading the answer --------------------------------------------------------------------
+
+    async def _chunks(self, name: str, upstream: Upstream, *, sse: bool) -> AsyncIterator[bytes]:
+        """The body as it arrives. Each chunk must come within the idle timeout; for SSE, a
+        chunk of `:` comments only (keep-alives) does not count as the backend making progress.
+        """
+        idle_s = self._timeouts.idle_s
+        stream = upstream.chunks()
+        loop = asyncio.get_running_loop()
+        idle_deadline = loop.time() + idle_s
+        while True:
+            try:
+                async with asyncio.timeout_at(idle_deadline):
+                    chunk = await anext(stream, b"")
+            except TimeoutError:
+                raise GatewayTimeout(f"backend {name}: no data for {idle_s:g} s") from None
+            if not chunk:
+                return
+            if not sse or _has_data(chunk):
+                idle_deadline = loop.time() + idle_s
+            yield chunk
+
+    async def _read_all(self, name: str, upstream: Upstream) -> bytes:
+        return b"".join([chunk async for chunk in self._chunks(name, upstream, sse=False)])
+
+    async def rest_of_stream(self, answer: Answer) -> AsyncIterator[bytes]:
+        """The stream after its head; once the backend is done, the upstream is complete."""
+        assert answer.rest is not None
+        counted = previous = answer.head
+        async for chunk in answer.rest:
+            if any(marker in chunk for marker in MARKERS):
+                # With the chunk before it, in case the event was split across reads.
+                counted = previous + chunk
+            previous = chunk
+            yield chunk
+        self.result.usage = from_sse(counted)
+        await self.upstream_complete(answer)
+
+    async def upstream_complete(self, answer: Answer) -> None:
+        # The backend is done: free its slot and remember the conversation now, before the
+        # last bytes reach the client, who may send its next turn the moment they arrive.
+        status, backend = answer.status, answer.lease.backend
+        await answer.aclose(reuse=True)
+        if status >= 500 and status not in RETRYABLE_STATUSES:  # those were reported already
+            self._hooks.backend_failed(backend, UpstreamError(f"backend {backend.name}: {status}"))
+        else:
+            self._hooks.upstream_succeeded(backend, self.request.routing)
+
+    def failed(self, error: ProxyError) -> None:
+        """The relay failed after an answer was found: the backend's fault if upstream."""
+        if isinstance(error, UpstreamError) and self.answer is not None:
+            self._hooks.backend_failed(self.answer.lease.backend, error)
+
+
+def _excluding(routing: RoutingRequest, tried: frozenset[str]) -> RoutingRequest:
+    return replace(routing, exclude=routing.exclude | tried) if tried else routing
+
+
+def _has_data(chunk: bytes) -> bool:
+    return any(line and not line.startswith(b":") for line in chunk.splitlines())
+
+
+def _starts_like_sse(chunk: bytes) -> bool:
+    first_line = chunk.lstrip(b"\r\n").split(b"\n", 1)[0]
+    return first_line.startswith((b"data:", b"event:", b":", b"id:", b"retry:"))

@@ -1,0 +1,193 @@
+"""`RelayResponse`: the ASGI side of one exchange.
+
+It admits the exchange and releases it in one `try/finally`, on every path (success, backend
+error, client disconnect, cancellation, shutdown), awaited. In between it sends what the
+exchange gives it: the status and headers, then the body chunk by chunk, each within the write
+timeout; it watches for the client leaving and for an abort (shutdown after its grace period).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+from .errors import GatewayTimeout, ProxyError, send_error
+from .exchange import Answer, Exchange
+
+# Not forwarded (RFC 9110 7.6.1: hop-by-hop), plus what the ASGI server sets itself.
+_DROPPED_RESPONSE_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "date",
+        "server",
+        "access-control-allow-origin",
+        "x-accel-buffering",  # set once by us on streams
+    }
+)
+
+
+class _ClientTooSlow(Exception):
+    pass
+
+
+class RelayResponse(Response):
+    """Admit, find an answer, relay it, release."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        super().__init__()
+        self.exchange = exchange
+        self._write_timeout_s = exchange.limits.write_timeout_s
+        self._response_started = False
+        self._abort: ProxyError | None = None
+        self._aborted = asyncio.Event()
+
+    def abort(self, error: ProxyError) -> None:
+        """End the exchange now with `error` (shutdown after its grace period)."""
+        self._abort = error
+        self._aborted.set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange, result = self.exchange, self.exchange.result
+        try:
+            exchange.admit(on_abort=self.abort)
+        except ProxyError as refused:  # a key over its limits: nothing was taken
+            exchange.refused(refused)
+            await send_error(send, refused)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+            relay = loop.create_task(self._relay(send))
+            # The client may leave while we queue, wait for the backend, or stream: whichever
+            # comes first, leaving cancels the relay, whose finally closes upstream.
+            listen = loop.create_task(_wait_for_disconnect(receive))
+            aborted = loop.create_task(self._aborted.wait())
+            try:
+                await asyncio.wait({relay, listen, aborted}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                cut = not relay.done()
+                if cut:
+                    result.client_disconnected = listen.done()
+                    relay.cancel()
+                for task in (listen, aborted):
+                    task.cancel()
+                await asyncio.gather(listen, aborted, relay, return_exceptions=True)
+                # Only an exchange the abort actually cut is told why; one that had just
+                # finished has already sent its last byte.
+                if cut and self._abort is not None and not result.client_disconnected:
+                    await self._send_failure(send, self._abort)
+        finally:
+            await exchange.release()
+        if not relay.cancelled() and relay.exception() is not None:
+            raise relay.exception()  # type: ignore[misc]
+
+    async def _relay(self, send: Send) -> None:
+        exchange = self.exchange
+        try:
+            async with asyncio.timeout_at(_loop_deadline(exchange.deadline)):
+                answer = await exchange.first_good_answer()
+                await self._deliver(send, answer)
+        except TimeoutError:
+            timeout_s = exchange.limits.request_timeout_s
+            await self._send_failure(
+                send, GatewayTimeout(f"request took longer than {timeout_s:g} s")
+            )
+        except _ClientTooSlow:
+            exchange.result.client_disconnected = True
+            exchange.result.error = "client did not read the response in time"
+        except ProxyError as exc:
+            exchange.failed(exc)
+            await self._send_failure(send, exc)
+        finally:
+            await exchange.close_answer()
+
+    async def _deliver(self, send: Send, answer: Answer) -> None:
+        exchange, result = self.exchange, self.exchange.result
+        result.status = answer.status
+        headers = _response_headers(answer.upstream.headers)
+        if answer.rest is None:
+            await exchange.upstream_complete(answer)
+            headers.append((b"content-length", str(len(answer.head)).encode()))
+            await self._send_start(send, answer.status, headers)
+            result.ttfb_s = time.monotonic() - exchange.request.started_at
+            await self._send_body(send, answer.head, more=False)
+            return
+        headers.append((b"x-accel-buffering", b"no"))
+        await self._send_start(send, answer.status, headers)
+        result.ttfb_s = time.monotonic() - exchange.request.started_at
+        await self._send_body(send, answer.head, more=True)
+        async for chunk in exchange.rest_of_stream(answer):
+            await self._send_body(send, chunk, more=True)
+        await self._send_body(send, b"", more=False)
+
+    async def _send_start(
+        self, send: Send, status: int, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        self._response_started = True
+        await self._send(
+            send, {"type": "http.response.start", "status": status, "headers": headers}
+        )
+
+    async def _send_body(self, send: Send, body: bytes, *, more: bool) -> None:
+        await self._send(send, {"type": "http.response.body", "body": body, "more_body": more})
+
+    async def _send(self, send: Send, message: Message) -> None:
+        # A client that stops reading fills the socket buffer and then blocks this send: it
+        # would hold its slot forever, so it is cut after the write timeout.
+        try:
+            async with asyncio.timeout(self._write_timeout_s):
+                await send(message)
+        except TimeoutError:
+            raise _ClientTooSlow from None
+        except OSError:  # the ASGI server reports a gone client this way
+            raise _ClientTooSlow from None
+
+    async def _send_failure(self, send: Send, error: ProxyError) -> None:
+        result = self.exchange.result
+        result.error = error.message
+        result.error_code = error.code
+        result.status = error.status
+        try:
+            if not self._response_started:
+                await send_error(send, error)
+            else:
+                # Headers are gone; the client must still learn the stream did not end well,
+                # so it gets an error event and never the final `data: [DONE]`. For stats,
+                # metrics and logs the exchange failed, whatever the status line said.
+                result.mid_stream = True
+                event = b"data: " + error.body_bytes() + b"\n\n"
+                await self._send_body(send, event, more=False)
+        except (_ClientTooSlow, OSError):
+            result.client_disconnected = True
+
+
+def _response_headers(upstream: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    return [
+        (k.lower().encode("latin-1"), v.encode("latin-1"))
+        for k, v in upstream.items()
+        if k.lower() not in _DROPPED_RESPONSE_HEADERS
+    ]
+
+
+def _loop_deadline(monotonic_deadline: float) -> float:
+    # asyncio's clock is time.monotonic() on every platform we run on, but say so once here.
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic_deadline - time.monotonic())
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,127 @@
+"""Per-backend slot accounting: our own count of requests in flight is authoritative.
+
+`SlotLedger` is what the scheduler and the registry need of one backend's slots; `SlotTracker`
+keeps it in this process. llama-server's `/slots` only reconciles it: a slot busy there that we
+did not fill (a client talking to the backend around us) counts as busy here too, so we never
+overfill a backend. A claim names its slot when the request is pinned to one (`id_slot`), else
+llama-server picks the slot and the claim says `None`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, eq=False)
+class Claim:
+    """One slot held on `backend`: a specific one (`slot_id`), or any one llama-server picks."""
+
+    backend: str
+    slot_id: int | None = None
+    tokens: int = 0  # the request's estimated prompt tokens
+
+
+class SlotLedger(Protocol):
+    """One backend's slots: how many there are, who holds them, and what it reports busy."""
+
+    @property
+    def total(self) -> int: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def in_flight_tokens(self) -> int: ...
+
+    @property
+    def external_busy(self) -> int: ...
+
+    @property
+    def busy(self) -> int: ...
+
+    @property
+    def free(self) -> int: ...
+
+    def try_claim(self, slot_id: int | None = None, tokens: int = 0) -> Claim | None:
+        """A claim on a free slot (that one, if `slot_id` is given), or None."""
+        ...
+
+    async def release(self, claim: Claim) -> None:
+        """Give the slot back; awaited, so the next drain sees it free."""
+        ...
+
+    def observe(self, total: int, busy_on_backend: int) -> bool:
+        """Reconcile with the backend's own view; True when free capacity changed."""
+        ...
+
+    async def wait_idle(self) -> None:
+        """Wait until none of our requests is in flight (used to drain a backend)."""
+        ...
+
+
+class SlotTracker:
+    """A `SlotLedger` in this process; `try_claim()` and `release()` are the only ways to change
+    it. The scheduler claims with `try_claim()` rather than blocking on one backend, because it
+    chooses among all backends for the head of one global queue.
+    """
+
+    def __init__(self, backend: str = "", on_release: Callable[[], None] | None = None) -> None:
+        self.backend = backend
+        self.total = 0
+        self.external_busy = 0
+        self._claims: set[Claim] = set()
+        self._on_release = on_release
+        self._changed = asyncio.Condition()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._claims)
+
+    @property
+    def busy(self) -> int:
+        return min(self.total, self.in_flight + self.external_busy)
+
+    @property
+    def free(self) -> int:
+        return max(0, self.total - self.in_flight - self.external_busy)
+
+    @property
+    def in_flight_tokens(self) -> int:
+        return sum(c.tokens for c in self._claims)
+
+    def try_claim(self, slot_id: int | None = None, tokens: int = 0) -> Claim | None:
+        if self.free <= 0:
+            return None
+        if slot_id is not None and (
+            not 0 <= slot_id < self.total or any(c.slot_id == slot_id for c in self._claims)
+        ):
+            return None
+        claim = Claim(self.backend, slot_id, tokens)
+        self._claims.add(claim)
+        return claim
+
+    async def release(self, claim: Claim) -> None:
+        # Awaited, never spawned as a task: the scheduler must see the freed slot before it
+        # next checks for room, or a queued request can wait for a slot that is already free.
+        if claim not in self._claims:
+            raise RuntimeError("release() of a claim this ledger does not hold")
+        self._claims.discard(claim)
+        async with self._changed:
+            self._changed.notify_all()
+        if self._on_release is not None:
+            self._on_release()
+
+    def observe(self, total: int, busy_on_backend: int) -> bool:
+        before = self.free
+        self.total = max(0, total)
+        # Requests we sent that the backend has not started yet make busy_on_backend smaller
+        # than in_flight; only the excess is traffic that reached it around us.
+        self.external_busy = max(0, busy_on_backend - self.in_flight)
+        return self.free != before
+
+    async def wait_idle(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_flight == 0)

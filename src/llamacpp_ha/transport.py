@@ -1,0 +1,199 @@
+"""HTTP to backends: the only module that sees aiohttp.
+
+`Transport` owns the one client session. `open()` sends a request and returns an `Upstream`, a
+type of ours (status, headers, media type, the body as chunks), and `get_json()` is what a
+poll needs. Every aiohttp and socket exception is translated into our error tree by one
+context manager, `_translated()`, so nothing above this module knows which HTTP client runs
+underneath (after httpx's `_transports/default.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+
+from .errors import BadGateway, GatewayTimeout, UpstreamError
+
+_CHUNK_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect_s: float
+    first_byte_s: float
+    idle_s: float
+
+
+class Upstream(Protocol):
+    """A backend's answer whose status line and headers have arrived."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def media_type(self) -> str: ...
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; errors are `UpstreamError`s."""
+        ...
+
+    def aclose(self, *, reuse: bool = False) -> None:
+        """Idempotent. `reuse` keeps the connection, only once the body was read to its end;
+        otherwise it is dropped, so llama-server notices and stops generating."""
+        ...
+
+
+@contextlib.contextmanager
+def _translated(backend: str, phase: str) -> Iterator[None]:
+    """aiohttp's and the socket's exceptions as ours. `phase` is what was under way: "open"
+    (until the headers), "stream" (the body) or "poll" (plain words for operators)."""
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError:
+        raise GatewayTimeout(f"backend {backend}: connect timed out", unreachable=True) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        unreachable = isinstance(exc, aiohttp.ClientConnectorError)
+        if phase == "poll":
+            words = _in_words(exc)
+        elif phase == "stream":
+            words = f"stream broken ({type(exc).__name__})"
+        elif isinstance(exc, aiohttp.ClientConnectorError):
+            words = "connection refused"
+        elif isinstance(exc, aiohttp.ServerDisconnectedError):
+            words = "closed the connection before answering"
+        elif isinstance(exc, aiohttp.ClientResponseError):
+            words = f"invalid HTTP response ({exc.message})"
+        else:
+            words = type(exc).__name__
+        raise BadGateway(f"backend {backend}: {words}", unreachable=unreachable) from None
+
+
+def _in_words(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return "TLS handshake failed"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connection refused"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "connection closed without an answer"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return "invalid HTTP response"
+    if isinstance(exc, aiohttp.ClientOSError):
+        return "connection reset"
+    return "request failed"
+
+
+class _AiohttpUpstream:
+    def __init__(self, backend: str, response: aiohttp.ClientResponse) -> None:
+        self._backend = backend
+        self._response = response
+        self.status = response.status
+        self.headers: Mapping[str, str] = response.headers
+        self.media_type = response.content_type
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        stream = self._response.content.iter_chunked(_CHUNK_BYTES)
+        while True:
+            with _translated(self._backend, "stream"):
+                chunk = await anext(stream, b"")
+            if not chunk:
+                return
+            yield chunk
+
+    def aclose(self, *, reuse: bool = False) -> None:
+        if reuse:
+            self._response.release()
+        else:
+            self._response.close()
+
+
+class Transport:
+    """One aiohttp session for every request and poll of one app."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        # No connection limit: the slot accounting already bounds concurrency per backend,
+        # and aiohttp's default of 100 would be a hidden second queue in front of it.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+            timeout=aiohttp.ClientTimeout(total=None),
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Transport.start() was not called"
+        return self._session
+
+    async def open(
+        self,
+        backend: str,
+        method: str,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        tls: ssl.SSLContext | bool,
+        timeouts: Timeouts,
+    ) -> Upstream:
+        """Send the request and wait for the status line and headers."""
+        try:
+            async with asyncio.timeout(timeouts.first_byte_s):
+                with _translated(backend, "open"):
+                    response = await self.session.request(
+                        method,
+                        url,
+                        data=body,
+                        headers=dict(headers),
+                        timeout=aiohttp.ClientTimeout(
+                            total=None, sock_connect=timeouts.connect_s, sock_read=None
+                        ),
+                        auto_decompress=False,
+                        ssl=tls,
+                    )
+        except TimeoutError:
+            raise GatewayTimeout(
+                f"backend {backend}: no answer within {timeouts.first_byte_s:g} s"
+            ) from None
+        return _AiohttpUpstream(backend, response)
+
+    async def get_json(
+        self,
+        backend: str,
+        url: str,
+        headers: Mapping[str, str],
+        *,
+        tls: ssl.SSLContext | bool,
+        timeout_s: float,
+    ) -> tuple[int, Any]:
+        """GET `url`: its status and its body as JSON (None when it is not JSON)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                with _translated(backend, "poll"):
+                    async with self.session.get(url, headers=dict(headers), ssl=tls) as response:
+                        try:
+                            return response.status, await response.json(content_type=None)
+                        except ValueError:
+                            return response.status, None
+        except TimeoutError:
+            raise GatewayTimeout(f"backend {backend}: no answer within {timeout_s:g} s") from None
+
+
+def reason(error: UpstreamError) -> str:
+    """What went wrong, in words, without the backend's name (for a poll's message)."""
+    return error.message.split(": ", 1)[-1]
