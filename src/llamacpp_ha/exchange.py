@@ -195,7 +195,11 @@ class Exchange:
 
     def refused(self, error: ProxyError) -> None:
         """Admission said no: the request never started, and is counted as answered early."""
-        context = {"request_id": self.request.request_id, "client_key": self.request.client_key}
+        context = {
+            "request_id": self.request.request_id,
+            "client_key": self.request.client_key,
+            "method": self.request.method,
+        }
         self._hooks.recorder.answered_early(self.request.path, error.status, error.code, context)
 
     async def close_answer(self) -> None:
@@ -225,12 +229,18 @@ class Exchange:
 
         async def acquire(tried: frozenset[str]) -> Lease:
             self.result.attempts += 1
-            lease = await scheduler.acquire(
-                _excluding(routing, tried),
-                timeout_s=max(0.001, min(queue_deadline, self.deadline) - time.monotonic()),
-                retry=bool(tried),  # a retry has already waited its turn once: to the front
-                priority=self.request.priority,
-            )
+            queued_at = time.monotonic()
+            try:
+                lease = await scheduler.acquire(
+                    _excluding(routing, tried),
+                    timeout_s=max(0.001, min(queue_deadline, self.deadline) - queued_at),
+                    retry=bool(tried),  # a retry has already waited its turn once: to the front
+                    priority=self.request.priority,
+                )
+            except BaseException:
+                # Refused (full, timed out, shutting down) or cancelled: it still waited.
+                self.result.queue_wait_s += time.monotonic() - queued_at
+                raise
             self.result.queue_wait_s += lease.queue_wait_s
             self.result.backend = lease.backend.name
             return lease
