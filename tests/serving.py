@@ -28,9 +28,12 @@ class Served:
 
 
 @asynccontextmanager
-async def serve_app(app: FastAPI) -> AsyncIterator[Served]:
+async def serve_app(app: FastAPI, send_buffer: int | None = None) -> AsyncIterator[Served]:
+    """`send_buffer` sets SO_SNDBUF on the listener, which accepted sockets inherit (Linux)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if send_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     # The production server class (drain on shutdown, no proxy headers), on a socket of ours.
@@ -63,7 +66,11 @@ async def sims(*configs: SimConfig) -> AsyncIterator[list[SimBackend]]:
 
 @asynccontextmanager
 async def balancer_for(
-    fleet: Sequence[SimBackend | SimProcess], *, wait_ready: bool = True, **settings: Any
+    fleet: Sequence[SimBackend | SimProcess],
+    *,
+    wait_ready: bool = True,
+    send_buffer: int | None = None,
+    **settings: Any,
 ) -> AsyncIterator[Served]:
     """The balancer in front of `fleet` (unless `backends` says otherwise), once every backend
     is ready in its registry."""
@@ -73,7 +80,7 @@ async def balancer_for(
         "shutdown_grace_s": 2,
         **settings,
     }
-    async with serve_app(create_app(build_config(config))) as served:
+    async with serve_app(create_app(build_config(config)), send_buffer) as served:
         if wait_ready:
             await wait_until(
                 lambda: all(b.health is Health.READY for b in served.balancer.registry.backends)

@@ -424,9 +424,14 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
             self.assertEqual([r.status_code for r in responses], [200] * 8)
 
     async def test_slow_reader_is_cut_and_its_slot_freed(self) -> None:
-        # Far more than every socket buffer on the way can hold, so the stream must block.
+        # Far more than every socket buffer on the way can hold, so the stream must block;
+        # the balancer's send buffer is small, so that happens within a few kilobytes on any
+        # machine, however slowly the backend produces them.
         big = SimConfig(slots=1, profile="test", time_scale=50, n_ctx=3_000_000)
-        async with sims(big) as (sim,), balancer_for([sim], write_timeout_s=0.5) as lb:
+        async with (
+            sims(big) as (sim,),
+            balancer_for([sim], write_timeout_s=0.5, send_buffer=4096) as lb,
+        ):
             host, port = lb.url.removeprefix("http://").split(":")
             # A tiny receive window, set before connecting so that it is what we advertise.
             sock = socket.socket()

@@ -32,19 +32,29 @@ class ConfigError(Exception):
 
 def validate_backend_url(url: str) -> str:
     parts = urlsplit(url)
+    # Errors name the URL without its credentials: they reach logs and admin answers.
+    shown = _without_credentials(url)
     if parts.scheme not in ("http", "https"):
-        raise ValueError(f"URL scheme must be http or https, got {url!r}")
+        raise ValueError(f"URL scheme must be http or https, got {shown!r}")
     if not parts.hostname:
-        raise ValueError(f"URL has no host: {url!r}")
+        raise ValueError(f"URL has no host: {shown!r}")
     if parts.username or parts.password:
         raise ValueError("URL must not carry credentials; use the backend's api_key")
     if parts.query or parts.fragment:
-        raise ValueError(f"URL must not have a query or fragment: {url!r}")
+        raise ValueError(f"URL must not have a query or fragment: {shown!r}")
     try:
         parts.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError as exc:
-        raise ValueError(f"URL has an invalid port: {url!r}") from exc
+        raise ValueError(f"URL has an invalid port: {shown!r}") from exc
     return url.rstrip("/")
+
+
+def _without_credentials(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url.split("@")[-1]
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
 
 
 class BackendConfig(BaseModel):

@@ -26,8 +26,9 @@ from .limits import KeyLimits
 from .policies import RoutingRequest
 from .registry import BackendState
 from .scheduler import Lease, Scheduler
+from .sse import END_BY_PATH, BadStream, EventFramer
 from .transport import Timeouts, Transport, Upstream
-from .usage import MARKERS, from_answer, from_sse
+from .usage import from_answer
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,9 @@ class Answer:
     def __init__(self, lease: Lease, upstream: Upstream) -> None:
         self.lease = lease
         self.upstream = upstream
-        self.head = b""  # the whole body, or the first chunk of a stream
-        self.rest: AsyncIterator[bytes] | None = None  # the rest of a stream
+        self.head = b""  # the whole body, or a stream's first whole events
+        self.rest: AsyncIterator[bytes] | None = None  # the rest of a stream, in whole events
+        self.events: EventFramer | None = None
 
     @property
     def backend_name(self) -> str:
@@ -193,7 +195,11 @@ class Exchange:
 
     def refused(self, error: ProxyError) -> None:
         """Admission said no: the request never started, and is counted as answered early."""
-        context = {"request_id": self.request.request_id, "client_key": self.request.client_key}
+        context = {
+            "request_id": self.request.request_id,
+            "client_key": self.request.client_key,
+            "method": self.request.method,
+        }
         self._hooks.recorder.answered_early(self.request.path, error.status, error.code, context)
 
     async def close_answer(self) -> None:
@@ -223,12 +229,18 @@ class Exchange:
 
         async def acquire(tried: frozenset[str]) -> Lease:
             self.result.attempts += 1
-            lease = await scheduler.acquire(
-                _excluding(routing, tried),
-                timeout_s=max(0.001, min(queue_deadline, self.deadline) - time.monotonic()),
-                retry=bool(tried),  # a retry has already waited its turn once: to the front
-                priority=self.request.priority,
-            )
+            queued_at = time.monotonic()
+            try:
+                lease = await scheduler.acquire(
+                    _excluding(routing, tried),
+                    timeout_s=max(0.001, min(queue_deadline, self.deadline) - queued_at),
+                    retry=bool(tried),  # a retry has already waited its turn once: to the front
+                    priority=self.request.priority,
+                )
+            except BaseException:
+                # Refused (full, timed out, shutting down) or cancelled: it still waited.
+                self.result.queue_wait_s += time.monotonic() - queued_at
+                raise
             self.result.queue_wait_s += lease.queue_wait_s
             self.result.backend = lease.backend.name
             return lease
@@ -285,10 +297,10 @@ class Exchange:
             answer.head = await self._read_all(name, upstream)
             raise RetryableAnswer(f"backend {name} answered {upstream.status}", answer)
         if upstream.media_type == "text/event-stream":
-            answer.rest = self._chunks(name, upstream, sse=True)
+            end = END_BY_PATH.get(self.request.path) if upstream.status == 200 else None
+            answer.events = EventFramer(end)
+            answer.rest = self._events(name, upstream, answer.events)
             answer.head = await anext(answer.rest, b"")
-            if upstream.status == 200 and not _starts_like_sse(answer.head):
-                raise BadGateway(f"backend {name}: the stream is not server-sent events")
             return
         answer.head = await self._read_all(name, upstream)
         if upstream.status == 200 and upstream.media_type == "application/json":
@@ -320,20 +332,38 @@ class Exchange:
                 idle_deadline = loop.time() + idle_s
             yield chunk
 
+    async def _events(
+        self, name: str, upstream: Upstream, framer: EventFramer
+    ) -> AsyncIterator[bytes]:
+        """A stream's body in whole events; ends only if the stream ended as it promised."""
+        opening = b"" if upstream.status == 200 else None  # until it is known to be SSE
+        try:
+            async for chunk in self._chunks(name, upstream, sse=True):
+                if opening is not None:
+                    opening += chunk
+                    if not _could_be_sse(opening):
+                        raise BadGateway(f"backend {name}: the stream is not server-sent events")
+                    if b"\n" in opening:
+                        opening = None
+                events = framer.feed(chunk)
+                if events:
+                    yield events
+                if framer.fault is not None:
+                    break
+            framer.finish()
+        except BadStream as exc:
+            raise BadGateway(f"backend {name}: {exc}") from None
+
     async def _read_all(self, name: str, upstream: Upstream) -> bytes:
         return b"".join([chunk async for chunk in self._chunks(name, upstream, sse=False)])
 
     async def rest_of_stream(self, answer: Answer) -> AsyncIterator[bytes]:
         """The stream after its head; once the backend is done, the upstream is complete."""
         assert answer.rest is not None
-        counted = previous = answer.head
-        async for chunk in answer.rest:
-            if any(marker in chunk for marker in MARKERS):
-                # With the chunk before it, in case the event was split across reads.
-                counted = previous + chunk
-            previous = chunk
-            yield chunk
-        self.result.usage = from_sse(counted)
+        assert answer.events is not None
+        async for events in answer.rest:
+            yield events
+        self.result.usage = answer.events.usage
         await self.upstream_complete(answer)
 
     async def upstream_complete(self, answer: Answer) -> None:
@@ -360,6 +390,10 @@ def _has_data(chunk: bytes) -> bool:
     return any(line and not line.startswith(b":") for line in chunk.splitlines())
 
 
-def _starts_like_sse(chunk: bytes) -> bool:
-    first_line = chunk.lstrip(b"\r\n").split(b"\n", 1)[0]
-    return first_line.startswith((b"data:", b"event:", b":", b"id:", b"retry:"))
+_SSE_FIELDS = (b"data:", b"event:", b":", b"id:", b"retry:")
+
+
+def _could_be_sse(opening: bytes) -> bool:
+    """Whether the first bytes of a body may begin server-sent events (they may be few)."""
+    first_line = opening.lstrip(b"\r\n").split(b"\n", 1)[0]
+    return any(first_line.startswith(f) or f.startswith(first_line) for f in _SSE_FIELDS)

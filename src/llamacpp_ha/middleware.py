@@ -63,6 +63,7 @@ class RequestContextMiddleware:
         )
         context = state(scope)
         context["request_id"] = request_id
+        context["method"] = scope["method"]
         context["forwarded_for"] = self._forwarded_for(scope, headers)
         id_header = (b"x-request-id", request_id.encode())
         max_size = self._rules.max_header_size

@@ -35,7 +35,7 @@ from .middleware import ApiKeyMiddleware, RequestContextMiddleware, state
 from .monitor import build_router, snapshot
 from .policies import RoutingRequest
 from .prefix_index import prefix_keys
-from .registry import Health, Registry
+from .registry import Registry
 from .relay import RelayResponse
 from .validation import check_body
 
@@ -126,11 +126,14 @@ def create_app(config: ProxyConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ready = sum(1 for b in balancer.registry.backends if b.health is Health.READY)
+        # Ready means able to take a request now or once a slot frees: a backend that is up
+        # but reports no slots, is ejected or is draining cannot.
+        ready = sum(1 for b in balancer.registry.backends if b.routable)
         if ready:
             return JSONResponse({"status": "ok", "backends_ready": ready})
+        message = "no backend can take a request"
         return JSONResponse(
-            {"error": {"message": "no backend is ready", "type": "server_error", "code": 503}},
+            {"error": {"message": message, "type": "server_error", "code": 503}},
             status_code=503,
         )
 

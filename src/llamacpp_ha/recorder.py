@@ -78,7 +78,7 @@ class Recorder:
         if code in CAPACITY_CODES:
             self.metrics.rejected(code)
         logs.access(
-            f"{endpoint} {status}",
+            f"{context.get('method', '-')} {endpoint} {status}",
             {
                 "request_id": context.get("request_id"),
                 "endpoint": endpoint,

@@ -127,7 +127,9 @@ class Transport:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
             timeout=aiohttp.ClientTimeout(total=None),
-            skip_auto_headers=("User-Agent",),
+            # Only the headers the README lists reach a backend (and Host, Content-Length):
+            # not aiohttp's own User-Agent or "Accept-Encoding: gzip, deflate".
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
 
     async def aclose(self) -> None:

@@ -1,17 +1,14 @@
 """Token counts from llama-server's answers: `usage` (OpenAI) and `timings` (llama.cpp).
 
 `timings.cache_n` is the number of prompt tokens llama-server took from its cache; it is what
-shows whether affinity paid. For a stream, the counts ride on the last events, so the relay
-keeps the last chunk that mentions them and this parses it at the end.
+shows whether affinity paid. For a stream, the counts ride on the last events; `sse.py` keeps
+the last event that carries them.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
-
-MARKERS = (b'"usage"', b'"timings"')
 
 
 @dataclass
@@ -51,18 +48,3 @@ def from_answer(answer: Any) -> Usage:
         if isinstance(details, dict) and usage.cached_tokens is None:
             usage.cached_tokens = _int(details.get("cached_tokens"))
     return usage
-
-
-def from_body(body: bytes) -> Usage:
-    try:
-        return from_answer(json.loads(body))
-    except ValueError:
-        return Usage()
-
-
-def from_sse(chunk: bytes) -> Usage:
-    """The counts in the last event of `chunk` that carries any."""
-    for line in reversed(chunk.splitlines()):
-        if line.startswith(b"data:") and any(marker in line for marker in MARKERS):
-            return from_body(line[5:].strip())
-    return Usage()

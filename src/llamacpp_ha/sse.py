@@ -1,0 +1,126 @@
+"""Server-sent events as the relay needs them: whole events, and whether the stream ended well.
+
+`EventFramer` is fed the body as it arrives and hands back only complete events (everything up
+to the last blank line), so a client never receives half an event, and an error event sent
+after a cut starts on a line of its own. It checks each event's JSON (a backend that garbles an
+event is at fault, not the client's parser), keeps the last `usage`/`timings` it saw, and at the
+end says whether the stream reached the end its protocol promises (llama-server 0.3.36,
+`server-context.cpp`: OpenAI-style streams end with `data: [DONE]`; the native `/completion`
+with an event whose `stop` is true; Anthropic's `/v1/messages` with `message_stop`). A stream
+that stops short of it was truncated, however cleanly its connection closed.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Any
+
+import orjson
+
+from .usage import Usage, from_answer
+
+
+class StreamEnd(Enum):
+    """The event that ends a stream of a given protocol."""
+
+    DONE = "data: [DONE]"
+    STOP = 'an event with "stop": true'
+    MESSAGE_STOP = "a message_stop event"
+
+
+END_BY_PATH = {
+    "/v1/chat/completions": StreamEnd.DONE,
+    "/v1/completions": StreamEnd.DONE,
+    "/completion": StreamEnd.STOP,
+    "/completions": StreamEnd.STOP,
+    "/infill": StreamEnd.STOP,
+    "/v1/messages": StreamEnd.MESSAGE_STOP,
+}
+
+# An event ends at a blank line; llama-server writes "\n\n", others may use CRLF.
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+class BadStream(Exception):
+    """The stream broke its protocol; the message says how, without quoting it."""
+
+
+class EventFramer:
+    def __init__(self, end: StreamEnd | None) -> None:
+        self._end = end
+        self._pending = b""
+        self.ended = end is None  # a protocol without a promised end ends whenever it stops
+        self._usage_event: dict[str, Any] | None = None
+        # Set once an event broke the protocol; everything before it was good and is relayed.
+        self.fault: BadStream | None = None
+
+    @property
+    def usage(self) -> Usage:
+        return from_answer(self._usage_event)
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete, good events now available (b"" if none). After an event that breaks
+        the protocol, `fault` says how, and nothing more is returned."""
+        if self.fault is not None:
+            return b""
+        data = self._pending + chunk
+        end = max(_after(data, b"\n\n"), _after(data, b"\r\n\r\n"))
+        if not end:
+            self._pending = data
+            return b""
+        complete, self._pending = data[:end], data[end:]
+        start = 0
+        for boundary in _EVENT_END.finditer(complete):
+            try:
+                self._check(complete[start : boundary.start()])
+            except BadStream as fault:
+                self.fault = fault
+                return complete[:start]
+            start = boundary.end()
+        return complete
+
+    def finish(self) -> None:
+        """The stream is over: raise BadStream unless it ended as its protocol promises."""
+        if self.fault is not None:
+            raise self.fault
+        if self._pending.strip():
+            raise BadStream("the stream ended in the middle of an event")
+        if not self.ended:
+            assert self._end is not None
+            raise BadStream(f"the stream ended before {self._end.value}")
+
+    def _check(self, event: bytes) -> None:
+        name = b""
+        data: list[bytes] = []
+        for line in event.splitlines():
+            if line.startswith(b"data:"):
+                data.append(line[5:].removeprefix(b" "))
+            elif line.startswith(b"event:"):
+                name = line[6:].strip()
+        if not data:
+            return  # a comment (keep-alive) or a field we do not use
+        payload = b"\n".join(data)
+        if payload == b"[DONE]":
+            if self._end is StreamEnd.DONE:
+                self.ended = True
+            return
+        try:
+            parsed = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise BadStream("an event's data is not JSON") from None
+        if not isinstance(parsed, dict):
+            return
+        if "usage" in parsed or "timings" in parsed:
+            self._usage_event = parsed
+        if self._end is StreamEnd.STOP:
+            self.ended = self.ended or parsed.get("stop") is True
+        elif self._end is StreamEnd.MESSAGE_STOP:
+            stop = name == b"message_stop" or parsed.get("type") == "message_stop"
+            self.ended = self.ended or stop
+
+
+def _after(data: bytes, separator: bytes) -> int:
+    """Where the data after the last `separator` starts; 0 if there is none."""
+    at = data.rfind(separator)
+    return at + len(separator) if at >= 0 else 0
