@@ -72,7 +72,7 @@ def start_fleet(spec: FleetSpec, log_dir: Path, name: str, cpu_list: str | None)
     command = [
         sys.executable,
         "-m",
-        "llamacpp_ha.sim",
+        "llamacpp_sim",
         "--port",
         "0",
         "--count",

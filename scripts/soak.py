@@ -72,7 +72,7 @@ class Fleet:
 
     async def start(self, index: int) -> None:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "llamacpp_ha.sim", "--port", str(self.ports[index]),
+            sys.executable, "-m", "llamacpp_sim", "--port", str(self.ports[index]),
             "--slots", "4", "--profile", "gpu-8b", "--time-scale", "4",
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip

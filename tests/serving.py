@@ -17,7 +17,7 @@ from llamacpp_ha.config import build_config
 from llamacpp_ha.proxy import create_app
 from llamacpp_ha.registry import Health
 from llamacpp_ha.server import Server
-from llamacpp_ha.sim import SimBackend, SimConfig
+from llamacpp_sim import SimBackend, SimConfig
 
 
 class Served:
@@ -122,7 +122,7 @@ class SimProcess:
 
     async def start(self) -> SimProcess:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "llamacpp_ha.sim", "--port", str(self.port), *self.flags,
+            sys.executable, "-m", "llamacpp_sim", "--port", str(self.port), *self.flags,
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert self.proc.stdout is not None

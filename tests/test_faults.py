@@ -16,7 +16,7 @@ import unittest
 
 import httpx
 
-from llamacpp_ha.sim import Fault, SimBackend, SimConfig
+from llamacpp_sim import Fault, SimBackend, SimConfig
 from serving import SimProcess, balancer_for, sims, wait_until
 
 GENERATION = ("/v1/chat/completions", "/v1/completions", "/completion")

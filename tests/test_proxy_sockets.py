@@ -14,7 +14,7 @@ import unittest
 import httpx
 import openai
 
-from llamacpp_ha.sim import SimBackend, SimConfig
+from llamacpp_sim import SimBackend, SimConfig
 from serving import balancer_for, sims, wait_until
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/completion")

@@ -10,7 +10,7 @@ import aiohttp
 
 from llamacpp_ha.config import BackendConfig
 from llamacpp_ha.registry import Health, Registry
-from llamacpp_ha.sim import Fault, SimBackend, SimConfig
+from llamacpp_sim import Fault, SimBackend, SimConfig
 from serving import sims, wait_until
 
 

@@ -14,7 +14,7 @@ import unittest
 
 import httpx
 
-from llamacpp_ha.sim import SimBackend, SimConfig
+from llamacpp_sim import SimBackend, SimConfig
 from serving import balancer_for, sims, wait_until
 
 POLL_PATHS = {("GET", "/health"), ("GET", "/v1/models"), ("GET", "/slots"), ("GET", "/props")}

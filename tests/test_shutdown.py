@@ -11,7 +11,7 @@ import unittest
 
 import httpx
 
-from llamacpp_ha.sim import SimConfig
+from llamacpp_sim import SimConfig
 from serving import sims, wait_until
 
 

@@ -11,7 +11,7 @@ import aiohttp
 import anthropic
 import openai
 
-from llamacpp_ha.sim import SimBackend, SimConfig
+from llamacpp_sim import SimBackend, SimConfig
 from test_sim_support import (
     STEP_TIMEOUT_S,
     SimTestCase,

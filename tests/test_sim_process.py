@@ -12,7 +12,7 @@ import unittest
 
 import aiohttp
 
-from llamacpp_ha.sim.__main__ import build_configs, build_parser, main
+from llamacpp_sim.__main__ import build_configs, build_parser, main
 from test_sim_support import STEP_TIMEOUT_S
 
 _LISTENING = re.compile(r"backend (sim-\d+) listening on (http://\S+)")
@@ -23,7 +23,7 @@ class ChildProcessTest(unittest.IsolatedAsyncioTestCase):
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "llamacpp_ha.sim",
+            "llamacpp_sim",
             "--port",
             "0",
             "--count",

@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from llamacpp_ha.sim import SimBackend, SimConfig
+from llamacpp_sim import SimBackend, SimConfig
 
 _REPO = Path(__file__).resolve().parent.parent
 # The captured exchanges live outside the repository in the shared workspace; a copy inside the

@@ -12,7 +12,7 @@ import httpx
 
 from llamacpp_ha.config import build_config
 from llamacpp_ha.proxy import create_app
-from llamacpp_ha.sim import SimConfig
+from llamacpp_sim import SimConfig
 from serving import serve_app, sims, wait_until
 
 

@@ -23,7 +23,7 @@ _LISTENING = re.compile(r"listening on (http://\S+)")
 
 
 def start_backends(count: int = 3) -> tuple[subprocess.Popen[str], list[str]]:
-    command = [sys.executable, "-m", "llamacpp_ha.sim", "--port", "0", "--count", str(count)]
+    command = [sys.executable, "-m", "llamacpp_sim", "--port", "0", "--count", str(count)]
     command += ["--slots", SLOTS, "--profile", PROFILES]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None

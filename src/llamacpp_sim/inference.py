@@ -18,24 +18,24 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from llamacpp_ha.sim import shapes
-from llamacpp_ha.sim.engine import GenTask
-from llamacpp_ha.sim.faults import Fault
-from llamacpp_ha.sim.generator import reply_pieces
-from llamacpp_ha.sim.recording import REC_KEY, RecordedRequest
-from llamacpp_ha.sim.shapes import dumps, error_body
-from llamacpp_ha.sim.stream import (
+from llamacpp_sim import shapes
+from llamacpp_sim.engine import GenTask
+from llamacpp_sim.faults import Fault
+from llamacpp_sim.generator import reply_pieces
+from llamacpp_sim.recording import REC_KEY, RecordedRequest
+from llamacpp_sim.shapes import dumps, error_body
+from llamacpp_sim.stream import (
     GARBAGE,
     SseWriter,
     break_connection,
     forever,
     write_bad_status_line,
 )
-from llamacpp_ha.sim.template import TemplateError, render_anthropic, render_chat
-from llamacpp_ha.sim.wire import HEADERS, ApiError, json_response, read_json
+from llamacpp_sim.template import TemplateError, render_anthropic, render_chat
+from llamacpp_sim.wire import HEADERS, ApiError, json_response, read_json
 
 if TYPE_CHECKING:
-    from llamacpp_ha.sim.server import SimBackend
+    from llamacpp_sim.server import SimBackend
 
 _ID_ALPHABET = string.ascii_letters + string.digits
 

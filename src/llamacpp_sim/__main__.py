@@ -17,10 +17,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
-from llamacpp_ha.sim.config import SimConfig
-from llamacpp_ha.sim.faults import Fault
-from llamacpp_ha.sim.profiles import PROFILES
-from llamacpp_ha.sim.server import SimBackend
+from llamacpp_sim.config import SimConfig
+from llamacpp_sim.faults import Fault
+from llamacpp_sim.profiles import PROFILES
+from llamacpp_sim.server import SimBackend
 
 PROG = "llamacpp-ha-sim"
 T = TypeVar("T")

@@ -6,10 +6,10 @@ script ``llamacpp-ha-sim`` serves several from one process.
 
 from __future__ import annotations
 
-from llamacpp_ha.sim.config import SimConfig
-from llamacpp_ha.sim.faults import Fault
-from llamacpp_ha.sim.profiles import PROFILES, Profile
-from llamacpp_ha.sim.recording import RecordedRequest
-from llamacpp_ha.sim.server import SimBackend
+from llamacpp_sim.config import SimConfig
+from llamacpp_sim.faults import Fault
+from llamacpp_sim.profiles import PROFILES, Profile
+from llamacpp_sim.recording import RecordedRequest
+from llamacpp_sim.server import SimBackend
 
 __all__ = ["PROFILES", "Fault", "Profile", "RecordedRequest", "SimBackend", "SimConfig"]
