@@ -66,7 +66,7 @@ class SimBackend:
         self._runner: web.AppRunner | None = None
         self._port = config.port
         self._handlers: set[asyncio.Task[Any]] = set()
-        self._inference = Inference(self)
+        self._inference = Inference(config, self.engine, self.tokenizer)
 
     @property
     def port(self) -> int:
