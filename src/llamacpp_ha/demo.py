@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from .config import build_config
+from .server import serve
 
 # Slots and speed per backend: two fast GPUs of different size and one slow CPU box.
 SLOTS = "4,2,2"
@@ -44,8 +45,6 @@ def run_demo(argv: Sequence[str]) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(list(argv))
-
-    from .__main__ import serve
 
     child, urls = start_backends()
     try:
