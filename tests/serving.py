@@ -18,6 +18,14 @@ from llamacpp_ha.proxy import create_app
 from llamacpp_ha.registry import Health
 from llamacpp_ha.server import Server
 from llamacpp_sim import SimBackend, SimConfig
+from sim_support import wait_until
+
+
+def free_port() -> int:
+    """A port free a moment ago, for a child process that must be told its port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class Served:
@@ -80,13 +88,6 @@ async def balancer_for(
             )
         yield served
         await assert_no_leaks(served.balancer)
-
-
-async def wait_until(predicate: Any, within_s: float = 5.0) -> None:
-    """Poll a condition on state that no event announces (a backend's counters, say)."""
-    async with asyncio.timeout(within_s):
-        while not predicate():  # noqa: ASYNC110 - arbitrary predicates have no event to await
-            await asyncio.sleep(0.01)
 
 
 async def assert_no_leaks(balancer: Balancer) -> None:

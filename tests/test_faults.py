@@ -17,7 +17,8 @@ import unittest
 import httpx
 
 from llamacpp_sim import Fault, SimBackend, SimConfig
-from serving import SimProcess, balancer_for, sims, wait_until
+from serving import SimProcess, balancer_for, sims
+from sim_support import wait_until
 
 GENERATION = ("/v1/chat/completions", "/v1/completions", "/completion")
 

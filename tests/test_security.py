@@ -15,7 +15,8 @@ import unittest
 import httpx
 
 from llamacpp_sim import SimBackend, SimConfig
-from serving import balancer_for, sims, wait_until
+from serving import balancer_for, sims
+from sim_support import wait_until
 
 POLL_PATHS = {("GET", "/health"), ("GET", "/v1/models"), ("GET", "/slots"), ("GET", "/props")}
 

@@ -12,7 +12,7 @@ import anthropic
 import openai
 
 from llamacpp_sim import SimBackend, SimConfig
-from test_sim_support import (
+from sim_support import (
     STEP_TIMEOUT_S,
     SimTestCase,
     chat_body,

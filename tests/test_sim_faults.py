@@ -12,7 +12,7 @@ import aiohttp
 
 from llamacpp_sim import Fault, SimBackend, SimConfig
 from llamacpp_sim.server import is_loopback
-from test_sim_support import STEP_TIMEOUT_S, SimTestCase, chat_body, read_frames, wait_until
+from sim_support import STEP_TIMEOUT_S, SimTestCase, chat_body, read_frames, wait_until
 
 STREAM = chat_body(
     [{"role": "user", "content": "stream please"}],

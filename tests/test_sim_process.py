@@ -20,7 +20,7 @@ import aiohttp
 
 from llamacpp_sim import Fault, SpawnError, spawn
 from llamacpp_sim.__main__ import build_configs, build_parser, main
-from test_sim_support import STEP_TIMEOUT_S
+from sim_support import STEP_TIMEOUT_S
 
 
 class ChildProcessTest(unittest.IsolatedAsyncioTestCase):

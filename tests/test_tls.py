@@ -13,7 +13,8 @@ import httpx
 from llamacpp_ha.config import build_config
 from llamacpp_ha.proxy import create_app
 from llamacpp_sim import SimConfig
-from serving import serve_app, sims, wait_until
+from serving import serve_app, sims
+from sim_support import wait_until
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
