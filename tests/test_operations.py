@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llamacpp_ha.config import build_config
 from llamacpp_ha.logs import JsonFormatter
-from llamacpp_ha.sim import Fault, SimConfig
-from serving import balancer_for, sims, wait_until
-from test_shutdown import free_port
+from llamacpp_sim import Fault, SimConfig
+from serving import balancer_for, free_port, sims
+from sim_support import wait_until
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 

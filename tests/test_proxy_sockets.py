@@ -14,8 +14,9 @@ import unittest
 import httpx
 import openai
 
-from llamacpp_ha.sim import SimBackend, SimConfig
-from serving import balancer_for, sims, wait_until
+from llamacpp_sim import SimBackend, SimConfig
+from serving import balancer_for, sims
+from sim_support import wait_until
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/completion")
 

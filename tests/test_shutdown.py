@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sys
 import time
 import unittest
 
 import httpx
 
-from llamacpp_ha.sim import SimConfig
-from serving import sims, wait_until
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from llamacpp_sim import SimConfig
+from serving import free_port, sims
+from sim_support import wait_until
 
 
 class ShutdownTest(unittest.IsolatedAsyncioTestCase):
