@@ -316,18 +316,19 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
     async def test_own_overload_never_counts_against_a_backend(self) -> None:
         async with (
             sims(SimConfig(slots=1, profile="cpu-1b")) as (sim,),
-            balancer_for([sim], max_queue=0, eject_after_failures=1) as lb,
+            balancer_for([sim], max_queue=1, eject_after_failures=1) as lb,
         ):
             blocker = asyncio.create_task(self.post(lb.url, chat("long", 100)))
             await wait_until(lambda: sim.processing == 1)
-            for _ in range(3):
-                self.assertEqual((await self.post(lb.url, chat("rejected"))).status_code, 503)
             async with httpx.AsyncClient() as leaving:
                 gone = asyncio.create_task(
                     leaving.post(lb.url + "/v1/chat/completions", json=chat("gone"))
                 )
-                await asyncio.sleep(0.1)
+                await wait_until(lambda: len(lb.balancer.queue) == 1)
+                for _ in range(3):  # the queue is full
+                    self.assertEqual((await self.post(lb.url, chat("rejected"))).status_code, 503)
                 gone.cancel()
+                await wait_until(lambda: lb.balancer.stats.disconnected == 1)
             blocker.cancel()
             self.assertEqual(lb.balancer.registry.backends[0].ejection.consecutive_failures, 0)
             self.assertEqual(lb.balancer.registry.backends[0].state, "ready")
