@@ -11,10 +11,10 @@ from __future__ import annotations
 import bisect
 
 from bench.workloads import Workload
-from llamacpp_ha.sim.generator import reply_pieces
-from llamacpp_ha.sim.prompt_cache import common_prefix_len
-from llamacpp_ha.sim.template import render_chat
-from llamacpp_ha.sim.tokenizer import Tokenizer
+from llamacpp_sim.generator import reply_pieces
+from llamacpp_sim.prompt_cache import common_prefix_len
+from llamacpp_sim.template import render_chat
+from llamacpp_sim.tokenizer import Tokenizer
 
 # Model seconds a turn is assumed to take when ordering requests of overlapping sessions; only
 # the order of first occurrences matters, so an estimate is enough.

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
 from bench import procs
-
-_LISTENING = re.compile(r"backend (\S+) listening on (http://\S+)")
+from llamacpp_sim import SpawnError, spawn
 
 
 @dataclass(frozen=True)
@@ -69,43 +66,21 @@ class Fleet:
 
 
 def start_fleet(spec: FleetSpec, log_dir: Path, name: str, cpu_list: str | None) -> Fleet:
-    command = [
-        sys.executable,
-        "-m",
-        "llamacpp_ha.sim",
-        "--port",
-        "0",
-        "--count",
-        str(len(spec.slots)),
-        "--slots",
-        ",".join(str(s) for s in spec.slots),
-        "--profile",
-        ",".join(spec.profiles),
-        "--time-scale",
-        f"{spec.time_scale:g}",
-        "--n-ctx",
-        str(spec.n_ctx),
-        "--cache-ram",
-        str(spec.cache_ram_tokens),
-    ]
-    child = procs.spawn(name, procs.pinned(command, cpu_list), log_dir)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        urls = [m.group(2) for m in _LISTENING.finditer(_read(child.log_path))]
-        if len(urls) == len(spec.slots):
-            return Fleet(spec, child, urls)
-        if not child.alive():
-            break
-        time.sleep(0.05)
-    child.stop()
-    raise RuntimeError(f"simulated fleet did not start:\n{child.log_tail()}")
-
-
-def _read(path: Path) -> str:
+    log_path = log_dir / f"{name}.log"
     try:
-        return path.read_text("utf-8", "replace")
-    except OSError:
-        return ""
+        sim = spawn(
+            slots=spec.slots,
+            profile=spec.profiles,
+            time_scale=spec.time_scale,
+            n_ctx=spec.n_ctx,
+            cache_ram_tokens=spec.cache_ram_tokens,
+            log_path=log_path,
+            wrapper=procs.pinned([], cpu_list),
+            new_session=True,
+        )
+    except SpawnError as exc:
+        raise RuntimeError(f"simulated fleet did not start: {exc}") from None
+    return Fleet(spec, procs.adopt(name, sim.popen, log_path), sim.urls)
 
 
 _METRIC = re.compile(r"^llamacpp:(\w+) ([0-9.e+-]+)$", re.M)

@@ -1,18 +1,17 @@
-"""What a balancer costs, measured against ``bench/ticker.py`` (no model time at all).
+"""What a balancer costs, measured against the simulator's ticker mode (no model time at all).
 
-Every contender fronts one ticker backend with plenty of slots, so nothing queues and every
-difference from ``direct`` is the balancer's own: added time to first token at low and at high
-concurrency, CPU time per request and per streamed chunk (from ``/proc`` for the balancer's
-process tree only), resident memory per open stream, and the most concurrent streams it relays
-before the delay it adds to a chunk exceeds 20 ms at the 99th percentile.
-"""
+Every contender fronts one ticker backend (``llamacpp-ha-sim --mode ticker``) with plenty of
+slots, so nothing queues and every difference from ``direct`` is the balancer's own: added time
+to first token at low and at high concurrency, CPU time per request and per streamed chunk (from
+``/proc`` for the balancer's process tree only), resident memory per open stream, and the most
+concurrent streams it relays before the delay it adds to a chunk exceeds 20 ms at the 99th
+percentile."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from bench import procs
 from bench.client import Outcome, new_session, stream_request
 from bench.contenders import Contender, Running
 from bench.metrics import percentile
+from llamacpp_sim import SpawnError, spawn
 
 TICKER_SLOTS = 1024
 RELAY_LIMIT_MS = 20.0
@@ -71,19 +71,18 @@ class OverheadResult:
 
 
 def start_ticker(log_dir: Path, cpu: str | None) -> tuple[procs.Child, str]:
-    script = Path(__file__).resolve().parent / "ticker.py"
-    command = [sys.executable, str(script), "--port", "0", "--slots", str(TICKER_SLOTS)]
-    child = procs.spawn("ticker", procs.pinned(command, cpu), log_dir)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        for line in child.log_path.read_text("utf-8", "replace").splitlines():
-            if line.startswith("ticker listening on "):
-                return child, line.rsplit(" ", 1)[1]
-        if not child.alive():
-            break
-        time.sleep(0.05)
-    child.stop()
-    raise RuntimeError(f"ticker did not start:\n{child.log_tail()}")
+    log_path = log_dir / "ticker.log"
+    try:
+        sim = spawn(
+            mode="ticker",
+            slots=TICKER_SLOTS,
+            log_path=log_path,
+            wrapper=procs.pinned([], cpu),
+            new_session=True,
+        )
+    except SpawnError as exc:
+        raise RuntimeError(f"ticker did not start: {exc}") from None
+    return procs.adopt("ticker", sim.popen, log_path), sim.url
 
 
 def _body(max_tokens: int, tick_ms: float = 0.0) -> dict[str, Any]:

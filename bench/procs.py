@@ -110,6 +110,11 @@ def spawn(
             cwd=cwd,
             start_new_session=True,
         )
+    return adopt(name, popen, log_path)
+
+
+def adopt(name: str, popen: subprocess.Popen[bytes], log_path: Path) -> Child:
+    """A child started elsewhere (``llamacpp_sim.spawn``), stopped like ours and at exit."""
     child = Child(name, popen, log_path)
     _LIVE.add(child)
     return child

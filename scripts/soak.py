@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from llamacpp_sim import SimProcess, spawn
+
 FAULTS: list[dict[str, object]] = [
     {"crash_after_chunks": 3, "crash_mode": "reset"},
     {"crash_after_chunks": 5, "crash_mode": "close"},
@@ -67,25 +69,18 @@ class Tally:
 class Fleet:
     def __init__(self, count: int) -> None:
         self.count = count
-        self.procs: list[asyncio.subprocess.Process | None] = [None] * count
+        self.procs: list[SimProcess | None] = [None] * count
         self.ports = [free_port() for _ in range(count)]
 
     async def start(self, index: int) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "llamacpp_ha.sim", "--port", str(self.ports[index]),
-            "--slots", "4", "--profile", "gpu-8b", "--time-scale", "4",
-            stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        await asyncio.wait_for(proc.stdout.readline(), 10)
-        self.procs[index] = proc
+        self.procs[index] = await asyncio.to_thread(
+            spawn, port=self.ports[index], slots=4, profile="gpu-8b", time_scale=4, timeout_s=10
+        )
 
     async def stop(self) -> None:
         for proc in self.procs:
-            if proc is not None and proc.returncode is None:
-                proc.send_signal(signal.SIGCONT)
+            if proc is not None:
                 proc.kill()
-                await proc.wait()
 
     def url(self, index: int) -> str:
         return f"http://127.0.0.1:{self.ports[index]}"
@@ -155,7 +150,6 @@ async def rotate_faults(
             assert proc is not None
             if kind == "sigkill":
                 proc.kill()
-                await proc.wait()
                 await asyncio.sleep(2)
                 await fleet.start(index)
             elif kind == "sigstop":

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import socket
-import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,7 +15,15 @@ from llamacpp_ha.config import build_config
 from llamacpp_ha.proxy import create_app
 from llamacpp_ha.registry import Health
 from llamacpp_ha.server import Server
-from llamacpp_ha.sim import SimBackend, SimConfig
+from llamacpp_sim import SimBackend, SimConfig, SimProcess
+from sim_support import wait_until
+
+
+def free_port() -> int:
+    """A port free a moment ago, for a child process that must be told its port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class Served:
@@ -89,13 +95,6 @@ async def balancer_for(
         await assert_no_leaks(served.balancer)
 
 
-async def wait_until(predicate: Any, within_s: float = 5.0) -> None:
-    """Poll a condition on state that no event announces (a backend's counters, say)."""
-    async with asyncio.timeout(within_s):
-        while not predicate():  # noqa: ASYNC110 - arbitrary predicates have no event to await
-            await asyncio.sleep(0.01)
-
-
 async def assert_no_leaks(balancer: Balancer) -> None:
     """After a test: every slot is free and the queue is empty (allowing in-flight cleanup)."""
     try:
@@ -113,37 +112,3 @@ async def assert_no_leaks(balancer: Balancer) -> None:
         raise AssertionError(
             f"leak: slots {slots}, queue {queued}, in flight {in_flight}"
         ) from None
-
-
-class SimProcess:
-    """A simulated llama-server in a child process, so it can be SIGKILLed or SIGSTOPped."""
-
-    def __init__(self, *flags: str, port: int = 0) -> None:
-        self.flags = flags
-        self.port = port
-        self.proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> SimProcess:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "llamacpp_ha.sim", "--port", str(self.port), *self.flags,
-            stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(10):
-            line = (await self.proc.stdout.readline()).decode()
-        self.port = int(line.rsplit(":", 1)[1].split()[0])
-        return self
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            await self.proc.wait()

@@ -21,8 +21,9 @@ import httpx
 import promql_parser
 from prometheus_client.parser import text_string_to_metric_families
 
-from llamacpp_ha.sim import Fault, SimConfig
-from serving import balancer_for, sims, wait_until
+from llamacpp_sim import Fault, SimConfig
+from serving import balancer_for, sims
+from sim_support import wait_until
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PREFIX = "llamacpp_ha_"

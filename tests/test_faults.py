@@ -13,11 +13,13 @@ import signal
 import socket
 import time
 import unittest
+from typing import Any
 
 import httpx
 
-from llamacpp_ha.sim import Fault, SimBackend, SimConfig
-from serving import SimProcess, balancer_for, sims, wait_until
+from llamacpp_sim import Fault, SimBackend, SimConfig, SimProcess, spawn
+from serving import balancer_for, sims
+from sim_support import wait_until
 
 GENERATION = ("/v1/chat/completions", "/v1/completions", "/completion")
 
@@ -48,9 +50,9 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
         ) as response:
             return response.status_code, b"".join([c async for c in response.aiter_bytes()])
 
-    async def child(self, *flags: str) -> SimProcess:
-        sim = await SimProcess("--profile", "test", *flags).start()
-        self.addAsyncCleanup(sim.kill)
+    async def child(self, **flags: Any) -> SimProcess:
+        sim = await asyncio.to_thread(spawn, **{"profile": "test", "timeout_s": 10, **flags})
+        self.addCleanup(sim.kill)
         return sim
 
     # Processes -----------------------------------------------------------------------
@@ -58,8 +60,7 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
     async def test_sigkill_of_an_idle_backend(self) -> None:
         a, b = await self.child(), await self.child()
         async with balancer_for([a, b], poll_interval_s=5) as lb:
-            a.signal(signal.SIGKILL)
-            await a.proc.wait()  # type: ignore[union-attr]
+            a.kill()
             started = time.monotonic()
             responses = [await self.post(lb.url, chat(f"k{i}")) for i in range(4)]
             self.assertEqual([r.status_code for r in responses], [200] * 4)
@@ -67,14 +68,14 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
             self.assertEqual(lb.balancer.registry.backends[0].state, "dead")  # before any poll
 
     async def test_sigkill_under_load(self) -> None:
-        a = await self.child("--profile", "cpu-1b", "--slots", "2", "--time-scale", "4")
-        b = await self.child("--profile", "cpu-1b", "--slots", "2", "--time-scale", "4")
+        a = await self.child(profile="cpu-1b", slots=2, time_scale=4)
+        b = await self.child(profile="cpu-1b", slots=2, time_scale=4)
         async with balancer_for([a, b], poll_interval_s=0.2) as lb:
             tasks = [
                 asyncio.create_task(self.stream(lb.url, chat(f"load {i}", 60))) for i in range(10)
             ]
             await wait_until(lambda: lb.balancer.registry.backends[0].slots.in_flight == 2)
-            a.signal(signal.SIGKILL)
+            a.send_signal(signal.SIGKILL)
             results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
             for status, body in results:
                 events = sse_events(body)
@@ -92,7 +93,7 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
         a = await self.child()
         b = await self.child()
         async with balancer_for([a, b], poll_interval_s=0.2, first_byte_timeout_s=0.5) as lb:
-            a.signal(signal.SIGSTOP)
+            a.send_signal(signal.SIGSTOP)
             try:
                 started = time.monotonic()
                 responses = await asyncio.wait_for(
@@ -105,7 +106,7 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
                     lambda: lb.balancer.registry.backends[0].state == "dead", within_s=3
                 )
             finally:
-                a.signal(signal.SIGCONT)
+                a.send_signal(signal.SIGCONT)
             await wait_until(lambda: lb.balancer.registry.backends[0].state == "ready", within_s=5)
 
     # Hangs and timeouts -------------------------------------------------------------
@@ -315,18 +316,19 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
     async def test_own_overload_never_counts_against_a_backend(self) -> None:
         async with (
             sims(SimConfig(slots=1, profile="cpu-1b")) as (sim,),
-            balancer_for([sim], max_queue=0, eject_after_failures=1) as lb,
+            balancer_for([sim], max_queue=1, eject_after_failures=1) as lb,
         ):
             blocker = asyncio.create_task(self.post(lb.url, chat("long", 100)))
             await wait_until(lambda: sim.processing == 1)
-            for _ in range(3):
-                self.assertEqual((await self.post(lb.url, chat("rejected"))).status_code, 503)
             async with httpx.AsyncClient() as leaving:
                 gone = asyncio.create_task(
                     leaving.post(lb.url + "/v1/chat/completions", json=chat("gone"))
                 )
-                await asyncio.sleep(0.1)
+                await wait_until(lambda: len(lb.balancer.queue) == 1)
+                for _ in range(3):  # the queue is full
+                    self.assertEqual((await self.post(lb.url, chat("rejected"))).status_code, 503)
                 gone.cancel()
+                await wait_until(lambda: lb.balancer.stats.disconnected == 1)
             blocker.cancel()
             self.assertEqual(lb.balancer.registry.backends[0].ejection.consecutive_failures, 0)
             self.assertEqual(lb.balancer.registry.backends[0].state, "ready")
@@ -353,7 +355,7 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
         async with balancer_for([a, b], poll_interval_s=0.1) as lb:
             port = a.port
             for sim in (a, b):
-                await sim.kill()
+                sim.kill()
             await wait_until(lambda: all(x.state == "dead" for x in lb.balancer.registry.backends))
             started = time.monotonic()
             response = await self.post(lb.url, chat("anyone?"))
@@ -361,19 +363,18 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
             self.assertEqual(response.status_code, 503)
             self.assertEqual(response.json()["error"]["code"], "no_healthy_backend")
             self.assertIn("retry-after", response.headers)
-            back = await SimProcess("--profile", "test", port=port).start()
-            self.addAsyncCleanup(back.kill)
+            await self.child(port=port)
             await wait_until(lambda: lb.balancer.registry.backends[0].state == "ready", within_s=3)
             self.assertEqual((await self.post(lb.url, chat("back"))).status_code, 200)
 
     async def test_queued_requests_fail_fast_when_the_fleet_dies(self) -> None:
-        a = await self.child("--profile", "cpu-1b", "--slots", "1")
+        a = await self.child(profile="cpu-1b", slots=1)
         async with balancer_for([a], poll_interval_s=0.1) as lb:
             running = asyncio.create_task(self.post(lb.url, chat("running", 300)))
             await wait_until(lambda: lb.balancer.registry.backends[0].slots.in_flight == 1)
             queued = asyncio.create_task(self.post(lb.url, chat("queued")))
             await wait_until(lambda: len(lb.balancer.queue) == 1)
-            await a.kill()
+            a.kill()
             response = await asyncio.wait_for(queued, 3)
             # 503 when it was still queued as the death was seen; 502 when it was handed to the
             # dying backend first (a pooled connection reset). Either way: fast and clean.

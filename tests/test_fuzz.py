@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llamacpp_ha.proxy import PROXIED_PATHS
-from llamacpp_ha.sim import SimConfig
+from llamacpp_sim import SimConfig
 from serving import Served, assert_no_leaks, balancer_for, sims
 
 KEYS = ["messages", "prompt", "content", "model", "max_tokens", "n_predict", "stream",

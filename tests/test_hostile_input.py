@@ -10,8 +10,9 @@ import httpx
 
 from hostile import HostileBackend, Script, chat_chunks, sse
 from llamacpp_ha.errors import ShuttingDown
-from llamacpp_ha.sim import SimConfig
-from serving import balancer_for, sims, wait_until
+from llamacpp_sim import SimConfig
+from serving import balancer_for, sims
+from sim_support import wait_until
 from test_security import traffic
 
 JSON = {"Content-Type": "application/json"}

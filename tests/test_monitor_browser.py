@@ -28,8 +28,9 @@ import aiohttp
 from llamacpp_ha.config import build_config
 from llamacpp_ha.proxy import create_app
 from llamacpp_ha.registry import Health
-from llamacpp_ha.sim import SimConfig
-from serving import assert_no_leaks, serve_app, sims, wait_until
+from llamacpp_sim import SimConfig
+from serving import assert_no_leaks, serve_app, sims
+from sim_support import wait_until
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = (

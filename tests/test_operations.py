@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llamacpp_ha.config import build_config
 from llamacpp_ha.logs import JsonFormatter
-from llamacpp_ha.sim import Fault, SimConfig
-from serving import balancer_for, sims, wait_until
-from test_shutdown import free_port
+from llamacpp_sim import Fault, SimConfig
+from serving import balancer_for, free_port, sims
+from sim_support import wait_until
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
@@ -222,16 +222,18 @@ class AdminTest(unittest.IsolatedAsyncioTestCase):
                             await asyncio.sleep(0.05)
                     path.write_text("{not json")
                     proc.send_signal(signal.SIGHUP)
-                    await asyncio.sleep(0.3)
+                    assert proc.stderr is not None
+                    async with asyncio.timeout(5):  # until the balancer has read it
+                        while b"reload rejected" not in await proc.stderr.readline():
+                            pass
                     self.assertEqual(
                         await backends(), 2
                     )  # the bad file is refused, the old config kept
                     self.assertIsNone(proc.returncode)
                 finally:
                     proc.send_signal(signal.SIGTERM)
-                    _, stderr = await asyncio.wait_for(proc.communicate(), 10)
+                    await asyncio.wait_for(proc.communicate(), 10)
                 self.assertEqual(proc.returncode, 0)
-                self.assertIn(b"reload rejected", stderr)
 
 
 class MetricsTest(unittest.IsolatedAsyncioTestCase):

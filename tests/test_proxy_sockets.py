@@ -14,8 +14,9 @@ import unittest
 import httpx
 import openai
 
-from llamacpp_ha.sim import SimBackend, SimConfig
-from serving import balancer_for, sims, wait_until
+from llamacpp_sim import SimBackend, SimConfig
+from serving import balancer_for, sims
+from sim_support import wait_until
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/completion")
 
@@ -139,8 +140,7 @@ class ProxySocketTest(unittest.IsolatedAsyncioTestCase):
                 await wait_until(lambda: len(lb.balancer.queue) == 1)
                 gone.cancel()
             await wait_until(lambda: len(lb.balancer.queue) == 0)
-            await asyncio.wait_for(blocker, 20)
-            await asyncio.sleep(0.1)
+            await asyncio.wait_for(blocker, 20)  # its slot was freed with no one queued
             self.assertEqual(
                 [r.json["messages"][0]["content"] for r in generations(fleet[0])], ["first"]
             )

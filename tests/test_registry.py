@@ -11,8 +11,9 @@ import aiohttp
 from fake_llama import FakeLlamaServer
 from llamacpp_ha.config import BackendConfig
 from llamacpp_ha.registry import Health, Registry
-from llamacpp_ha.sim import Fault, SimBackend, SimConfig
-from serving import sims, wait_until
+from llamacpp_sim import Fault, SimBackend, SimConfig
+from serving import sims
+from sim_support import wait_until
 
 
 class RegistryTest(unittest.IsolatedAsyncioTestCase):

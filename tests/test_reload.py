@@ -19,9 +19,9 @@ from llamacpp_ha.policies import build_policy
 from llamacpp_ha.proxy import create_app
 from llamacpp_ha.registry import Health
 from llamacpp_ha.reload import BackendChanges, plan_reload, reload_mode
-
-# The simulator's types through serving, which imports them from wherever the simulator lives.
-from serving import Served, SimBackend, SimConfig, balancer_for, serve_app, sims, wait_until
+from llamacpp_sim import SimBackend, SimConfig
+from serving import Served, balancer_for, serve_app, sims
+from sim_support import wait_until
 
 
 def chat(content: str = "hi", **extra: object) -> dict[str, object]:

@@ -17,6 +17,7 @@ from llamacpp_ha.prefix_index import PrefixIndex, SessionStore
 from llamacpp_ha.queue import RequestQueue
 from llamacpp_ha.registry import Health, Registry
 from llamacpp_ha.scheduler import Lease, Scheduler
+from sim_support import wait_until
 
 
 class SchedulerFixture(unittest.IsolatedAsyncioTestCase):
@@ -60,9 +61,8 @@ class SchedulerTest(SchedulerFixture):
         leases = [await self.acquire(scheduler) for _ in range(3)]
         self.assertEqual(sorted(lease.backend.name for lease in leases), ["a", "a", "b"])
         waiter = asyncio.create_task(self.acquire(scheduler))
-        await asyncio.sleep(0.01)
+        await wait_until(lambda: len(queue) == 1)
         self.assertFalse(waiter.done())
-        self.assertEqual(len(queue), 1)
         on_b = next(lease for lease in leases if lease.backend.name == "b")
         await on_b.release()
         lease = await asyncio.wait_for(waiter, 1)
@@ -71,7 +71,7 @@ class SchedulerTest(SchedulerFixture):
             self.assertLessEqual(backend.slots.in_flight, backend.slots.total)
 
     async def test_fifo_order_under_contention(self) -> None:
-        scheduler, _, _ = self.build(("a", 1, ("m",)))
+        scheduler, _, queue = self.build(("a", 1, ("m",)))
         first = await self.acquire(scheduler)
         order: list[int] = []
 
@@ -84,7 +84,7 @@ class SchedulerTest(SchedulerFixture):
         waiters = []
         for i in range(5):
             waiters.append(asyncio.create_task(wait(i)))
-            await asyncio.sleep(0)  # enqueue in this order
+            await wait_until(lambda i=i: len(queue) == i + 1)  # enqueued in this order
         await first.release()
         await asyncio.wait_for(asyncio.gather(*waiters), 2)
         self.assertEqual(order, [0, 1, 2, 3, 4])
@@ -93,8 +93,7 @@ class SchedulerTest(SchedulerFixture):
         scheduler, _, queue = self.build(("a", 1, ("ma",)), ("b", 1, ("mb",)))
         held = await self.acquire(scheduler, "ma")
         blocked = asyncio.create_task(self.acquire(scheduler, "ma"))
-        await asyncio.sleep(0.01)
-        self.assertEqual(len(queue), 1)
+        await wait_until(lambda: len(queue) == 1)
         lease = await asyncio.wait_for(self.acquire(scheduler, "mb"), 1)
         self.assertEqual(lease.backend.name, "b")
         self.assertFalse(blocked.done())
@@ -105,7 +104,7 @@ class SchedulerTest(SchedulerFixture):
         scheduler, _, queue = self.build(("a", 1, ("m",)), max_queue=2)
         await self.acquire(scheduler)
         waiters = [asyncio.create_task(self.acquire(scheduler)) for _ in range(2)]
-        await asyncio.sleep(0.01)
+        await wait_until(lambda: len(queue) == 2)
         with self.assertRaises(QueueFull) as caught:
             await asyncio.wait_for(self.acquire(scheduler), 1)
         self.assertEqual(caught.exception.status, 503)
@@ -132,20 +131,20 @@ class SchedulerTest(SchedulerFixture):
         scheduler, registry, queue = self.build(("a", 1, ("m",)))
         held = await self.acquire(scheduler)
         waiter = asyncio.create_task(self.acquire(scheduler))
-        await asyncio.sleep(0.01)
+        await wait_until(lambda: len(queue) == 1)
         waiter.cancel()
         with self.assertRaises(asyncio.CancelledError):
             await waiter
         self.assertEqual(len(queue), 0)
         await held.release()
-        await asyncio.sleep(0.01)
+        await wait_until(lambda: not queue.wakeup.is_set())  # the drain has run since
         self.assertEqual(registry.get("a").slots.in_flight, 0)
 
     async def test_release_wakes_the_next_waiter(self) -> None:
-        scheduler, _, _ = self.build(("a", 1, ("m",)))
+        scheduler, _, queue = self.build(("a", 1, ("m",)))
         held = await self.acquire(scheduler)
         waiter = asyncio.create_task(self.acquire(scheduler))
-        await asyncio.sleep(0.01)
+        await wait_until(lambda: len(queue) == 1)
         await held.release()
         await asyncio.wait_for(waiter, 1)
 
@@ -168,7 +167,7 @@ class SchedulerTest(SchedulerFixture):
         await self.acquire(scheduler)
         await self.acquire(scheduler)
         waiter = asyncio.create_task(self.acquire(scheduler))
-        await asyncio.sleep(0.01)
+        await wait_until(lambda: len(queue) == 1)
         registry.get("a").health = Health.DEAD
         registry.get("b").health = Health.DEAD
         set_ready(registry.get("a"), 2)  # back, restarted with two slots
@@ -183,14 +182,14 @@ class SchedulerTest(SchedulerFixture):
         self.assertEqual(lease.backend.name, "b")
 
     async def test_retry_goes_to_the_front(self) -> None:
-        scheduler, _, _ = self.build(("a", 1, ("m",)))
+        scheduler, _, queue = self.build(("a", 1, ("m",)))
         held = await self.acquire(scheduler)
         normal = asyncio.create_task(self.acquire(scheduler))
-        await asyncio.sleep(0.01)
+        await wait_until(lambda: len(queue) == 1)
         retry = asyncio.create_task(
             scheduler.acquire(RoutingRequest(model=None), timeout_s=5, retry=True)
         )
-        await asyncio.sleep(0.01)
+        await wait_until(lambda: len(queue) == 2)
         await held.release()
         await asyncio.wait_for(retry, 1)
         self.assertFalse(normal.done())

@@ -14,8 +14,9 @@ import unittest
 
 import httpx
 
-from llamacpp_ha.sim import SimBackend, SimConfig
-from serving import balancer_for, sims, wait_until
+from llamacpp_sim import SimBackend, SimConfig
+from serving import balancer_for, sims
+from sim_support import wait_until
 
 POLL_PATHS = {("GET", "/health"), ("GET", "/v1/models"), ("GET", "/slots"), ("GET", "/props")}
 

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sys
 import time
 import unittest
 
 import httpx
 
-from llamacpp_ha.sim import SimConfig
-from serving import sims, wait_until
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from llamacpp_sim import SimConfig
+from serving import free_port, sims
+from sim_support import wait_until
 
 
 class ShutdownTest(unittest.IsolatedAsyncioTestCase):
@@ -67,7 +61,14 @@ class ShutdownTest(unittest.IsolatedAsyncioTestCase):
                 running = asyncio.create_task(self.stream(client, url, 200))  # about 1.2 s
                 await wait_until(lambda: sim.processing == 1)
                 queued = asyncio.create_task(self.stream(client, url, 4))
-                await asyncio.sleep(0.2)
+
+                async def queue_depth() -> int:
+                    data = (await client.get(url + "/monitor/data")).json()
+                    return int(data["queue"]["depth"])
+
+                async with asyncio.timeout(10):
+                    while await queue_depth() != 1:  # noqa: ASYNC110 - another process's state
+                        await asyncio.sleep(0.02)
                 proc.send_signal(signal.SIGTERM)
                 status, body = await asyncio.wait_for(running, 10)
                 self.assertEqual(status, 200)

@@ -11,8 +11,8 @@ import aiohttp
 import anthropic
 import openai
 
-from llamacpp_ha.sim import SimBackend, SimConfig
-from test_sim_support import (
+from llamacpp_sim import SimBackend, SimConfig
+from sim_support import (
     STEP_TIMEOUT_S,
     SimTestCase,
     chat_body,

@@ -10,9 +10,9 @@ from typing import Any
 
 import aiohttp
 
-from llamacpp_ha.sim import Fault, SimBackend, SimConfig
-from llamacpp_ha.sim.server import is_loopback
-from test_sim_support import STEP_TIMEOUT_S, SimTestCase, chat_body, read_frames, wait_until
+from llamacpp_sim import Fault, SimBackend, SimConfig
+from llamacpp_sim.server import is_loopback
+from sim_support import STEP_TIMEOUT_S, SimTestCase, chat_body, read_frames, wait_until
 
 STREAM = chat_body(
     [{"role": "user", "content": "stream please"}],

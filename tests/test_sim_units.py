@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import unittest
 
-from llamacpp_ha.sim import PROFILES, Fault, SimConfig
-from llamacpp_ha.sim.generator import reply_pieces
-from llamacpp_ha.sim.prompt_cache import HostCache, common_prefix_len
-from llamacpp_ha.sim.template import render_chat
-from llamacpp_ha.sim.tokenizer import BOS_ID, Tokenizer
+from llamacpp_sim import PROFILES, Fault, SimConfig
+from llamacpp_sim.generator import reply_pieces
+from llamacpp_sim.prompt_cache import HostCache, common_prefix_len
+from llamacpp_sim.template import render_chat
+from llamacpp_sim.tokenizer import BOS_ID, Tokenizer
 
 
 class TokenizerTest(unittest.TestCase):

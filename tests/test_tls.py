@@ -12,8 +12,9 @@ import httpx
 
 from llamacpp_ha.config import build_config
 from llamacpp_ha.proxy import create_app
-from llamacpp_ha.sim import SimConfig
-from serving import serve_app, sims, wait_until
+from llamacpp_sim import SimConfig
+from serving import serve_app, sims
+from sim_support import wait_until
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:

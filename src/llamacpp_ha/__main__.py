@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import logs
 from .config import ConfigError, ProxyConfig, build_config
 from .policies import DEFAULT_POLICY, POLICIES
 
@@ -108,26 +105,6 @@ def load_config(argv: Sequence[str]) -> ProxyConfig:
     return build_config(args, config_file)
 
 
-def serve(config: ProxyConfig, source: Callable[[], ProxyConfig] | None = None) -> int:
-    from .proxy import create_app
-    from .server import Server
-
-    logs.configure(config.log_level, config.log_format)
-    app = create_app(config)
-    app.state.balancer.config_source = source
-    server = Server(app, config)
-    # uvicorn handles SIGTERM/SIGINT itself (draining first), then raises the signal again
-    # with the previous handler: make that a clean exit rather than death by signal.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.run()
-    return 0 if server.started else 1
-
-
-def _exit_cleanly(signum: int, frame: object) -> None:
-    raise SystemExit(0)
-
-
 def check_config(argv: Sequence[str]) -> int:
     parser = _Parser(prog="llamacpp-ha check-config", description="Validate a config file.")
     parser.add_argument("file", type=Path)
@@ -146,7 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(argv[1:])
-        return serve(load_config(argv), source=lambda: load_config(argv))
+        config = load_config(argv)
+        # The app and uvicorn are imported only once there is something to serve.
+        from .server import serve
+
+        return serve(config, source=lambda: load_config(argv))
     except ConfigError as exc:
         print(f"llamacpp-ha: invalid configuration: {exc}", file=sys.stderr)
         return 2

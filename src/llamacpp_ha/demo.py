@@ -8,35 +8,17 @@ cache hits show on the monitor page.
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
-import sys
 from collections.abc import Sequence
 
+from llamacpp_sim import spawn
+
 from .config import build_config
+from .server import serve
 
 # Slots and speed per backend: two fast GPUs of different size and one slow CPU box.
-SLOTS = "4,2,2"
-PROFILES = "gpu-8b,gpu-8b,cpu-1b"
 NAMES = ("gpu-a", "gpu-b", "cpu-c")
-_LISTENING = re.compile(r"listening on (http://\S+)")
-
-
-def start_backends(count: int = 3) -> tuple[subprocess.Popen[str], list[str]]:
-    command = [sys.executable, "-m", "llamacpp_ha.sim", "--port", "0", "--count", str(count)]
-    command += ["--slots", SLOTS, "--profile", PROFILES]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    assert child.stdout is not None
-    urls: list[str] = []
-    while len(urls) < count:
-        line = child.stdout.readline()
-        if not line:
-            child.wait()
-            raise RuntimeError(f"the simulated backends exited with status {child.returncode}")
-        found = _LISTENING.search(line)
-        if found:
-            urls.append(found.group(1))
-    return child, urls
+SLOTS = (4, 2, 2)
+PROFILES = ("gpu-8b", "gpu-8b", "cpu-1b")
 
 
 def run_demo(argv: Sequence[str]) -> int:
@@ -45,11 +27,9 @@ def run_demo(argv: Sequence[str]) -> int:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(list(argv))
 
-    from .__main__ import serve
-
-    child, urls = start_backends()
-    try:
-        backends = [{"url": url, "name": name} for url, name in zip(urls, NAMES, strict=True)]
+    # In our process group, so that Ctrl-C reaches the backends too; stopped on the way out.
+    with spawn(names=NAMES, slots=SLOTS, profile=PROFILES, timeout_s=30) as sim:
+        backends = [{"url": b.url, "name": b.name} for b in sim.backends]
         config = build_config({"host": args.host, "port": args.port, "backends": backends})
         base = f"http://{args.host}:{args.port}"
         print(
@@ -64,10 +44,3 @@ def run_demo(argv: Sequence[str]) -> int:
             flush=True,
         )
         return serve(config)
-    finally:
-        child.terminate()
-        try:
-            child.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()

@@ -1,4 +1,4 @@
-"""The one global FIFO of requests waiting for a slot."""
+"""The one global FIFO of requests waiting for a slot, and the `Lease` each is given."""
 
 from __future__ import annotations
 
@@ -10,7 +10,27 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .policies import RoutingRequest
-    from .scheduler import Lease
+    from .registry import BackendState
+    from .slot_ledger import Claim
+
+
+class Lease:
+    """One claimed slot on `backend`; `release()` is idempotent so every exit path may call it."""
+
+    def __init__(self, backend: BackendState, claim: Claim, queue_wait_s: float) -> None:
+        self.backend = backend
+        self.claim = claim
+        self.queue_wait_s = queue_wait_s
+        self.released = False
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    async def release(self) -> None:
+        if not self.released:
+            self.released = True
+            await self.backend.slots.release(self.claim)
 
 
 @dataclass(eq=False)

@@ -24,30 +24,13 @@ from dataclasses import replace
 from .errors import NoCapacity, NoHealthyBackend, QueueFull, QueueTimeout
 from .policies import BackendCandidate, LeastBusyPolicy, Policy, RoutingRequest
 from .prefix_index import PrefixIndex
-from .queue import QueueEntry, RequestQueue
+from .queue import Lease, QueueEntry, RequestQueue
 from .registry import BackendState, Registry
 from .slot_ledger import Claim
 
+__all__ = ["Lease", "RoutingView", "Scheduler"]
+
 log = logging.getLogger("llamacpp_ha.scheduler")
-
-
-class Lease:
-    """One claimed slot on `backend`; `release()` is idempotent so every exit path may call it."""
-
-    def __init__(self, backend: BackendState, claim: Claim, queue_wait_s: float) -> None:
-        self.backend = backend
-        self.claim = claim
-        self.queue_wait_s = queue_wait_s
-        self.released = False
-
-    @property
-    def backend_name(self) -> str:
-        return self.backend.name
-
-    async def release(self) -> None:
-        if not self.released:
-            self.released = True
-            await self.backend.slots.release(self.claim)
 
 
 class RoutingView:

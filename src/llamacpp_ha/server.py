@@ -1,4 +1,4 @@
-"""The process: uvicorn serving the app, with a drain before uvicorn's own shutdown."""
+"""The process: ``serve()`` runs uvicorn with the app, and drains before uvicorn shuts down."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import asyncio
 import contextlib
 import signal
 import socket
+from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI
 
+from . import logs
 from .balancer import Balancer
 from .config import ConfigError, ProxyConfig
+from .proxy import create_app
 
 
 class Server(uvicorn.Server):
@@ -65,3 +68,21 @@ class Server(uvicorn.Server):
         self.config.timeout_graceful_shutdown = int(grace_s) + 5
         await self.balancer.drain(grace_s)
         await super().shutdown(sockets)
+
+
+def serve(config: ProxyConfig, source: Callable[[], ProxyConfig] | None = None) -> int:
+    """Serve the balancer until SIGTERM or SIGINT; the exit status (1 if it never started)."""
+    logs.configure(config.log_level, config.log_format)
+    app = create_app(config)
+    app.state.balancer.config_source = source
+    server = Server(app, config)
+    # uvicorn handles SIGTERM/SIGINT itself (draining first), then raises the signal again
+    # with the previous handler: make that a clean exit rather than death by signal.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else 1
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)

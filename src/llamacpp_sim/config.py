@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llamacpp_ha.sim.faults import Fault
-from llamacpp_ha.sim.profiles import PROFILES, Profile
+from llamacpp_sim.faults import Fault
+from llamacpp_sim.profiles import PROFILES, Profile
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from llamacpp_ha.sim.faults import Fault
+from llamacpp_sim.faults import Fault
 
 Outcome = Literal["completed", "client_closed", "error", "fault"]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llamacpp_ha.sim.shapes import dumps, error_body
+from llamacpp_sim.shapes import dumps, error_body
 
 HEADERS = {"Server": "llama.cpp", "Access-Control-Allow-Origin": ""}
 SSE_HEADERS = {**HEADERS, "X-Accel-Buffering": "no", "Content-Type": "text/event-stream"}

@@ -1,11 +1,10 @@
-"""Helpers for the simulator's tests (no tests here): samples, SSE parsing, bounded waits."""
+"""Helpers tests share (no tests here): bounded waits, samples, SSE parsing, a simulator case."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
-import time
 import unittest
 from collections.abc import Callable
 from pathlib import Path
@@ -13,19 +12,15 @@ from typing import Any
 
 import aiohttp
 
-from llamacpp_ha.sim import SimBackend, SimConfig
+from llamacpp_sim import SimBackend, SimConfig
 
-_REPO = Path(__file__).resolve().parent.parent
-# The captured exchanges live outside the repository in the shared workspace; a copy inside the
-# repository (or LLAMACPP_HA_SAMPLES) is preferred so that CI sees them too.
-_SAMPLE_DIRS = [
-    Path(os.environ.get("LLAMACPP_HA_SAMPLES", "/nonexistent")),
-    _REPO / "tests" / "llama-server-samples",
-    _REPO / "docs" / "llama-server-samples",
-    _REPO.parent / "shared" / "llama-server-samples",
-    Path("/work/shared/llama-server-samples"),
-]
-SAMPLES = next((d for d in _SAMPLE_DIRS if (d / "chat.txt").is_file()), None)
+# Captured exchanges of a real llama-server, kept beside the tests; LLAMACPP_HA_SAMPLES names
+# another directory of them.
+_SAMPLES_DIR = Path(
+    os.environ.get("LLAMACPP_HA_SAMPLES")
+    or Path(__file__).resolve().parent / "llama-server-samples"
+)
+SAMPLES = _SAMPLES_DIR if (_SAMPLES_DIR / "chat.txt").is_file() else None
 STEP_TIMEOUT_S = 5.0
 
 
@@ -80,13 +75,14 @@ def missing_keys(expected: Any, actual: Any, path: str = "$") -> list[str]:
     return out
 
 
-async def wait_until(predicate: Callable[[], bool], timeout_s: float = STEP_TIMEOUT_S) -> None:
-    """Wait for a condition on the simulator's state, which has no event of its own."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.002)
+async def wait_until(predicate: Callable[[], object], within_s: float = STEP_TIMEOUT_S) -> None:
+    """Poll a condition on state that no event announces (a backend's counters, say)."""
+    try:
+        async with asyncio.timeout(within_s):
+            while not predicate():  # noqa: ASYNC110 - arbitrary predicates have no event to await
+                await asyncio.sleep(0.002)
+    except TimeoutError:
+        raise TimeoutError(f"condition not met within {within_s:g} s") from None
 
 
 async def read_frames(resp: aiohttp.ClientResponse, n: int) -> list[str]:

@@ -18,17 +18,17 @@ from typing import Any
 
 from aiohttp import web
 
-from llamacpp_ha.sim import shapes
-from llamacpp_ha.sim.config import SimConfig
-from llamacpp_ha.sim.engine import Engine
-from llamacpp_ha.sim.faults import Fault
-from llamacpp_ha.sim.inference import Inference
-from llamacpp_ha.sim.recording import REC_KEY, RecordedRequest
-from llamacpp_ha.sim.shapes import error_body
-from llamacpp_ha.sim.stream import forever
-from llamacpp_ha.sim.template import TemplateError, render_chat
-from llamacpp_ha.sim.tokenizer import Tokenizer
-from llamacpp_ha.sim.wire import HEADERS, ApiError, json_response, maybe_json, read_json
+from llamacpp_sim import shapes
+from llamacpp_sim.config import SimConfig
+from llamacpp_sim.engine import Engine
+from llamacpp_sim.faults import Fault
+from llamacpp_sim.inference import Inference
+from llamacpp_sim.recording import REC_KEY, RecordedRequest
+from llamacpp_sim.shapes import error_body
+from llamacpp_sim.stream import forever
+from llamacpp_sim.template import TemplateError, render_chat
+from llamacpp_sim.tokenizer import Tokenizer
+from llamacpp_sim.wire import HEADERS, ApiError, json_response, maybe_json, read_json
 
 CONTROL_PATH = "/sim/control"
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -66,7 +66,7 @@ class SimBackend:
         self._runner: web.AppRunner | None = None
         self._port = config.port
         self._handlers: set[asyncio.Task[Any]] = set()
-        self._inference = Inference(self)
+        self._inference = Inference(config, self.engine, self.tokenizer)
 
     @property
     def port(self) -> int:

@@ -19,8 +19,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from llamacpp_ha.sim.profiles import Profile
-from llamacpp_ha.sim.prompt_cache import HostCache, common_prefix_len
+from llamacpp_sim.profiles import Profile
+from llamacpp_sim.prompt_cache import HostCache, common_prefix_len
 
 # Behind schedule by more than this, the clock forgives the debt instead of bursting to catch
 # up: at large time scales the event loop's own overhead exceeds a step.

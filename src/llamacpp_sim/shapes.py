@@ -6,9 +6,9 @@ import json
 import time
 from typing import Any
 
-from llamacpp_ha.sim.engine import EngineStats, GenTask, Slot
-from llamacpp_ha.sim.template import CHAT_TEMPLATE, GENERATION_PROMPT
-from llamacpp_ha.sim.tokenizer import BOS_PIECE, EOS_PIECE, N_VOCAB
+from llamacpp_sim.engine import EngineStats, GenTask, Slot
+from llamacpp_sim.template import CHAT_TEMPLATE, GENERATION_PROMPT
+from llamacpp_sim.tokenizer import BOS_PIECE, EOS_PIECE, N_VOCAB
 
 BUILD_INFO = "b0-sim"
 

@@ -3,7 +3,9 @@
 Every per-backend flag takes one value for all backends or a comma-separated list with one value
 per backend: ``--count 3 --slots 4,2,1 --profile gpu-8b,gpu-8b,cpu-1b``. Backends listen on
 consecutive ports from ``--port`` (``--port 0``: each picks a free port); each prints one line
-``llamacpp-ha-sim: backend sim-<i> listening on http://HOST:PORT`` on stdout.
+``llamacpp-ha-sim: backend NAME listening on http://HOST:PORT (...)`` on stdout, and nothing
+else is written there. ``--mode ticker`` serves the benchmark's timestamping stand-in instead
+(``ticker.py``).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
-from llamacpp_ha.sim.config import SimConfig
-from llamacpp_ha.sim.faults import Fault
-from llamacpp_ha.sim.profiles import PROFILES
-from llamacpp_ha.sim.server import SimBackend
+from llamacpp_sim.config import SimConfig
+from llamacpp_sim.faults import Fault
+from llamacpp_sim.profiles import PROFILES
+from llamacpp_sim.server import SimBackend
+from llamacpp_sim.ticker import TickerBackend
 
 PROG = "llamacpp-ha-sim"
+MODES = ("sim", "ticker")
 T = TypeVar("T")
 
 
@@ -43,9 +47,17 @@ def build_parser() -> _Parser:
         description="Simulated llama.cpp llama-server backends. Per-backend flags take one "
         "value for all backends or a comma-separated list, one value per backend.",
     )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="sim",
+        help="sim (default), or ticker: timestamps as fast as possible, for overhead benchmarks "
+        "(only --host --port --count --name --slots --model --n-ctx apply)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", default="8081", help="first port; 0 picks free ports (default 8081)")
     p.add_argument("--count", type=int, default=None, help="number of backends (default 1)")
+    p.add_argument("--name", default=None, help="one name per backend (default sim-0, sim-1, ...)")
     p.add_argument("--slots", default="2", help="slots per backend (default 2)")
     p.add_argument(
         "--profile",
@@ -95,6 +107,12 @@ def _profile(value: str) -> str:
     return value
 
 
+def _name(value: str) -> str:
+    if not value or any(c.isspace() for c in value):
+        raise ValueError("a name is not empty and has no spaces")
+    return value
+
+
 def build_configs(args: argparse.Namespace) -> list[SimConfig]:
     count: int | None = args.count
     if count is not None and count < 1:
@@ -114,6 +132,11 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
     lists: dict[str, list[Any]] = {}
     for field, (dest, flag, convert) in columns.items():
         lists[field], count = _values(flag, getattr(args, dest), convert, count)
+    names: list[str] | None = None
+    if args.name is not None:
+        names, count = _values("--name", args.name, _name, count)
+        if len(names) != (count or 1) or len(set(names)) != len(names):
+            raise _UsageError("argument --name: one distinct name per backend")
     n = count or 1
     fault: Fault | None = None
     if args.fault is not None:
@@ -136,7 +159,7 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
                     slots_endpoint=not args.no_slots,
                     embeddings=not args.no_embeddings,
                     fault=fault,
-                    name=f"sim-{i}",
+                    name=names[i] if names is not None else f"sim-{i}",
                     **kwargs,
                 )
             )
@@ -147,27 +170,31 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
     return configs
 
 
-async def serve(configs: Sequence[SimConfig]) -> int:
+async def serve(configs: Sequence[SimConfig], mode: str = "sim") -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    backends: list[SimBackend] = []
+    backends: list[SimBackend | TickerBackend] = []
     try:
         for config in configs:
-            backend = SimBackend(config)
+            backend = TickerBackend(config) if mode == "ticker" else SimBackend(config)
             try:
                 await backend.start()
             except OSError as exc:
                 print(f"{PROG}: error: {config.name}: cannot listen: {exc}", file=sys.stderr)
                 return 1
             backends.append(backend)
+            if isinstance(backend, TickerBackend):
+                detail = f"mode=ticker, slots={config.slots}, model={config.model}"
+            else:
+                detail = (
+                    f"slots={config.slots}, profile={backend.profile.name}, "
+                    f"time_scale={config.time_scale:g}, model={config.model}"
+                )
             print(
-                f"{PROG}: backend {config.name} listening on {backend.url} "
-                f"(slots={config.slots}, profile={backend.profile.name}, "
-                f"time_scale={config.time_scale:g}, model={config.model})",
-                flush=True,
+                f"{PROG}: backend {config.name} listening on {backend.url} ({detail})", flush=True
             )
         await stop.wait()
         return 0
@@ -183,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         configs = build_configs(args)
     except _UsageError as exc:
         parser.error(str(exc))
-    return asyncio.run(serve(configs))
+    return asyncio.run(serve(configs, args.mode))
 
 
 if __name__ == "__main__":

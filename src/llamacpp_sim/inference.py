@@ -14,28 +14,27 @@ import random
 import string
 from array import array
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from llamacpp_ha.sim import shapes
-from llamacpp_ha.sim.engine import GenTask
-from llamacpp_ha.sim.faults import Fault
-from llamacpp_ha.sim.generator import reply_pieces
-from llamacpp_ha.sim.recording import REC_KEY, RecordedRequest
-from llamacpp_ha.sim.shapes import dumps, error_body
-from llamacpp_ha.sim.stream import (
+from llamacpp_sim import shapes
+from llamacpp_sim.config import SimConfig
+from llamacpp_sim.engine import Engine, GenTask
+from llamacpp_sim.faults import Fault
+from llamacpp_sim.generator import reply_pieces
+from llamacpp_sim.recording import REC_KEY, RecordedRequest
+from llamacpp_sim.shapes import dumps, error_body
+from llamacpp_sim.stream import (
     GARBAGE,
     SseWriter,
     break_connection,
     forever,
     write_bad_status_line,
 )
-from llamacpp_ha.sim.template import TemplateError, render_anthropic, render_chat
-from llamacpp_ha.sim.wire import HEADERS, ApiError, json_response, read_json
-
-if TYPE_CHECKING:
-    from llamacpp_ha.sim.server import SimBackend
+from llamacpp_sim.template import TemplateError, render_anthropic, render_chat
+from llamacpp_sim.tokenizer import Tokenizer
+from llamacpp_sim.wire import HEADERS, ApiError, json_response, read_json
 
 _ID_ALPHABET = string.ascii_letters + string.digits
 
@@ -75,10 +74,13 @@ class _Job:
 
 
 class Inference:
-    """Generation and embedding endpoints of one ``SimBackend``."""
+    """Generation and embedding endpoints of one ``SimBackend``, over its engine."""
 
-    def __init__(self, backend: SimBackend) -> None:
-        self.backend = backend
+    def __init__(self, config: SimConfig, engine: Engine, tokenizer: Tokenizer) -> None:
+        self.config = config
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.profile = config.resolved_profile()
         self._rng = random.Random()
 
     def routes(self) -> list[web.RouteDef]:
@@ -134,7 +136,7 @@ class Inference:
         def pause() -> None:
             job.task.paused = True
 
-        keepalive_s = max(0.5 / self.backend.config.time_scale, 0.01)
+        keepalive_s = max(0.5 / self.config.time_scale, 0.01)
         return SseWriter(request, request[REC_KEY].fault, keepalive_s, mark, pause)
 
     async def _finish_unstreamed(self, request: web.Request, job: _Job) -> None:
@@ -146,7 +148,7 @@ class Inference:
         await job.wait_done()
         if fault is not None and fault.crash_after_chunks is not None:
             job.rec.outcome = "fault"
-            self.backend.engine.cancel(job.task)
+            self.engine.cancel(job.task)
             break_connection(request, fault.crash_mode)
             await forever()
 
@@ -159,8 +161,8 @@ class Inference:
         prompt_text: str,
         limit_keys: tuple[str, ...],
     ) -> _Job:
-        cfg = self.backend.config
-        tokenizer = self.backend.tokenizer
+        cfg = self.config
+        tokenizer = self.tokenizer
         prompt = tokenizer.tokenize(prompt_text, add_bos=True)
         self._check_context(len(prompt))
         limit: int | None = None
@@ -189,11 +191,11 @@ class Inference:
         )
         model = body.get("model")
         job = _Job(task, pieces, finish, model if isinstance(model, str) else cfg.model, rec)
-        self.backend.engine.submit(task)
+        self.engine.submit(task)
         return job
 
     def _check_context(self, n_prompt: int) -> None:
-        n_ctx = self.backend.config.n_ctx
+        n_ctx = self.config.n_ctx
         if n_prompt >= n_ctx:
             raise ApiError(
                 400,
@@ -210,7 +212,7 @@ class Inference:
             raise ApiError(400, "'id_slot' must be an integer", "invalid_request_error")
         if value < 0:
             return None
-        if value >= self.backend.config.slots:
+        if value >= self.config.slots:
             raise ApiError(400, f"invalid id_slot {value}", "invalid_request_error")
         return value
 
@@ -252,7 +254,7 @@ class Inference:
                 writer, body, job, last, "chat.completion.chunk", cmpl_id
             )
         finally:
-            self.backend.engine.cancel(job.task)
+            self.engine.cancel(job.task)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
@@ -279,7 +281,7 @@ class Inference:
             last = shapes.text_completion(job.task, "", job.finish, job.model, cmpl_id, False)
             return await _end_openai_stream(writer, body, job, last, "text_completion", cmpl_id)
         finally:
-            self.backend.engine.cancel(job.task)
+            self.engine.cancel(job.task)
 
     async def native_completion(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
@@ -308,7 +310,7 @@ class Inference:
             await writer.send_data(dumps(final))
             return await writer.finish()
         finally:
-            self.backend.engine.cancel(job.task)
+            self.engine.cancel(job.task)
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
@@ -354,7 +356,7 @@ class Inference:
             await writer.send_event("message_stop", dumps({"type": "message_stop"}))
             return await writer.finish()
         finally:
-            self.backend.engine.cancel(job.task)
+            self.engine.cancel(job.task)
 
     async def _anthropic_start(self, writer: SseWriter, job: _Job, msg_id: str) -> None:
         message: dict[str, Any] = {
@@ -382,7 +384,7 @@ class Inference:
             prompt_text = render_anthropic(body)
         except TemplateError as exc:
             raise ApiError(400, str(exc), "invalid_request_error") from exc
-        n = len(self.backend.tokenizer.tokenize(prompt_text, add_bos=True))
+        n = len(self.tokenizer.tokenize(prompt_text, add_bos=True))
         return json_response({"input_tokens": n})
 
     async def oai_embeddings(self, request: web.Request) -> web.StreamResponse:
@@ -392,7 +394,7 @@ class Inference:
         return await self._embeddings(request, oai=False)
 
     async def _embeddings(self, request: web.Request, oai: bool) -> web.StreamResponse:
-        if not self.backend.config.embeddings:
+        if not self.config.embeddings:
             raise ApiError(
                 501,
                 "This server does not support embeddings. Start it with `--embeddings`",
@@ -413,14 +415,14 @@ class Inference:
             reuse_cache=False,
             on_start=_recorder(rec),
         )
-        self.backend.engine.submit(task)
+        self.engine.submit(task)
         model = body.get("model")
         job = _Job(task, [], "stop", model if isinstance(model, str) else "", rec)
         try:
             await self._finish_unstreamed(request, job)
         finally:
-            self.backend.engine.cancel(task)
-        dim = self.backend.profile.embedding_dim
+            self.engine.cancel(task)
+        dim = self.profile.embedding_dim
         vectors = [_embedding(tokens, dim) for tokens in inputs]
         if not oai:
             return json_response(
@@ -429,7 +431,7 @@ class Inference:
         n_tokens = sum(len(t) for t in inputs)
         return json_response(
             {
-                "model": job.model or self.backend.config.model,
+                "model": job.model or self.config.model,
                 "object": "list",
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
                 "data": [
@@ -440,7 +442,7 @@ class Inference:
         )
 
     def _embedding_inputs(self, value: Any) -> list[list[int]]:
-        tokenizer = self.backend.tokenizer
+        tokenizer = self.tokenizer
         if isinstance(value, str):
             return [tokenizer.tokenize(value, add_bos=True)]
         if isinstance(value, list) and value:

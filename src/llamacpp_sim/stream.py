@@ -15,8 +15,8 @@ from typing import NoReturn
 
 from aiohttp import web
 
-from llamacpp_ha.sim.faults import CrashMode, Fault
-from llamacpp_ha.sim.wire import SSE_HEADERS
+from llamacpp_sim.faults import CrashMode, Fault
+from llamacpp_sim.wire import SSE_HEADERS
 
 GARBAGE = b"\x00\xff\xfe<<garbage>> \x1b[31m}{ not json, not sse \x07\r\n\xc3\x28"
 BAD_STATUS_LINE = b"HTTP/1.1 2OO NOT-A-STATUS \xff\xfe\r\nServer llama.cpp\r\n\r\n"
