@@ -52,7 +52,7 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "--log-level": ("log_level", "debug, info (default), warning or error"),
     "--log-format": ("log_format", "text (default) or json: one JSON object per line"),
     "--max-tokens-cap": ("max_tokens_cap", "reject requests asking for more tokens (400)"),
-    "--max-header-size": ("max_header_size", "largest request headers in bytes (default 32768)"),
+    "--max-header-size": ("max_header_size", "largest request head in bytes (default 32768)"),
 }
 
 

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from . import logs
 from .balancer import Balancer
 from .config import ConfigError, ProxyConfig
+from .connections import ConnectionGuard
 from .proxy import create_app
 
 
@@ -23,6 +24,10 @@ class Server(uvicorn.Server):
     """
 
     def __init__(self, app: FastAPI, config: ProxyConfig, **uvicorn_options: object) -> None:
+        balancer: Balancer = app.state.balancer
+        self.connection_guard = ConnectionGuard.from_config(
+            config, max_header_size=lambda: balancer.config.max_header_size
+        )
         # uvicorn's own grace only has to outlast ours: by then every exchange has ended.
         super().__init__(
             uvicorn.Config(
@@ -40,8 +45,8 @@ class Server(uvicorn.Server):
                 timeout_graceful_shutdown=int(config.shutdown_grace_s) + 5,
                 ssl_certfile=config.tls_certfile,
                 ssl_keyfile=config.tls_keyfile,
-                # The hard limit of the HTTP parser, above our own 431 check, bounds memory.
-                h11_max_incomplete_event_size=2 * config.max_header_size,
+                # httptools with a bound on request heads as they arrive (connections.py).
+                http=self.connection_guard.protocol,
                 **uvicorn_options,  # type: ignore[arg-type]
             )
         )

@@ -1,0 +1,114 @@
+"""Connections below HTTP routing: request heads bounded in size, over raw sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import unittest
+
+from llamacpp_sim import SimConfig
+from serving import Served, balancer_for, sims
+
+MiB = 1024 * 1024
+
+
+def rss_bytes() -> int:
+    """This process's resident set: the balancer under test runs in it."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+async def connect(lb: Served) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = lb.url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def get_health(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """One GET /health on a kept-alive connection; the status line and headers of its answer."""
+    writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    return await read_answer(reader)
+
+
+async def read_answer(reader: asyncio.StreamReader) -> bytes:
+    """One answer with a Content-Length; its status line and headers."""
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+    return head
+
+
+class HeadSizeTest(unittest.IsolatedAsyncioTestCase):
+    async def test_endless_head_is_refused_early_and_memory_stays_bounded(self) -> None:
+        openings = {
+            "header": b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ",
+            "url": b"GET /health?",
+        }
+        async with (
+            sims(SimConfig(slots=1, profile="test")) as (sim,),
+            balancer_for([sim], max_header_size=8192) as lb,
+        ):
+            for name, opening in openings.items():
+                with self.subTest(name):
+                    reader, writer = await connect(lb)
+                    answer = asyncio.create_task(reader.read(65536))
+                    chunk = b"a" * 65536
+                    baseline = peak = rss_bytes()
+                    sent = 0
+                    writer.write(opening)
+                    # A client trying to send 50 MiB of one header (or of its URL).
+                    while sent < 50 * MiB and not answer.done() and peak - baseline < 16 * MiB:
+                        writer.write(chunk)
+                        try:
+                            async with asyncio.timeout(5):
+                                await writer.drain()
+                        except ConnectionError:
+                            break
+                        sent += len(chunk)
+                        peak = max(peak, rss_bytes())
+                    growth = (peak - baseline) / MiB
+                    if not answer.done():
+                        answer.cancel()
+                        writer.close()
+                        self.fail(
+                            f"no answer after {sent / MiB:.0f} MiB; RSS grew {growth:.0f} MiB"
+                        )
+                    response = await answer
+                    writer.close()
+                    self.assertTrue(response.startswith(b"HTTP/1.1 431 "), response[:100])
+                    self.assertIn(b"request_headers_too_large", response)
+                    self.assertLess(growth, 8, f"RSS grew {growth:.1f} MiB")
+                    self.assertLess(sent, 16 * MiB)
+            # Everyone else was served all along, and still is.
+            reader, writer = await connect(lb)
+            self.assertIn(b" 200 ", await get_health(reader, writer))
+            writer.close()
+
+    async def test_heads_within_the_limit_pass_however_they_arrive(self) -> None:
+        async with (
+            sims(SimConfig(slots=1, profile="test")) as (sim,),
+            balancer_for([sim], max_header_size=8192) as lb,
+        ):
+            reader, writer = await connect(lb)
+            # 6 KiB of headers, 100 bytes a read; then two requests in one write, the first with
+            # a body larger than the head limit: bodies do not count.
+            head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 6000 + b"\r\n\r\n"
+            for start in range(0, len(head), 100):
+                writer.write(head[start : start + 100])
+                await writer.drain()
+            self.assertIn(b" 200 ", await read_answer(reader))
+            body = b'{"prompt": "' + b"b" * 20_000 + b'"}'
+            writer.write(
+                b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+            )  # fmt: skip
+            self.assertIn(b" 200 ", await read_answer(reader))
+            self.assertIn(b" 200 ", await read_answer(reader))
+            writer.close()
