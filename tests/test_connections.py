@@ -1,8 +1,10 @@
-"""Connections below HTTP routing: request heads bounded in size, over raw sockets."""
+"""Connections below HTTP routing: request heads bounded in size and time, idle connections
+closed, over raw sockets."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import unittest
 
 from llamacpp_sim import SimConfig
@@ -112,3 +114,77 @@ class HeadSizeTest(unittest.IsolatedAsyncioTestCase):
             self.assertIn(b" 200 ", await read_answer(reader))
             self.assertIn(b" 200 ", await read_answer(reader))
             writer.close()
+
+
+class SlowAndIdleTest(unittest.IsolatedAsyncioTestCase):
+    async def test_trickled_head_is_cut_after_header_timeout(self) -> None:
+        async with (
+            sims(SimConfig(slots=1, profile="test")) as (sim,),
+            balancer_for([sim], header_timeout_s=0.5, keepalive_timeout_s=30) as lb,
+        ):
+            for kept_alive in (False, True):
+                with self.subTest(kept_alive=kept_alive):
+                    reader, writer = await connect(lb)
+                    if kept_alive:
+                        self.assertIn(b" 200 ", await get_health(reader, writer))
+                    answer = asyncio.create_task(reader.read())  # everything, until closed
+                    started = time.monotonic()
+                    writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                    try:
+                        async with asyncio.timeout(5):
+                            while not answer.done():
+                                writer.write(b"X-Trickle: 1\r\n")
+                                # the client's pace: one header line every 0.1 s, or the answer
+                                await asyncio.wait({answer}, timeout=0.1)
+                    except TimeoutError:
+                        self.fail("a client trickling its headers was never cut")
+                    elapsed = time.monotonic() - started
+                    writer.close()
+                    self.assertTrue(answer.result().startswith(b"HTTP/1.1 408 "), answer.result())
+                    self.assertGreaterEqual(elapsed, 0.5)
+                    self.assertLess(elapsed, 3)
+
+    async def test_a_body_trickled_after_its_answer_is_cut_too(self) -> None:
+        async with (
+            sims(SimConfig(slots=1, profile="test")) as (sim,),
+            balancer_for([sim], header_timeout_s=0.5, keepalive_timeout_s=30) as lb,
+        ):
+            reader, writer = await connect(lb)
+            writer.write(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n"
+            )
+            self.assertIn(b" 413 ", await read_answer(reader))
+            started = time.monotonic()
+            closed = asyncio.create_task(reader.read())
+            try:
+                async with asyncio.timeout(5):
+                    while not closed.done():
+                        writer.write(b"x")
+                        await asyncio.wait({closed}, timeout=0.1)  # the client's pace
+            except TimeoutError:
+                self.fail("a client trickling a body already answered was never cut")
+            writer.close()
+            self.assertLess(time.monotonic() - started, 3)
+
+    async def test_idle_connections_are_closed(self) -> None:
+        async with (
+            sims(SimConfig(slots=1, profile="test")) as (sim,),
+            balancer_for([sim], keepalive_timeout_s=0.5) as lb,
+        ):
+            for kept_alive in (False, True):
+                with self.subTest(kept_alive=kept_alive):
+                    reader, writer = await connect(lb)
+                    if kept_alive:
+                        self.assertIn(b" 200 ", await get_health(reader, writer))
+                    started = time.monotonic()
+                    try:
+                        async with asyncio.timeout(5):
+                            rest = await reader.read()
+                    except TimeoutError:
+                        self.fail("an idle connection was never closed")
+                    elapsed = time.monotonic() - started
+                    writer.close()
+                    self.assertEqual(rest, b"")  # closed without a word: nothing was asked
+                    self.assertGreaterEqual(elapsed, 0.4)
+                    self.assertLess(elapsed, 3)

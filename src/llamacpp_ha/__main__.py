@@ -43,6 +43,14 @@ _FLAGS: dict[str, tuple[str, str]] = {
         "receive_timeout_s",
         "seconds a client may take to send its request body before 408 (default 30)",
     ),
+    "--header-timeout": (
+        "header_timeout_s",
+        "seconds a client may take to send its request headers before 408 (default 10)",
+    ),
+    "--keepalive-timeout": (
+        "keepalive_timeout_s",
+        "seconds an idle client connection stays open (default 5)",
+    ),
     "--shutdown-grace": (
         "shutdown_grace_s",
         "seconds streams in flight may finish after SIGTERM (default 30)",

@@ -33,7 +33,16 @@ from .transport import Timeouts, Transport
 log = logging.getLogger("llamacpp_ha")
 
 # Settings read once at start-up: changing them needs a restart.
-RESTART_SETTINGS = ("host", "port", "tls_certfile", "tls_keyfile", "cors_origins", "log_format")
+RESTART_SETTINGS = (
+    "host",
+    "port",
+    "tls_certfile",
+    "tls_keyfile",
+    "cors_origins",
+    "log_format",
+    "header_timeout_s",
+    "keepalive_timeout_s",
+)
 
 
 def _ejection_policy(config: ProxyConfig) -> EjectionPolicy:

@@ -166,6 +166,8 @@ class ProxyConfig(BaseSettings):
     request_timeout_s: float = Field(default=1800.0, gt=0)
     write_timeout_s: float = Field(default=30.0, gt=0)
     receive_timeout_s: float = Field(default=30.0, gt=0)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    keepalive_timeout_s: float = Field(default=5.0, gt=0)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     max_attempts: int = Field(default=3, ge=1)
     retry_budget_ratio: float = Field(default=0.2, ge=0, le=1)

@@ -4,6 +4,12 @@
   concatenates its pieces until then, so a client sending one endless header grows the process
   without bound, and quadratically in CPU. Here the bytes of a head still incomplete after a read
   are counted; past `max_header_size` the client gets `431` at once.
+- **Request head time.** The whole head must arrive within `header_timeout_s` of its first byte
+  (slowloris), else `408`. The same clock runs on what a client still sends of a request body
+  after its answer has been sent.
+- **Idle connections.** A connection with no request in progress is closed after
+  `keepalive_timeout_s` of silence. uvicorn arms that timer only after a response, so a
+  connection that never sent a byte used to stay open for ever.
 
 Refusals close gently: the answer is written, the write side shut, and what the client still
 sends is read and dropped for `LINGER_S` (a lingering close), so that a client still sending its
@@ -24,7 +30,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from .config import ProxyConfig
-from .errors import HeadersTooLarge, ProxyError
+from .errors import HeadersTooLarge, ProxyError, RequestTimeout
 
 log = logging.getLogger("llamacpp_ha.connections")
 
@@ -33,6 +39,8 @@ LINGER_S = 2.0
 
 @dataclass(frozen=True)
 class ConnectionLimits:
+    header_timeout_s: float
+    keepalive_timeout_s: float
     # Read for every request head, so that a reload applies it.
     max_header_size: Callable[[], int]
 
@@ -54,11 +62,17 @@ class ConnectionGuard:
     def from_config(
         cls, config: ProxyConfig, max_header_size: Callable[[], int]
     ) -> ConnectionGuard:
-        return cls(ConnectionLimits(max_header_size=max_header_size))
+        return cls(
+            ConnectionLimits(
+                header_timeout_s=config.header_timeout_s,
+                keepalive_timeout_s=config.keepalive_timeout_s,
+                max_header_size=max_header_size,
+            )
+        )
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with a bounded request head."""
+    """uvicorn's httptools protocol, with request heads bounded in size and time."""
 
     _guard: ClassVar[ConnectionGuard]
 
@@ -70,20 +84,34 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
+        limits = self._guard.limits
+        # uvicorn's own idle timer, armed after each response; uvicorn types it int, call_later
+        # takes any number of seconds.
+        self.timeout_keep_alive = limits.keepalive_timeout_s  # type: ignore[assignment]
+        self._header_timeout_s = limits.header_timeout_s
         self._refused = False
         # Between requests and while a head arrives; from on_message_complete to the next
         # on_headers_complete.
         self._in_head = True
         self._head_restarted = False  # the previous request ended within the current read
+        self._message_begun = False  # the head's first byte past any blank lines
         self._head_bytes = 0
+        self._head_timer: TimerHandle | None = None
         self._linger_timer: TimerHandle | None = None
 
     # Connection ------------------------------------------------------------------------
 
+    def connection_made(  # type: ignore[override]
+        self, transport: asyncio.Transport
+    ) -> None:
+        super().connection_made(transport)
+        # uvicorn arms its idle timer only after a response.
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._linger_timer is not None:
-            self._linger_timer.cancel()
-            self._linger_timer = None
+        self._cancel_timers()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -92,9 +120,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         head_at_start = self._in_head
         self._head_restarted = False
         super().data_received(data)
-        if self._refused or self.transport.is_closing() or not self._in_head:
+        if self._refused or self.transport.is_closing():
             return
-        if head_at_start and not self._head_restarted:
+        whole_read_in_head = head_at_start and not self._head_restarted
+        if not self._in_head:
+            if self._answered_before_its_end():
+                self._start_head_timer()
+            return
+        if not (whole_read_in_head or self._message_begun):
+            return  # the read ended the previous request, and nothing more came
+        self._start_head_timer()
+        if whole_read_in_head:
             self._head_bytes += len(data)
         # Else the head began within this read, after the end of the previous request: where,
         # httptools does not say. Its bytes count from the next read on.
@@ -104,21 +140,48 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     # Parser callbacks ------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._message_begun = True
+
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._cancel_head_timer()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head = True
         self._head_restarted = True
+        self._message_begun = False
         self._head_bytes = 0
+        self._cancel_head_timer()
+        if self._answered_before_its_end() and not self.transport.is_closing():
+            # The rest of an answered request's body has arrived: the connection is idle from
+            # now, and the bytes of that body have cancelled uvicorn's idle timer.
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     # Refusals --------------------------------------------------------------------------
 
+    def _answered_before_its_end(self) -> bool:
+        """A request whose answer is sent while its body still arrives."""
+        return self.cycle is not None and self.cycle.response_complete
+
+    def _too_slow(self) -> None:
+        self._head_timer = None
+        if self._in_head:
+            self._refuse(
+                RequestTimeout(f"request headers not received within {self._header_timeout_s:g} s")
+            )
+        else:
+            self.transport.close()  # the rest of a body whose request was answered
+
     def _refuse(self, error: ProxyError) -> None:
         self._refused = True
-        self._unset_keepalive_if_required()
+        self._cancel_timers()
         if self.cycle is not None and not self.cycle.response_complete:
             # A response is still being sent on this connection: no room for another answer.
             self.transport.close()
@@ -129,6 +192,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():  # not over TLS
             self.transport.write_eof()
         self._linger_timer = self.loop.call_later(LINGER_S, self.transport.close)
+
+    def _start_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self._header_timeout_s, self._too_slow)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _cancel_timers(self) -> None:
+        self._cancel_head_timer()
+        self._unset_keepalive_if_required()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
 
 
 def _response(error: ProxyError, default_headers: list[tuple[bytes, bytes]]) -> bytes:

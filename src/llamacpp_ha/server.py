@@ -45,7 +45,7 @@ class Server(uvicorn.Server):
                 timeout_graceful_shutdown=int(config.shutdown_grace_s) + 5,
                 ssl_certfile=config.tls_certfile,
                 ssl_keyfile=config.tls_keyfile,
-                # httptools with a bound on request heads as they arrive (connections.py).
+                # httptools with request heads bounded in size and time, idle connections closed.
                 http=self.connection_guard.protocol,
                 **uvicorn_options,  # type: ignore[arg-type]
             )
