@@ -1,14 +1,19 @@
 """Connections below HTTP routing: request heads bounded in size and time, idle connections
-closed, over raw sockets."""
+closed, a cap on open connections and the open-file limit, over raw sockets."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import resource
 import time
 import unittest
+import unittest.mock
 
+from llamacpp_ha.config import build_config
+from llamacpp_ha.connections import ConnectionGuard, connection_room, raise_open_file_limit
 from llamacpp_sim import SimConfig
-from serving import Served, balancer_for, sims
+from serving import Served, balancer_for, sims, wait_until
 
 MiB = 1024 * 1024
 
@@ -188,3 +193,74 @@ class SlowAndIdleTest(unittest.IsolatedAsyncioTestCase):
                     self.assertEqual(rest, b"")  # closed without a word: nothing was asked
                     self.assertGreaterEqual(elapsed, 0.4)
                     self.assertLess(elapsed, 3)
+
+
+class MaxConnectionsTest(unittest.IsolatedAsyncioTestCase):
+    async def test_connections_beyond_the_cap_get_503_while_the_others_are_served(self) -> None:
+        async with (
+            sims(SimConfig(slots=1, profile="test")) as (sim,),
+            balancer_for([sim], max_connections=5, keepalive_timeout_s=30) as lb,
+        ):
+            held = [await connect(lb) for _ in range(5)]
+            for reader, writer in held:
+                self.assertIn(b" 200 ", await get_health(reader, writer))
+            reader, writer = await connect(lb)
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(5):
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 503 "), head)
+                body = await reader.read()  # the whole answer, then the close
+            writer.close()
+            self.assertIn(b"retry-after: ", head.lower())
+            self.assertIn(b"connection: close", head.lower())
+            self.assertIn(b'"code": "too_many_connections"', body)
+            for reader, writer in held:
+                self.assertIn(b" 200 ", await get_health(reader, writer))
+            # One leaves: a newcomer takes its place.
+            reader, writer = held.pop()
+            writer.close()
+            await wait_until(lambda: lb.server.connection_guard.open == 4)
+            reader, writer = await connect(lb)
+            self.assertIn(b" 200 ", await get_health(reader, writer))
+            for _, other in [*held, (reader, writer)]:
+                other.close()
+
+
+class OpenFileLimitTest(unittest.IsolatedAsyncioTestCase):
+    async def test_soft_limit_is_raised_to_the_hard_limit_at_start(self) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
+        try:
+            async with sims(SimConfig(slots=1, profile="test")) as (sim,), balancer_for([sim]):
+                self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE), (hard, hard))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    async def test_a_limit_that_cannot_be_raised_is_kept(self) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
+
+        def refuse(resource_id: int, limits: tuple[int, int]) -> None:
+            raise ValueError("not allowed")  # as macOS answers for RLIM_INFINITY
+
+        try:
+            # setrlimit is the process boundary.
+            with (
+                unittest.mock.patch.object(resource, "setrlimit", refuse),
+                self.assertLogs("llamacpp_ha.connections", logging.WARNING),
+            ):
+                self.assertEqual(raise_open_file_limit(), min(soft, 512))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    def test_max_connections_fits_in_the_open_files(self) -> None:
+        self.assertEqual(connection_room(1024), 768)
+        self.assertEqual(connection_room(100), 50)
+        self.assertEqual(connection_room(1_048_576), 1_048_320)
+        config = build_config({"max_connections": 4096}, require_backends=False)
+        guard = ConnectionGuard.from_config(config, max_header_size=lambda: 8192)
+        guard.fit_open_files(None)
+        self.assertEqual(guard.limits.max_connections, 4096)
+        with self.assertLogs("llamacpp_ha.connections", logging.WARNING):
+            guard.fit_open_files(1024)
+        self.assertEqual(guard.limits.max_connections, 768)

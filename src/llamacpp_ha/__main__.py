@@ -61,6 +61,10 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "--log-format": ("log_format", "text (default) or json: one JSON object per line"),
     "--max-tokens-cap": ("max_tokens_cap", "reject requests asking for more tokens (400)"),
     "--max-header-size": ("max_header_size", "largest request head in bytes (default 32768)"),
+    "--max-connections": (
+        "max_connections",
+        "client connections open at once; one more gets 503 (default 4096)",
+    ),
 }
 
 

@@ -40,6 +40,7 @@ RESTART_SETTINGS = (
     "tls_keyfile",
     "cors_origins",
     "log_format",
+    "max_connections",
     "header_timeout_s",
     "keepalive_timeout_s",
 )

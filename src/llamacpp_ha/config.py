@@ -151,6 +151,7 @@ class ProxyConfig(BaseSettings):
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
     max_header_size: int = Field(default=32 * 1024, ge=1024)
+    max_connections: int = Field(default=4096, ge=1)
     max_json_depth: int = Field(default=64, ge=2)
     max_tokens_cap: int | None = Field(default=None, gt=0)
     log_format: Literal["text", "json"] = "text"

@@ -10,6 +10,11 @@
 - **Idle connections.** A connection with no request in progress is closed after
   `keepalive_timeout_s` of silence. uvicorn arms that timer only after a response, so a
   connection that never sent a byte used to stay open for ever.
+- **Open connections.** At most `max_connections`; one more is answered `503` + `Retry-After`
+  and closed, so that file descriptors run out neither for clients nor for the backends'
+  connections. uvicorn's `limit_concurrency` does not do this: it looks only when a request
+  head is complete (an idle or trickling connection is never refused), counts connections and
+  request tasks alike, and refuses requests on connections already open too.
 
 Refusals close gently: the answer is written, the write side shut, and what the client still
 sends is read and dropped for `LINGER_S` (a lingering close), so that a client still sending its
@@ -19,7 +24,9 @@ request reads the answer instead of a connection reset.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import sys
 from asyncio import TimerHandle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,15 +37,21 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from .config import ProxyConfig
-from .errors import HeadersTooLarge, ProxyError, RequestTimeout
+from .errors import HeadersTooLarge, ProxyError, RequestTimeout, TooManyConnections
 
 log = logging.getLogger("llamacpp_ha.connections")
 
 LINGER_S = 2.0
+# Refused connections (beyond max_connections) that may linger at once; more are closed at once.
+MAX_LINGERING = 64
+# Descriptors kept for everything but client connections: backend connections (one per busy
+# slot, plus the polls), the listening sockets, lingering refusals, logs.
+RESERVED_FDS = 256
 
 
 @dataclass(frozen=True)
 class ConnectionLimits:
+    max_connections: int
     header_timeout_s: float
     keepalive_timeout_s: float
     # Read for every request head, so that a reload applies it.
@@ -50,6 +63,9 @@ class ConnectionGuard:
 
     def __init__(self, limits: ConnectionLimits) -> None:
         self.limits = limits
+        self.open = 0  # admitted connections, until they close
+        self.lingering = 0  # refused connections, until they close
+        self._refusing = False
         guard = self
 
         class Protocol(GuardedHttpToolsProtocol):
@@ -64,15 +80,52 @@ class ConnectionGuard:
     ) -> ConnectionGuard:
         return cls(
             ConnectionLimits(
+                max_connections=config.max_connections,
                 header_timeout_s=config.header_timeout_s,
                 keepalive_timeout_s=config.keepalive_timeout_s,
                 max_header_size=max_header_size,
             )
         )
 
+    def fit_open_files(self, open_files: int | None) -> None:
+        """Keep `max_connections` within what `open_files` descriptors allow (None: no limit).
+
+        Beyond it, accept() would fail with EMFILE, and connecting to the backends too.
+        """
+        if open_files is None:
+            return
+        room = connection_room(open_files)
+        if room < self.limits.max_connections:
+            log.warning(
+                "max_connections %d does not fit in %d open files: at most %d client "
+                "connections (raise the hard limit, e.g. LimitNOFILE= or ulimit -Hn)",
+                self.limits.max_connections,
+                open_files,
+                room,
+            )
+            self.limits = dataclasses.replace(self.limits, max_connections=room)
+
+    def admit(self) -> bool:
+        if self.open >= self.limits.max_connections:
+            if not self._refusing:
+                self._refusing = True
+                log.warning(
+                    "max_connections (%d) reached: new connections get 503 until some close",
+                    self.limits.max_connections,
+                )
+            return False
+        self.open += 1
+        return True
+
+    def release(self) -> None:
+        self.open -= 1
+        # Below 90 % again: the next time the limit is reached is worth another line.
+        if self._refusing and self.open < 0.9 * self.limits.max_connections:
+            self._refusing = False
+
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with request heads bounded in size and time."""
+    """uvicorn's httptools protocol, with a bounded request head and bounded connections."""
 
     _guard: ClassVar[ConnectionGuard]
 
@@ -89,6 +142,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # takes any number of seconds.
         self.timeout_keep_alive = limits.keepalive_timeout_s  # type: ignore[assignment]
         self._header_timeout_s = limits.header_timeout_s
+        self._admitted = False
+        self._lingering = False
         self._refused = False
         # Between requests and while a head arrives; from on_message_complete to the next
         # on_headers_complete.
@@ -105,14 +160,29 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self, transport: asyncio.Transport
     ) -> None:
         super().connection_made(transport)
+        if not self._guard.admit():
+            linger = self._guard.lingering < MAX_LINGERING
+            if linger:
+                self._lingering = True
+                self._guard.lingering += 1
+            self._refuse(TooManyConnections("too many open connections; retry later"), linger)
+            return
+        self._admitted = True
         # uvicorn arms its idle timer only after a response.
         self.timeout_keep_alive_task = self.loop.call_later(
             self.timeout_keep_alive, self.timeout_keep_alive_handler
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._leave_guard()
         self._cancel_timers()
         super().connection_lost(exc)
+
+    def handle_websocket_upgrade(self) -> None:
+        # The connection leaves this protocol (and the count) for uvicorn's WebSocket one.
+        self._leave_guard()
+        self._cancel_timers()
+        super().handle_websocket_upgrade()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -179,19 +249,31 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         else:
             self.transport.close()  # the rest of a body whose request was answered
 
-    def _refuse(self, error: ProxyError) -> None:
+    def _refuse(self, error: ProxyError, linger: bool = True) -> None:
         self._refused = True
         self._cancel_timers()
         if self.cycle is not None and not self.cycle.response_complete:
             # A response is still being sent on this connection: no room for another answer.
             self.transport.close()
             return
-        peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown"
-        log.info("connection from %s refused: %d %s", peer, error.status, error.message)
+        if self._admitted:
+            peer = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown"
+            log.info("connection from %s refused: %d %s", peer, error.status, error.message)
         self.transport.write(_response(error, self.server_state.default_headers))
+        if not linger:
+            self.transport.close()
+            return
         if self.transport.can_write_eof():  # not over TLS
             self.transport.write_eof()
         self._linger_timer = self.loop.call_later(LINGER_S, self.transport.close)
+
+    def _leave_guard(self) -> None:
+        if self._admitted:
+            self._admitted = False
+            self._guard.release()
+        if self._lingering:
+            self._lingering = False
+            self._guard.lingering -= 1
 
     def _start_head_timer(self) -> None:
         if self._head_timer is None:
@@ -224,3 +306,29 @@ def _response(error: ProxyError, default_headers: list[tuple[bytes, bytes]]) -> 
         *(name + b": " + value + b"\r\n" for name, value in headers),
     ]
     return b"".join([*lines, b"\r\n", body])
+
+
+def raise_open_file_limit() -> int | None:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; return the soft limit in force.
+
+    None where there is no such limit (Windows). Never raises: a limit that cannot be raised
+    is logged and kept.
+    """
+    if sys.platform == "win32":
+        return None
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # macOS refuses RLIM_INFINITY, for one
+            log.warning("open files: cannot raise the soft limit %d to %d: %s", soft, hard, exc)
+    log.info("open files: soft limit %d, hard limit %d", soft, hard)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_room(open_file_limit: int) -> int:
+    """Client connections that fit in `open_file_limit` descriptors, with some kept back."""
+    return max(1, open_file_limit - min(RESERVED_FDS, open_file_limit // 2))

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from . import logs
 from .balancer import Balancer
 from .config import ConfigError, ProxyConfig
-from .connections import ConnectionGuard
+from .connections import ConnectionGuard, raise_open_file_limit
 from .proxy import create_app
 
 
@@ -45,7 +45,7 @@ class Server(uvicorn.Server):
                 timeout_graceful_shutdown=int(config.shutdown_grace_s) + 5,
                 ssl_certfile=config.tls_certfile,
                 ssl_keyfile=config.tls_keyfile,
-                # httptools with request heads bounded in size and time, idle connections closed.
+                # httptools with bounds on request heads and connections (connections.py).
                 http=self.connection_guard.protocol,
                 **uvicorn_options,  # type: ignore[arg-type]
             )
@@ -54,6 +54,7 @@ class Server(uvicorn.Server):
         self._grace_s = config.shutdown_grace_s
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self.connection_guard.fit_open_files(raise_open_file_limit())
         await super().startup(sockets)
         # SIGHUP reads the configuration again, as daemons have always done.
         with contextlib.suppress(NotImplementedError, RuntimeError):
