@@ -4,6 +4,7 @@ closed, a cap on open connections and the open-file limit, over raw sockets."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import resource
 import time
@@ -264,3 +265,22 @@ class OpenFileLimitTest(unittest.IsolatedAsyncioTestCase):
         with self.assertLogs("llamacpp_ha.connections", logging.WARNING):
             guard.fit_open_files(1024)
         self.assertEqual(guard.limits.max_connections, 768)
+
+
+class MalformedHttpTest(unittest.IsolatedAsyncioTestCase):
+    async def test_what_the_parser_refuses_gets_a_json_400(self) -> None:
+        async with sims(SimConfig(slots=1, profile="test")) as fleet, balancer_for(fleet) as lb:
+            for request in (
+                b"HELLO\r\n\r\n",
+                b"GET /health HTTP/1.1\r\nHost: x\r\nX-Bad: a\x7fb\r\n\r\n",
+                b"POST /v1/completions HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+            ):
+                reader, writer = await connect(lb)
+                writer.write(request)
+                async with asyncio.timeout(5):
+                    answer = await reader.read()
+                writer.close()
+                head, _, body = answer.partition(b"\r\n\r\n")
+                self.assertIn(b" 400 ", head.split(b"\r\n")[0], request)
+                self.assertIn(b"content-type: application/json", head.lower(), request)
+                self.assertEqual(json.loads(body)["error"]["type"], "invalid_request_error")

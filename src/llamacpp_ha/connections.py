@@ -37,7 +37,13 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from .config import ProxyConfig
-from .errors import HeadersTooLarge, ProxyError, RequestTimeout, TooManyConnections
+from .errors import (
+    HeadersTooLarge,
+    InvalidRequest,
+    ProxyError,
+    RequestTimeout,
+    TooManyConnections,
+)
 
 log = logging.getLogger("llamacpp_ha.connections")
 
@@ -235,6 +241,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             )
 
     # Refusals --------------------------------------------------------------------------
+
+    def send_400_response(self, msg: str) -> None:
+        # What the HTTP parser refuses gets an OpenAI-style body too, not uvicorn's plain text.
+        del msg  # uvicorn's words, not ours
+        self._refuse(InvalidRequest("the request is not valid HTTP/1.1"), linger=False)
 
     def _answered_before_its_end(self) -> bool:
         """A request whose answer is sent while its body still arrives."""
