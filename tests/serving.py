@@ -27,9 +27,10 @@ def free_port() -> int:
 
 
 class Served:
-    def __init__(self, app: FastAPI, url: str) -> None:
+    def __init__(self, app: FastAPI, url: str, server: Server) -> None:
         self.app = app
         self.url = url
+        self.server = server
         self.balancer: Balancer = app.state.balancer
 
 
@@ -51,7 +52,7 @@ async def serve_app(app: FastAPI, send_buffer: int | None = None) -> AsyncIterat
                 if task.done():
                     task.result()
                 await asyncio.sleep(0.01)
-        yield Served(app, f"http://127.0.0.1:{port}")
+        yield Served(app, f"http://127.0.0.1:{port}", server)
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)

@@ -120,7 +120,8 @@ LIVE = {
     "log_level": Live("error", lambda b: logging.getLogger().level, logging.ERROR),
 }
 
-# Read once at start (server.py, proxy.create_app, logs.configure): a reload reports them.
+# Read once at start (server.py, connections.py, proxy.create_app, logs.configure): a reload
+# reports them.
 RESTART = {
     "host": "0.0.0.0",
     "port": 9000,
@@ -128,6 +129,9 @@ RESTART = {
     "tls_certfile": Path("/etc/llamacpp-ha/cert.pem"),
     "tls_keyfile": Path("/etc/llamacpp-ha/key.pem"),
     "log_format": "json",
+    "max_connections": 100,
+    "header_timeout_s": 3.0,
+    "keepalive_timeout_s": 60.0,
 }
 
 
@@ -168,7 +172,8 @@ class EveryFieldTest(unittest.IsolatedAsyncioTestCase):
             await balancer.aclose()
 
     def test_what_needs_a_restart_is_what_the_readme_says(self) -> None:
-        # "`host`, `port`, TLS, CORS and the log format are read at start"
+        # "`host`, `port`, TLS, CORS, the log format, `max_connections`, `header_timeout_s` and
+        # `keepalive_timeout_s` are read at start"
         self.assertEqual(
             {f for f in ProxyConfig.model_fields if reload_mode(f) == "restart"}, set(RESTART)
         )

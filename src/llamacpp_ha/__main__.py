@@ -43,6 +43,14 @@ _FLAGS: dict[str, tuple[str, str]] = {
         "receive_timeout_s",
         "seconds a client may take to send its request body before 408 (default 30)",
     ),
+    "--header-timeout": (
+        "header_timeout_s",
+        "seconds a client may take to send its request headers before 408 (default 10)",
+    ),
+    "--keepalive-timeout": (
+        "keepalive_timeout_s",
+        "seconds an idle client connection stays open (default 5)",
+    ),
     "--shutdown-grace": (
         "shutdown_grace_s",
         "seconds streams in flight may finish after SIGTERM (default 30)",
@@ -52,7 +60,11 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "--log-level": ("log_level", "debug, info (default), warning or error"),
     "--log-format": ("log_format", "text (default) or json: one JSON object per line"),
     "--max-tokens-cap": ("max_tokens_cap", "reject requests asking for more tokens (400)"),
-    "--max-header-size": ("max_header_size", "largest request headers in bytes (default 32768)"),
+    "--max-header-size": ("max_header_size", "largest request head in bytes (default 32768)"),
+    "--max-connections": (
+        "max_connections",
+        "client connections open at once; one more gets 503 (default 4096)",
+    ),
 }
 
 

@@ -15,7 +15,8 @@
     │   ├── QueueFull               the queue holds --max-queue requests
     │   ├── QueueTimeout            waited --queue-timeout seconds for a slot
     │   ├── NoHealthyBackend        no backend for this model is ready
-    │   └── ShuttingDown            the balancer is draining for shutdown
+    │   ├── ShuttingDown            the balancer is draining for shutdown
+    │   └── TooManyConnections      --max-connections are open (answered by connections.py)
     └── UpstreamError               the backend failed us
         ├── BadGateway              502 refused, reset, garbage, closed before answering
         └── GatewayTimeout          504 the backend did not answer in time
@@ -149,6 +150,10 @@ class NoHealthyBackend(NoCapacity):
 
 class ShuttingDown(NoCapacity):
     code = "shutting_down"
+
+
+class TooManyConnections(NoCapacity):
+    code = "too_many_connections"
 
 
 class UpstreamError(ProxyError):

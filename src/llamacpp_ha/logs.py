@@ -2,6 +2,7 @@
 
 What may appear in a log line is decided here and in the callers: request ids, key ids,
 backend names, statuses, timings and token counts. Never a prompt, a completion or a key.
+Every message and field is escaped and cut by `logsafe` here, in the formatters.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import time
 import traceback
 from typing import Any
 
+from . import logsafe
+
 ACCESS = logging.getLogger("llamacpp_ha.access")
 
 
@@ -23,11 +26,11 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": logsafe.message(record),
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            entry.update(fields)
+            entry.update({k: logsafe.value(v) for k, v in fields.items()})
         if record.exc_info and record.exc_info[0] is not None:
             entry["exception"] = record.exc_info[0].__name__  # the type only: see module doc
         return json.dumps(entry, default=str)
@@ -41,8 +44,14 @@ class TextFormatter(logging.Formatter):
         line = super().format(record)
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            line += " " + " ".join(
+                f"{k}={logsafe.text_value(v)}" for k, v in fields.items() if v is not None
+            )
         return line
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = logsafe.message(record)
+        return super().formatMessage(record)
 
     def formatException(self, ei: Any) -> str:
         return f"({ei[0].__name__})" if ei and ei[0] else ""

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from . import logs
 from .balancer import Balancer
 from .config import ConfigError, ProxyConfig
+from .connections import ConnectionGuard, raise_open_file_limit
 from .proxy import create_app
 
 
@@ -23,6 +24,10 @@ class Server(uvicorn.Server):
     """
 
     def __init__(self, app: FastAPI, config: ProxyConfig, **uvicorn_options: object) -> None:
+        balancer: Balancer = app.state.balancer
+        self.connection_guard = ConnectionGuard.from_config(
+            config, max_header_size=lambda: balancer.config.max_header_size
+        )
         # uvicorn's own grace only has to outlast ours: by then every exchange has ended.
         super().__init__(
             uvicorn.Config(
@@ -40,16 +45,15 @@ class Server(uvicorn.Server):
                 timeout_graceful_shutdown=int(config.shutdown_grace_s) + 5,
                 ssl_certfile=config.tls_certfile,
                 ssl_keyfile=config.tls_keyfile,
-                # The hard limit of the HTTP parser, above our own 431 check, bounds memory.
-                # Only h11 has it (httptools, used when installed, does not), and it stays as
-                # started: a reload changes our check, not this bound.
-                h11_max_incomplete_event_size=2 * config.max_header_size,
+                # httptools with bounds on request heads and connections (connections.py).
+                http=self.connection_guard.protocol,
                 **uvicorn_options,  # type: ignore[arg-type]
             )
         )
         self.balancer: Balancer = app.state.balancer
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self.connection_guard.fit_open_files(raise_open_file_limit())
         await super().startup(sockets)
         # SIGHUP reads the configuration again, as daemons have always done.
         with contextlib.suppress(NotImplementedError, RuntimeError):
