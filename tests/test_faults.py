@@ -92,7 +92,9 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
     async def test_sigstop_then_sigcont(self) -> None:
         a = await self.child()
         b = await self.child()
-        async with balancer_for([a, b], poll_interval_s=0.2, first_byte_timeout_s=0.5) as lb:
+        async with balancer_for(
+            [a, b], poll_interval_s=0.2, poll_timeout_s=0.5, first_byte_timeout_s=0.5
+        ) as lb:
             a.send_signal(signal.SIGSTOP)
             try:
                 started = time.monotonic()

@@ -52,9 +52,10 @@ class CapturedAnswersTest(unittest.TestCase):
         self.assertEqual(result.entries[0]["owned_by"], "llamacpp")  # passed on as it came
 
     def test_slots(self) -> None:
-        self.assertEqual(parse_slots(*captured("slots-idle.txt")), Slots(total=2, busy=0))
-        self.assertEqual(parse_slots(*captured("slots-busy.txt")), Slots(total=2, busy=1))
-        self.assertEqual(parse_slots(*captured("slots-fail-on-no-slot.txt")), Slots(2, 0))
+        idle = Slots(total=2, busy=0, n_ctx=1024)
+        self.assertEqual(parse_slots(*captured("slots-idle.txt")), idle)
+        self.assertEqual(parse_slots(*captured("slots-busy.txt")), Slots(2, 1, n_ctx=1024))
+        self.assertEqual(parse_slots(*captured("slots-fail-on-no-slot.txt")), idle)
 
     def test_props(self) -> None:
         self.assertEqual(parse_props(*captured("props.txt")), Slots(total=2, busy=0))

@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import unittest
+from typing import Any
 
 import aiohttp
 
-from fake_llama import FakeLlamaServer
+from fake_llama import FakeLlamaServer, captured
 from llamacpp_ha.config import BackendConfig
+from llamacpp_ha.loop_lag import LoopLag
 from llamacpp_ha.registry import Health, Registry
-from llamacpp_sim import Fault, SimBackend, SimConfig
+from llamacpp_ha.transport import Transport
+from llamacpp_sim import Fault, SimBackend, SimConfig, spawn
 from serving import sims
 from sim_support import wait_until
 
 
 class RegistryTest(unittest.IsolatedAsyncioTestCase):
     async def asyncSetUp(self) -> None:
-        self.session = aiohttp.ClientSession()
+        self.session = aiohttp.ClientSession()  # the tests' own client, for side traffic
         self.addAsyncCleanup(self.session.close)
+        self.transport = Transport()
+        await self.transport.start()
+        self.addAsyncCleanup(self.transport.aclose)
         self.changes = 0
 
     def registry_for(self, *backends: SimBackend, poll_interval_s: float = 0.05) -> Registry:
@@ -30,7 +37,7 @@ class RegistryTest(unittest.IsolatedAsyncioTestCase):
             [BackendConfig(url=b.url, name=f"b{i}") for i, b in enumerate(backends)],
             poll_interval_s=poll_interval_s,
             on_change=changed,
-            session=self.session,
+            transport=self.transport,
         )
         return registry
 
@@ -55,7 +62,10 @@ class RegistryTest(unittest.IsolatedAsyncioTestCase):
 
     async def test_refused_connection_is_dead(self) -> None:
         registry = Registry(
-            [BackendConfig(url="http://127.0.0.1:9", name="b0")], 0.05, lambda: None, self.session
+            [BackendConfig(url="http://127.0.0.1:9", name="b0")],
+            0.05,
+            lambda: None,
+            transport=self.transport,
         )
         await registry.poll(registry.get("b0"))
         self.assertIs(registry.get("b0").health, Health.DEAD)
@@ -90,7 +100,7 @@ class RegistryTest(unittest.IsolatedAsyncioTestCase):
     async def test_transitions_are_logged_and_recovery_is_seen(self) -> None:
         async with sims(SimConfig(slots=1)) as (sim,):
             registry = self.registry_for(sim)
-            registry.start(self.session)
+            registry.start(self.transport)
             self.addAsyncCleanup(registry.aclose)
             await wait_until(lambda: registry.get("b0").health is Health.READY)
             with self.assertLogs("llamacpp_ha.registry", logging.WARNING) as logs:
@@ -102,7 +112,7 @@ class RegistryTest(unittest.IsolatedAsyncioTestCase):
     async def test_report_unreachable_takes_a_backend_out_until_a_poll_succeeds(self) -> None:
         async with sims(SimConfig(slots=1)) as (sim,):
             registry = self.registry_for(sim, poll_interval_s=0.05)
-            registry.start(self.session)
+            registry.start(self.transport)
             self.addAsyncCleanup(registry.aclose)
             await wait_until(lambda: registry.get("b0").routable)
             registry.report_unreachable(registry.get("b0"), "refused")
@@ -114,7 +124,7 @@ class RegistryTest(unittest.IsolatedAsyncioTestCase):
             SimConfig(slots=1, fault=Fault(health_delay_s=5)), SimConfig(slots=1)
         ) as fleet:
             registry = self.registry_for(*fleet, poll_interval_s=0.05)
-            registry.start(self.session)
+            registry.start(self.transport)
             self.addAsyncCleanup(registry.aclose)
             await wait_until(lambda: registry.get("b1").health is Health.READY, within_s=1)
             self.assertIsNot(registry.get("b0").health, Health.READY)
@@ -147,9 +157,12 @@ class RegistryTest(unittest.IsolatedAsyncioTestCase):
         async with FakeLlamaServer() as fake:
             fake.answer("/v1/models", 200, {"data": [{"id": "m", "aliases": 5}]})
             registry = Registry(
-                [BackendConfig(url=fake.url, name="b0")], 0.05, lambda: None, self.session
+                [BackendConfig(url=fake.url, name="b0")],
+                0.05,
+                lambda: None,
+                transport=self.transport,
             )
-            registry.start(self.session)
+            registry.start(self.transport)
             self.addAsyncCleanup(registry.aclose)
             await wait_until(lambda: registry.get("b0").health is Health.READY)
             self.assertEqual(registry.get("b0").model_names, frozenset({"m"}))
@@ -169,7 +182,7 @@ class RegistryTest(unittest.IsolatedAsyncioTestCase):
         async with FakeLlamaServer() as fake:
             registry = Registry([BackendConfig(url=fake.url, name="b0")], 0.05, changed)
             with self.assertLogs("llamacpp_ha.registry", logging.ERROR) as captured:
-                registry.start(self.session)
+                registry.start(self.transport)
                 self.addAsyncCleanup(registry.aclose)
                 await wait_until(lambda: calls >= 1)
             await wait_until(lambda: registry.get("b0").health is Health.READY)
@@ -189,7 +202,7 @@ class RegistryTest(unittest.IsolatedAsyncioTestCase):
         async with FakeLlamaServer() as fake:
             registry = Registry([BackendConfig(url=fake.url, name="b0")], 0.05, changed)
             with self.assertLogs("llamacpp_ha.registry", logging.DEBUG) as captured:
-                registry.start(self.session)
+                registry.start(self.transport)
                 self.addAsyncCleanup(registry.aclose)
                 await wait_until(lambda: fake.hits["/health"] >= 4)
             broke = [r for r in captured.records if "poll failed" in r.getMessage()]
@@ -204,9 +217,9 @@ class RegistryTest(unittest.IsolatedAsyncioTestCase):
         async with FakeLlamaServer() as old, FakeLlamaServer() as new:
             new.answer("/slots", 200, [{"id": i, "is_processing": False} for i in range(5)])
             registry = Registry(
-                [BackendConfig(url=old.url, name="b0")], 30, lambda: None, self.session
+                [BackendConfig(url=old.url, name="b0")], 30, lambda: None, transport=self.transport
             )
-            registry.start(self.session)
+            registry.start(self.transport)
             self.addAsyncCleanup(registry.aclose)
             backend = registry.get("b0")
             await wait_until(lambda: backend.health is Health.READY)
@@ -227,3 +240,68 @@ class RegistryTest(unittest.IsolatedAsyncioTestCase):
             await registry.poll(backend)
             self.assertEqual(old.hits["/health"], polled_old)
             await backend.slots.release(claim)
+
+
+class ActiveHealthTest(unittest.IsolatedAsyncioTestCase):
+    """Several strikes before a ready backend counts as dead, and never for our own lag."""
+
+    async def asyncSetUp(self) -> None:
+        self.transport = Transport()
+        await self.transport.start()
+        self.addAsyncCleanup(self.transport.aclose)
+
+    def registry_for(self, url: str, lag: LoopLag | None = None, **rules: Any) -> Registry:
+        return Registry(
+            [BackendConfig(url=url, name="b0")],
+            poll_interval_s=0.05,
+            on_change=lambda: None,
+            transport=self.transport,
+            lag=lag,
+            **rules,
+        )
+
+    async def test_one_failed_poll_is_not_a_dead_server(self) -> None:
+        async with FakeLlamaServer() as fake:
+            registry = self.registry_for(fake.url, unhealthy_after_polls=2)
+            backend = registry.get("b0")
+            await registry.poll(backend)
+            self.assertIs(backend.health, Health.READY)
+            fake.answer("/health", 500, {"error": {"message": "boom"}})
+            await registry.poll(backend)
+            self.assertIs(backend.health, Health.READY)  # one strike
+            self.assertIn("poll 1 of 2", backend.last_error or "")
+            await registry.poll(backend)
+            self.assertIs(backend.health, Health.DEAD)  # two
+            fake.answer("/health", *captured("health.txt"))
+            await registry.poll(backend)
+            self.assertIs(backend.health, Health.READY)
+
+    async def test_a_refused_connection_counts_at_once(self) -> None:
+        async with FakeLlamaServer() as fake:
+            registry = self.registry_for(fake.url, unhealthy_after_polls=5)
+            await registry.poll(registry.get("b0"))
+            self.assertIs(registry.get("b0").health, Health.READY)
+        await registry.poll(registry.get("b0"))  # the fake is gone: nothing listens
+        self.assertIs(registry.get("b0").health, Health.DEAD)
+
+    async def test_our_own_stalled_loop_is_not_the_backends_timeout(self) -> None:
+        # The backend runs in another process, so it answers while this loop is held.
+        sim = await asyncio.to_thread(spawn, slots=1, profile="test", timeout_s=15)
+        self.addCleanup(sim.stop)
+        outcomes = {}
+        for name, lag in (("measured", LoopLag(tick_s=0.02)), ("unmeasured", None)):
+            if lag is not None:
+                lag.start()
+                self.addAsyncCleanup(lag.aclose)
+            registry = self.registry_for(sim.url, lag=lag, poll_timeout_s=0.3)
+            backend = registry.get("b0")
+            await registry.poll(backend)  # ready, with a connection kept alive
+            self.assertIs(backend.health, Health.READY)
+            poll = asyncio.create_task(registry.poll(backend))
+            await asyncio.sleep(0)  # one step: the poll's clock runs, its request is out
+            time.sleep(0.8)  # noqa: ASYNC251 - holding our own loop is the point
+            await poll
+            outcomes[name] = (backend.health, backend.failed_polls)
+        self.assertEqual(outcomes["measured"], (Health.READY, 0))
+        # The control: without the measurement the same stall is a failed poll (one strike).
+        self.assertEqual(outcomes["unmeasured"], (Health.READY, 1))

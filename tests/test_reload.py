@@ -98,6 +98,9 @@ LIVE = {
         "round-robin", lambda b: type(b.scheduler.policy), type(build_policy("round-robin"))
     ),
     "poll_interval_s": Live(0.5, lambda b: b.registry.poll_interval_s),
+    "poll_timeout_s": Live(0.7, lambda b: b.registry.poll_rules[0]),
+    "unhealthy_after_polls": Live(4, lambda b: b.registry.poll_rules[1]),
+    "healthy_after_polls": Live(2, lambda b: b.registry.poll_rules[2]),
     "queue_timeout_s": Live(5.0, lambda b: b.limits.queue_timeout_s),
     "max_queue": Live(3, lambda b: b.scheduler.max_queue),
     "session_ttl_s": Live(1e-9, session_outlives_a_record, False),

@@ -22,6 +22,7 @@ from .errors import ShuttingDown, UpstreamError
 from .exchange import ExchangeLimits, LiveExchanges
 from .keyring import Keyring
 from .limits import KeyLimits
+from .loop_lag import LoopLag
 from .metrics import Metrics
 from .middleware import HeaderRules
 from .monitor import ProxyStats
@@ -75,11 +76,16 @@ class Balancer:
         self.key_limits = KeyLimits()
         self.queue = RequestQueue()
         self.sessions = SessionStore(config.session_ttl_s, config.max_sessions)
+        self.lag = LoopLag()
         self.registry = Registry(
             config.backends,
             config.poll_interval_s,
             on_change=self.queue.wakeup.set,
             ejection=_ejection_policy(config),
+            poll_timeout_s=config.poll_timeout_s,
+            unhealthy_after_polls=config.unhealthy_after_polls,
+            healthy_after_polls=config.healthy_after_polls,
+            lag=self.lag,
         )
         self.scheduler = Scheduler(
             self.queue,
@@ -102,7 +108,8 @@ class Balancer:
 
     async def start(self) -> None:
         await self.transport.start()
-        self.registry.start(self.transport.session)
+        self.lag.start()
+        self.registry.start(self.transport)
         self.scheduler.start()
 
     async def aclose(self) -> None:
@@ -111,6 +118,7 @@ class Balancer:
         await asyncio.gather(*self._removals, return_exceptions=True)
         await self.scheduler.aclose()
         await self.registry.aclose()
+        await self.lag.aclose()
         await self.transport.aclose()
 
     async def drain(self, grace_s: float) -> None:
@@ -193,6 +201,9 @@ class Balancer:
         self.header_rules.update(new)
         self.sessions.configure(new.session_ttl_s, new.max_sessions)
         self.registry.set_poll_interval(new.poll_interval_s)
+        self.registry.set_poll_rules(
+            new.poll_timeout_s, new.unhealthy_after_polls, new.healthy_after_polls
+        )
         self.registry.ejection_policy = _ejection_policy(new)
         self.scheduler.max_queue = new.max_queue
         self.timeouts = _timeouts(new)

@@ -47,6 +47,7 @@ class Slots:
 
     total: int
     busy: int
+    n_ctx: int | None = None  # the smallest slot's context size, when /slots says it
 
 
 def parse_health(status: int, body: bytes) -> Unavailable | None:
@@ -89,7 +90,13 @@ def parse_slots(status: int, body: bytes) -> Slots | None:
     data = _json(body)
     if status != 200 or not isinstance(data, list):
         return None
-    return Slots(total=len(data), busy=sum(1 for slot in data if _busy(slot)))
+    sizes = [
+        slot["n_ctx"]
+        for slot in data
+        if isinstance(slot, dict) and type(slot.get("n_ctx")) is int and slot["n_ctx"] > 0
+    ]
+    busy = sum(1 for slot in data if _busy(slot))
+    return Slots(total=len(data), busy=busy, n_ctx=min(sizes) if sizes else None)
 
 
 def parse_props(status: int, body: bytes) -> Slots | Unavailable:

@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from . import catalogue, logs
 from .config import BackendConfig
 from .ejection import EjectionPolicy, EjectionState
+from .errors import UpstreamError
+from .loop_lag import LoopLag
 from .probe import (
     Health,
     Slots,
@@ -32,6 +32,7 @@ from .probe import (
     parse_slots,
 )
 from .slot_ledger import SlotLedger, SlotTracker
+from .transport import Transport, reason
 
 __all__ = ["BackendState", "Health", "Registry"]
 
@@ -49,6 +50,8 @@ class BackendState:
     model_names: frozenset[str] = frozenset()
     model_entries: tuple[dict[str, Any], ...] = ()
     n_ctx: int | None = None  # one slot's context size, from /slots
+    failed_polls: int = 0  # in a row
+    good_polls: int = 0  # in a row
     ejection: EjectionState = field(default_factory=EjectionState)
     draining: bool = False
     last_error: str | None = None
@@ -84,11 +87,12 @@ class BackendState:
 
 
 class _PollFailed(Exception):
-    """A poll request got no answer at all."""
+    """A poll request got no answer at all; `refused` when not even a connection was made."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, refused: bool = False) -> None:
         super().__init__(reason)
         self.unavailable = Unavailable(Health.DEAD, reason)
+        self.refused = refused
 
 
 class Registry:
@@ -99,11 +103,18 @@ class Registry:
         configs: Iterable[BackendConfig],
         poll_interval_s: float,
         on_change: Callable[[], None],
-        session: aiohttp.ClientSession | None = None,
         ejection: EjectionPolicy | None = None,
+        *,
+        poll_timeout_s: float = 1.0,
+        unhealthy_after_polls: int = 2,
+        healthy_after_polls: int = 1,
+        lag: LoopLag | None = None,
+        transport: Transport | None = None,
     ) -> None:
-        self._session = session
+        self._transport = transport
         self.set_poll_interval(poll_interval_s)
+        self.set_poll_rules(poll_timeout_s, unhealthy_after_polls, healthy_after_polls)
+        self._lag = lag
         self._on_change = on_change
         self.ejection_policy = ejection or EjectionPolicy(
             failures_to_eject=3, base_s=5.0, max_s=300.0, good_polls=3, max_fraction=0.5
@@ -119,9 +130,21 @@ class Registry:
 
     def set_poll_interval(self, poll_interval_s: float) -> None:
         self._poll_interval_s = poll_interval_s
-        # A poll must end before the next one is due, so a hung backend is seen within one
-        # interval; a floor keeps a busy-but-healthy llama-server from looking dead.
-        self._poll_timeout = aiohttp.ClientTimeout(total=max(poll_interval_s, 1.0))
+
+    @property
+    def poll_rules(self) -> tuple[float, int, int]:
+        """The poll timeout, failed polls before dead, good polls before ready."""
+        return self._poll_timeout_s, self._unhealthy_after, self._healthy_after
+
+    def set_poll_rules(
+        self, timeout_s: float, unhealthy_after_polls: int, healthy_after_polls: int
+    ) -> None:
+        """Active health (Caddy's `timeout`, `fails`, `passes`): a poll unanswered within
+        `timeout_s` of our own time fails; so many failed polls in a row make a backend dead (a
+        refused connection or a "loading" answer at once), so many good ones make it ready."""
+        self._poll_timeout_s = timeout_s
+        self._unhealthy_after = unhealthy_after_polls
+        self._healthy_after = healthy_after_polls
 
     @property
     def poll_interval_s(self) -> float:
@@ -134,8 +157,8 @@ class Registry:
     def get(self, name: str) -> BackendState:
         return self._backends[name]
 
-    def start(self, session: aiohttp.ClientSession) -> None:
-        self._session = session
+    def start(self, transport: Transport) -> None:
+        self._transport = transport
         for backend in self._backends.values():
             self._start_polling(backend)
 
@@ -160,7 +183,7 @@ class Registry:
             ssl=config.ssl_context(),
         )
         self._backends[config.name] = backend
-        if self._session is not None:
+        if self._transport is not None:
             self._start_polling(backend)
         log.warning("backend %s: added (%s)", config.name, config.url)
         return backend
@@ -188,7 +211,7 @@ class Registry:
         """
         backend = self._backends[config.name]
         backend.config, backend.ssl = config, config.ssl_context()
-        if self._session is not None:
+        if self._transport is not None:
             self._start_polling(backend)
         log.warning("backend %s: configuration changed (%s)", config.name, config.url)
         return backend
@@ -290,16 +313,34 @@ class Registry:
             backend.health, backend.changed_at = Health.DEAD, time.monotonic()
 
     async def poll(self, backend: BackendState) -> None:
+        refused = False
         try:
             unavailable = await self._probe(backend)
         except _PollFailed as failed:
-            unavailable = failed.unavailable
+            unavailable, refused = failed.unavailable, failed.refused
         finally:
             backend.last_poll_at = time.monotonic()
         if unavailable is None:
-            self._set_health(backend, Health.READY, None)
+            backend.failed_polls, backend.good_polls = 0, backend.good_polls + 1
+            if backend.health is Health.READY or backend.good_polls >= self._healthy_after:
+                self._set_health(backend, Health.READY, None)
         else:
-            self._set_health(backend, unavailable.health, unavailable.reason)
+            backend.failed_polls, backend.good_polls = backend.failed_polls + 1, 0
+            # One slow or failed poll is not a dead server; a refused connection or llama-
+            # server saying it is loading is a fact, and a backend not ready stays not ready.
+            known = refused or unavailable.health is Health.LOADING
+            if (
+                known
+                or backend.health is not Health.READY
+                or (backend.failed_polls >= self._unhealthy_after)
+            ):
+                self._set_health(backend, unavailable.health, unavailable.reason)
+            else:
+                backend.last_error = (
+                    f"{unavailable.reason} (poll {backend.failed_polls} of "
+                    f"{self._unhealthy_after} before it counts as {unavailable.health.value})"
+                )
+                log.info("backend %s: %s", backend.name, backend.last_error)
         healthy = backend.health is Health.READY
         if self.ejection_policy.on_poll(backend.ejection, healthy):
             log.warning("backend %s: readmitted after an ejection", backend.name)
@@ -319,10 +360,10 @@ class Registry:
         slots = await self._read_slots(backend)
         if isinstance(slots, Unavailable):
             return slots
-        if slots is not None and backend.slots.observe(
-            total=slots.total, busy_on_backend=slots.busy
-        ):
-            self._on_change()
+        if slots is not None:
+            backend.n_ctx = slots.n_ctx if slots.n_ctx is not None else backend.n_ctx
+            if backend.slots.observe(total=slots.total, busy_on_backend=slots.busy):
+                self._on_change()
         return None
 
     async def _read_slots(self, backend: BackendState) -> Slots | Unavailable | None:
@@ -342,19 +383,30 @@ class Registry:
         return slots
 
     async def _get(self, backend: BackendState, path: str) -> tuple[int, bytes]:
-        assert self._session is not None, "Registry.start() was not called"
+        transport = self._transport
+        assert transport is not None, "Registry.start() was not called"
         headers = {}
         if backend.config.api_key:
             headers["Authorization"] = f"Bearer {backend.config.api_key}"
+        request = asyncio.ensure_future(
+            transport.fetch(backend.name, backend.url + path, headers, tls=backend.ssl)
+        )
+        started = time.monotonic()
         try:
-            async with self._session.get(
-                backend.url + path, headers=headers, timeout=self._poll_timeout, ssl=backend.ssl
-            ) as resp:
-                return resp.status, await resp.read()
-        except TimeoutError:
-            raise _PollFailed(f"GET {path} timed out") from None
-        except aiohttp.ClientError as exc:
-            raise _PollFailed(f"GET {path}: {_describe(exc)}") from None
+            while True:
+                # The timeout counts the backend's time, not ours: time our own loop spent
+                # stalled (a loaded machine, a burst of work) is added back before we give up.
+                stalled = self._lag.stalled_s(started) if self._lag is not None else 0.0
+                left = started + self._poll_timeout_s + stalled - time.monotonic()
+                if left <= 0:
+                    raise _PollFailed(f"GET {path} timed out")
+                done, _ = await asyncio.wait({request}, timeout=left)
+                if done:
+                    return request.result()
+        except UpstreamError as exc:
+            raise _PollFailed(f"GET {path}: {reason(exc)}", refused=exc.unreachable) from None
+        finally:
+            request.cancel()
 
     def _set_health(self, backend: BackendState, health: Health, reason: str | None) -> None:
         backend.last_error = reason
@@ -362,9 +414,7 @@ class Registry:
             return
         previous, backend.health = backend.health, health
         backend.changed_at = time.monotonic()
-        level = logging.INFO if health is Health.READY else logging.WARNING
-        log.log(
-            level,
+        log.warning(
             "backend %s: %s -> %s%s",
             backend.name,
             previous.value,
@@ -372,18 +422,3 @@ class Registry:
             f" ({reason})" if reason else "",
         )
         self._on_change()
-
-
-def _describe(exc: aiohttp.ClientError) -> str:
-    """In words, for operators: aiohttp's class names stay inside this module."""
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-        return "TLS handshake failed"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return "connection refused"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "connection closed without an answer"
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return "invalid HTTP response"
-    if isinstance(exc, aiohttp.ClientOSError):
-        return "connection reset"
-    return "request failed"

@@ -1,10 +1,10 @@
 """HTTP to backends: the only module that sees aiohttp.
 
 `Transport` owns the one client session. `open()` sends a request and returns an `Upstream`, a
-type of ours (status, headers, media type, the body as chunks), and `get_json()` is what a
-poll needs. Every aiohttp and socket exception is translated into our error tree by one
-context manager, `_translated()`, so nothing above this module knows which HTTP client runs
-underneath (after httpx's `_transports/default.py`).
+type of ours (status, headers, media type, the body as chunks); `fetch()` is what a poll needs
+(its caller owns the timeout). Every aiohttp and socket exception is translated into our error
+tree by one context manager, `_translated()`, so nothing above this module knows which HTTP
+client runs underneath (after httpx's `_transports/default.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 
@@ -174,26 +174,18 @@ class Transport:
             ) from None
         return _AiohttpUpstream(backend, response)
 
-    async def get_json(
+    async def fetch(
         self,
         backend: str,
         url: str,
         headers: Mapping[str, str],
         *,
         tls: ssl.SSLContext | bool,
-        timeout_s: float,
-    ) -> tuple[int, Any]:
-        """GET `url`: its status and its body as JSON (None when it is not JSON)."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                with _translated(backend, "poll"):
-                    async with self.session.get(url, headers=dict(headers), ssl=tls) as response:
-                        try:
-                            return response.status, await response.json(content_type=None)
-                        except ValueError:
-                            return response.status, None
-        except TimeoutError:
-            raise GatewayTimeout(f"backend {backend}: no answer within {timeout_s:g} s") from None
+    ) -> tuple[int, bytes]:
+        """GET `url`: its status and its whole body (small answers only: a poll's)."""
+        with _translated(backend, "poll"):
+            async with self.session.get(url, headers=dict(headers), ssl=tls) as response:
+                return response.status, await response.read()
 
 
 def reason(error: UpstreamError) -> str:
