@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import time
-import typing
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -189,18 +188,15 @@ def _ha_starter(routing: str) -> Callable[[list[str], list[int], Path, str | Non
 
 def ha_policies() -> list[str]:
     """Every routing policy the installed llamacpp-ha offers, its default first."""
-    from llamacpp_ha.config import ProxyConfig
+    from llamacpp_ha.policies import DEFAULT_POLICY, POLICIES
 
-    field = ProxyConfig.model_fields["routing"]
-    names = [str(n) for n in typing.get_args(field.annotation)] or [str(field.default)]
-    default = ha_default_policy()
-    return [default, *sorted(n for n in names if n != default)]
+    return [DEFAULT_POLICY, *sorted(n for n in POLICIES if n != DEFAULT_POLICY)]
 
 
 def ha_default_policy() -> str:
-    from llamacpp_ha.config import ProxyConfig
+    from llamacpp_ha.policies import DEFAULT_POLICY
 
-    return str(ProxyConfig.model_fields["routing"].default)
+    return DEFAULT_POLICY
 
 
 def _ha_version() -> str:
