@@ -116,6 +116,9 @@ class HostCache:
         self._states: list[_Saved] = []
         self.saves = 0
         self.hits = 0
+        self.evictions = 0
+        # Restores refused because the match kept under a quarter of a saved state.
+        self.refusals = 0
 
     @classmethod
     def from_mib(cls, cache_ram_mib: int, n_ctx_total: int, state_size: StateSize) -> HostCache:
@@ -141,6 +144,7 @@ class HostCache:
         twin = HostCache(self.limit_bytes, self.limit_tokens, self.state_size)
         twin._states = list(self._states)
         twin.saves, twin.hits = self.saves, self.hits
+        twin.evictions, twin.refusals = self.evictions, self.refusals
         return twin
 
     def save(self, tokens: list[int]) -> int:
@@ -161,6 +165,7 @@ class HostCache:
             total = self.total_bytes
             while self._states and total + size > self.limit_bytes:
                 total -= self._states.pop(0).size
+                self.evictions += 1
         self._states.append(_Saved(list(tokens), size))
         self.saves += 1
         return size
@@ -179,6 +184,8 @@ class HostCache:
             f_keep = f32(lcp / len(state.tokens))
             f_sim = f32(lcp / len(prompt))
             if f_keep < F_KEEP_RESTORE_MIN:
+                if lcp > lcp_best:
+                    self.refusals += 1
                 continue
             if f_keep_best < f_keep and f_sim_best < f_sim:
                 f_keep_best, f_sim_best, best = f_keep, f_sim, i
@@ -193,6 +200,7 @@ class HostCache:
             total = self.total_bytes
             while self._states and total > self.limit_bytes:
                 total -= self._states.pop(0).size
+                self.evictions += 1
         if self.limit_tokens <= 0:
             return
         size_per_token = max(1.0, self.total_bytes / max(1, self.total_tokens))
@@ -202,6 +210,7 @@ class HostCache:
         n_tokens = self.total_tokens
         while self._states and n_tokens > limit:
             n_tokens -= len(self._states.pop(0).tokens)
+            self.evictions += 1
 
 
 @dataclass(eq=False)
@@ -242,6 +251,10 @@ class PromptCaches:
         # process_single_task(): "--cache-idle-slots requires --cache-ram, disabling".
         self.cache_idle_slots = cache_idle_slots and host is not None
         self.kv_unified = kv_unified
+        # How launches went: which rule picked the slot, how often the host cache was asked.
+        self.by_similarity = 0
+        self.by_lru = 0
+        self.lookups = 0
 
     def clone(self) -> PromptCaches:
         twin = PromptCaches(
@@ -252,15 +265,34 @@ class PromptCaches:
             kv_unified=self.kv_unified,
         )
         twin.slots = [SlotCache(s.id, list(s.tokens), s.t_last_used, s.busy) for s in self.slots]
+        twin.by_similarity, twin.by_lru, twin.lookups = (
+            self.by_similarity,
+            self.by_lru,
+            self.lookups,
+        )
         return twin
+
+    def counters(self) -> dict[str, int]:
+        """What the rules did so far, by name."""
+        host = self.host
+        return {
+            "picked by similarity": self.by_similarity,
+            "picked by LRU": self.by_lru,
+            "host cache lookups": self.lookups,
+            "states saved": host.saves if host else 0,
+            "states restored": host.hits if host else 0,
+            "restores refused (f_keep < 0.25)": host.refusals if host else 0,
+            "states evicted": host.evictions if host else 0,
+        }
 
     @property
     def used_tokens(self) -> int:
         """KV cells in use across slots (what a unified KV cache holds)."""
         return sum(len(s.tokens) for s in self.slots)
 
-    def choose(self, prompt: list[int], id_slot: int | None) -> tuple[SlotCache, bool] | None:
-        """``get_available_slot()``: the slot, and whether the host cache is consulted."""
+    def choose(self, prompt: list[int], id_slot: int | None) -> tuple[SlotCache, bool, bool] | None:
+        """``get_available_slot()``: the slot, whether the host cache is consulted, and whether
+        the slot was picked as the least recently used."""
         ret: SlotCache | None = self.slots[id_slot] if id_slot is not None else None
         update_cache = False
         if self.similarity != 0.0:
@@ -281,6 +313,7 @@ class PromptCaches:
                 f_keep = f32(kept / len(ret.tokens)) if ret.tokens else math.nan
                 if f_keep < F_KEEP_SAVE:
                     update_cache = True
+        picked_by_lru = ret is None
         if ret is None:
             t_last = -1.0
             for slot in self.slots:
@@ -290,7 +323,9 @@ class PromptCaches:
                     t_last, ret = slot.t_last_used, slot
             if ret is not None:
                 update_cache = True
-        return None if ret is None else (ret, update_cache)
+        if ret is None:
+            return None
+        return ret, update_cache, picked_by_lru
 
     def launch(
         self,
@@ -307,9 +342,14 @@ class PromptCaches:
         chosen = self.choose(prompt, id_slot)
         if chosen is None or chosen[0].busy:
             return None
-        slot, update_cache = chosen
+        slot, update_cache, by_lru = chosen
+        if by_lru:
+            self.by_lru += 1
+        elif id_slot is None:
+            self.by_similarity += 1
         copied = restored_n = 0
         if update_cache and self.host is not None and not stateless:
+            self.lookups += 1
             copied += self.host.save(slot.tokens)
             restored = self.host.load(slot.tokens, prompt)
             if restored is not None:
