@@ -234,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     versions = {c.key: c.version() if c.key not in unavailable else "-" for c in contenders}
 
     ceilings = {w.name: ceiling.hit_rate_ceiling(w) for w in workloads}
+    capacity_ceilings = {w.name: ceiling.capacity_ceiling(w, spec.configs()) for w in workloads}
+    for w in workloads:
+        print(
+            f"bench: {w.name}: hit-rate ceiling {ceilings[w.name]:.1%} with infinite caches, "
+            f"{capacity_ceilings[w.name]:.1%} with the fleet's",
+            flush=True,
+        )
     results: list[metrics.RunResult] = []
     raw: dict[str, dict[str, list[Any]]] = {}
     failures: dict[str, str] = {}
@@ -299,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             for w in workloads
         ],
         "ceilings": ceilings,
+        "capacity_ceilings": capacity_ceilings,
         "labels": {c.key: c.label for c in contenders},
         "ha_policies": [c.key.removeprefix("ha-") for c in contenders if c.family == "llamacpp-ha"],
         "runtime_s": 0.0,
