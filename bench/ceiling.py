@@ -9,23 +9,26 @@ Both are computed offline with the simulator's own tokenizer, chat template and 
 - ``capacity_ceiling``: the fleet as it is. A discrete-event replay of the workload (sessions
   arriving on schedule, each turn a think time after the previous reply) on backends that keep
   their caches exactly as the simulator does (each backend's slots, its ``--cache-ram`` with
-  the profile's bytes per token, llama-server's rules: ``llamacpp_sim.prompt_cache``), with the
-  profile's prefill and decode times and the server's own FIFO. Two oracle routers, and the
-  better one counts: each request to the backend, among those with a free slot, whose caches
-  would serve most of it at that instant (``PromptCaches.clone()``: it knows every cache); and
-  every prefix group (the sessions of one system prompt, or one conversation) pinned to one
-  backend, groups spread in proportion to slots. What this ceiling has lost against the
-  infinite one is what the fleet's caches cannot hold, what llama-server's rules drop (a slot
-  reused for a similar prompt is truncated without a save when it keeps half its tokens), and
-  what is still being computed in a busy slot when the next turn of its conversation arrives.
-  It is an oracle, not a proof: timings are a model, and a router could in principle beat the
-  greedy choice, but nothing that routes without knowing the caches should.
+  the profile's bytes per token, llama-server's rules: ``llamacpp_sim.prompt_cache``) and have
+  their own FIFO, served in the profile's time scaled by a speed factor. The ceiling is the
+  best hit rate over three oracle routers and over speeds from instant (one request at a time)
+  to the profile's: how fast requests complete decides how often a conversation's next request
+  arrives while its state is still being computed in a busy slot, and one timing is no more
+  the truth than another. The routers: each request to the backend, among those with a free
+  slot, whose caches would serve most of it at that instant (``PromptCaches.clone()``: it
+  knows every cache); every prefix group (the sessions of one system prompt, or one
+  conversation) pinned to one backend, groups spread in proportion to slots; every session
+  pinned by a hash of its key, as the benchmark's ``direct`` client does. What this ceiling
+  loses against the infinite one is what the fleet's caches cannot hold and what llama-server's
+  rules drop (a slot reused for a similar prompt is cut without a save when it keeps half its
+  tokens), whatever the routing and the timing. It is an oracle's best, not a proof.
 """
 
 from __future__ import annotations
 
 import bisect
 import heapq
+import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,6 +54,7 @@ class Sent:
     reply: list[int]
     think_s: float  # after the previous turn's reply (before the first: after the start)
     group: str  # the prefix group: its system prompt, else its session (a conversation)
+    session_key: str
 
 
 def session_requests(session: Session, tok: Tokenizer) -> list[Sent]:
@@ -68,7 +72,8 @@ def session_requests(session: Session, tok: Tokenizer) -> list[Sent]:
         pieces = reply_pieces(prompt, turn.max_tokens)
         if not session.completion:
             messages.append({"role": "assistant", "content": "".join(pieces)})
-        out.append(Sent(prompt, [tok.piece_id(p) for p in pieces], turn.think_s, group))
+        reply = [tok.piece_id(p) for p in pieces]
+        out.append(Sent(prompt, reply, turn.think_s, group, session.key))
     return out
 
 
@@ -117,7 +122,8 @@ class _Backend:
     times from its profile (the prompt as one step, the decode at the speed of the slots busy
     when it starts, state copies included)."""
 
-    def __init__(self, config: SimConfig) -> None:
+    def __init__(self, config: SimConfig, speed: float) -> None:
+        self.speed = speed  # service times are multiplied by it: 0 is instant
         self.caches = config.prompt_caches()
         self.profile = config.resolved_profile()
         self.slots = config.slots
@@ -147,7 +153,8 @@ class _Backend:
         prefill_s = profile.copy_s(launch.copied_bytes) + profile.step_s(
             0, n_new, prompt_positions=positions_sum(launch.cache_n, n_new)
         )
-        return prefill_s + len(sent.reply) * profile.step_s(self.busy, 0), launch.cache_n
+        service_s = prefill_s + len(sent.reply) * profile.step_s(self.busy, 0)
+        return service_s * self.speed, launch.cache_n
 
 
 Router = Callable[["_Replay", Sent], int]
@@ -156,11 +163,16 @@ Router = Callable[["_Replay", Sent], int]
 class _Replay:
     """Sessions on a fleet, event by event: arrivals, and finishes that free a slot."""
 
-    def __init__(self, workload: Workload, configs: Sequence[SimConfig]) -> None:
-        tok = Tokenizer()
-        self.sessions = [session_requests(s, tok) for s in workload.sessions]
-        self.starts = [s.start_s for s in workload.sessions]
-        self.backends = [_Backend(c) for c in configs]
+    def __init__(
+        self,
+        sessions: list[list[Sent]],
+        starts: list[float],
+        configs: Sequence[SimConfig],
+        speed: float,
+    ) -> None:
+        self.sessions = sessions
+        self.starts = starts
+        self.backends = [_Backend(c, speed) for c in configs]
         self._events: list[tuple[float, int, int, _Task]] = []
         self._seq = 0
         self.hit = self.total = 0
@@ -224,13 +236,12 @@ def _greedy(replay: _Replay, sent: Sent) -> int:
     )
 
 
-def _pinned_by_group(workload: Workload, configs: Sequence[SimConfig]) -> Router:
+def _pinned_by_group(sessions: list[list[Sent]], configs: Sequence[SimConfig]) -> Router:
     """Every prefix group on one backend: the biggest groups first, each to the backend with
     the fewest prompt tokens per slot so far."""
-    tok = Tokenizer()
     size: dict[str, int] = {}
-    for session in workload.sessions:
-        for sent in session_requests(session, tok):
+    for requests in sessions:
+        for sent in requests:
             size[sent.group] = size.get(sent.group, 0) + len(sent.prompt)
     load = [0.0] * len(configs)
     home: dict[str, int] = {}
@@ -241,9 +252,38 @@ def _pinned_by_group(workload: Workload, configs: Sequence[SimConfig]) -> Router
     return lambda replay, sent: home[sent.group]
 
 
-def capacity_ceiling(workload: Workload, configs: Sequence[SimConfig]) -> float:
-    """The better of the two oracle routers' hit rates on a fleet of ``configs``."""
-    return max(
-        _Replay(workload, configs).run(_greedy),
-        _Replay(workload, configs).run(_pinned_by_group(workload, configs)),
-    )
+def _pinned_by_session(configs: Sequence[SimConfig]) -> Router:
+    """Every session on one backend by a hash of its key, in proportion to slots (the
+    benchmark's ``direct`` client, ``contenders.Running.url_for``)."""
+    spots = [i for i, c in enumerate(configs) for _ in range(c.slots)]
+    return lambda replay, sent: spots[zlib.crc32(sent.session_key.encode()) % len(spots)]
+
+
+# From one request at a time to the profile's own speed.
+SPEEDS = (0.0, 0.25, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    hit_rate: float
+    router: str
+    speed: float
+
+
+def capacity_ceiling(workload: Workload, configs: Sequence[SimConfig]) -> Ceiling:
+    """The best hit rate of the oracle routers, over the speeds, on a fleet of ``configs``."""
+    tok = Tokenizer()
+    sessions = [session_requests(s, tok) for s in workload.sessions]
+    starts = [s.start_s for s in workload.sessions]
+    routers: dict[str, Router] = {
+        "the best cache now": _greedy,
+        "prefix groups pinned": _pinned_by_group(sessions, configs),
+        "sessions pinned": _pinned_by_session(configs),
+    }
+    best = Ceiling(0.0, "", 0.0)
+    for speed in SPEEDS:
+        for name, route in routers.items():
+            rate = _Replay(sessions, starts, configs, speed).run(route)
+            if rate > best.hit_rate:
+                best = Ceiling(rate, name, speed)
+    return best

@@ -196,16 +196,18 @@ def summary_table(
 CEILINGS = """\
 Two ceilings, both computed offline from the workload with the simulator's own tokenizer and
 replies (`bench/ceiling.py`). *Infinite caches*: one backend that keeps every prompt and reply
-forever; no fleet reaches it. *The fleet's caches*: a replay of the workload, event by event,
-on this fleet's backends with their slots and host caches (`--cache-ram`, the profile's bytes
-per token) and llama-server's rules as the simulator models them (held to the real binary by
-`tests/e2e/test_e2e_cache_fidelity.py`), routed by the better of two oracles that know every
-cache: each request to the free backend whose caches would serve most of it, or every prefix
-group pinned to one backend. The gap between the two is what the caches cannot hold, what
-llama-server's rules drop (a slot reused for a similar prompt is cut without being saved when it
-keeps half its tokens), and what is still being computed in a busy slot when the next request
-of its conversation arrives, none of which routing alone wins back. Read a hit rate against the
-second ceiling; it is an oracle's result, not a proof, so a run can land a little above it.
+forever. *The fleet's caches*: an event-by-event replay of the workload on this fleet's backends,
+with their slots and host caches (`--cache-ram`, the profile's bytes per token) kept by
+llama-server's rules as the simulator models them (held to the real binary by
+`tests/e2e/test_e2e_cache_fidelity.py`); the best of three oracle routers (each request to the
+free backend whose caches would serve most of it; every prefix group pinned to one backend;
+every session pinned, as `direct`) over service speeds from instant to the profile's own. The
+gap between the two ceilings is what the fleet's caches cannot hold and what llama-server's
+rules drop (a slot reused for a similar prompt is cut without a save when it keeps half its
+tokens), whatever the routing and the timing. The rest, between a contender and the second
+ceiling, is routing and timing: above all a conversation's next request arriving while its
+state is still being computed in a busy slot, which a router can only avoid by holding the
+request back. It is an oracle's best, not a proof.
 """
 
 
