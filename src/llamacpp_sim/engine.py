@@ -2,16 +2,17 @@
 
 Which slot a task gets, what it finds cached there and what the host cache saves and restores
 follow llama-server's rules, modelled in ``prompt_cache.py``. A task that finds no idle slot
-waits in a FIFO (llama-server's deferred queue); each slot released moves one waiting task to
-the front of the queue, as ``server_queue::pop_deferred_task()`` does.
+waits in a FIFO (llama-server's deferred queue, ``server-context.cpp:2383-2395``); each slot
+released moves one waiting task to the front of the queue, as
+``server_queue::pop_deferred_task()`` does (``server-queue.cpp:90-113``).
 
 One engine task steps every busy slot together: each step decodes one token for each generating
 slot and fills the rest of the batch with prompt tokens, and lasts as long as the profile says
 (``profiles.py``), divided by the time scale. Copies of slot states to and from host memory
 stall the whole step loop, as they stall llama-server's one main thread. With a unified KV
 cache the slots share ``n_ctx`` cells: when a step does not fit, idle slots are purged one at a
-time, and when none is left every working slot fails (``server-context.cpp``
-``try_clear_idle_slots()`` and "Context size has been exceeded.").
+time, and when none is left every working slot fails (``server-context.cpp:3664-3716``:
+``try_clear_idle_slots()``, then "Context size has been exceeded." for every processing slot).
 """
 
 from __future__ import annotations

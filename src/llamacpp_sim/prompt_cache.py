@@ -2,30 +2,39 @@
 
 A pure model, with no clock and no I/O: the engine drives it request by request, and the
 benchmark replays workloads through it offline (``bench/ceiling.py``). It follows the pinned
-llama.cpp sources (llama-cpp-python 0.3.36, ``tools/server/``), cited below by function:
+llama.cpp sources (llama-cpp-python 0.3.36, ``vendor/llama.cpp/tools/server/``), cited by file,
+line and function:
 
-- Slot choice, ``server-context.cpp`` ``get_available_slot()``: the slot named by ``id_slot``;
-  else the idle, non-empty slot with the highest ``f_sim = lcp / len(prompt)`` above
-  ``--slot-prompt-similarity`` (0 disables the search); else the least recently used idle slot
-  (ties go to the *last* such slot: ``t_last_used <= t_last``; never-used slots have -1).
-- The host cache (``--cache-ram``) is consulted only when the slot was picked by LRU, or by
-  similarity with ``f_keep = lcp / len(slot) < 0.5``: the slot's state is saved, then the best
-  saved state is restored into it, and only for completions (not embeddings).
-- ``server-task.cpp`` ``server_prompt_cache::alloc()``: a state already contained in a saved
-  one is not saved again; saved states the new one contains are dropped; the oldest states go
-  first to make room in bytes. ``load()``: a saved state is taken only if it keeps at least 25 %
+- Slot choice, ``server-context.cpp:1528-1640`` ``get_available_slot()``: the slot named by
+  ``id_slot``; else the idle, non-empty slot with the highest ``f_sim = lcp / len(prompt)``
+  above ``--slot-prompt-similarity`` (0 disables the search; ``common/common.h:697``, default
+  0.1); else the least recently used idle slot (ties go to the *last* such slot: ``t_last_used
+  <= t_last``, line 1604; never-used slots have -1, line 226; the time is set on release, 520).
+- The host cache (``--cache-ram``, ``common/common.h:634``, default 8192 MiB) is consulted only
+  when the slot was picked by LRU (line 1613), or by similarity with ``f_keep = lcp /
+  len(slot) < 0.5`` (lines 1579-1589): the slot's state is saved, then the best saved state is
+  restored into it, and only for completions (lines 1618-1634).
+- ``server-task.cpp:1711-1791`` ``server_prompt_cache::alloc()``: a state already contained in a
+  saved one is not saved again; one over the whole limit is skipped; saved states the new one
+  contains are dropped; the oldest states go first to make room in bytes.
+  ``server-task.cpp:1793-1868`` ``load()``: a saved state is taken only if it keeps at least 25 %
   of itself (``f_keep``) and beats the slot's own prompt on both ``f_keep`` and ``f_sim``; it is
-  *moved* out of the cache (``states.erase``), so two requests cannot both restore it.
-  ``update()``: the byte limit, and the token limit (``n_ctx``, raised to what the bytes allow).
-- ``process_single_task()``, ``--cache-idle-slots`` (on by default): once a task has a slot,
-  every idle slot is saved to the host cache, and cleared with ``--kv-unified``.
-- ``try_clear_idle_slots()``: with ``--kv-unified``, when the shared KV runs out, idle slots are
-  purged (not saved) one at a time, lowest id first.
-- Prompt processing (``update_slots()``, ``SLOT_STATE_STARTED``): ``n_past`` (``cache_n``) is the
-  common prefix of the slot's tokens and the prompt, one less when it covers the whole prompt
-  ([TAG_PROMPT_LOGITS]); the slot keeps only those tokens, then gains the prompt and every
-  generated token but the last (``handle_last_sampled_token()`` pushes a sampled token only
-  when it is decoded).
+  *moved* out of the cache (``states.erase``, line 1864), so two requests cannot both restore
+  it. ``server-task.cpp:1870-1899`` ``update()``: the byte limit, then the token limit
+  (``n_ctx``, server-context.cpp:1340, raised to what the bytes allow).
+- ``server-context.cpp:2417-2433`` in ``process_single_task()``, ``--cache-idle-slots`` (on by
+  default, ``common/common.h:630``; off without a host cache, lines 1401-1404): once a task has
+  a slot, every idle slot is saved to the host cache, and cleared with ``--kv-unified``
+  (``tools/server/server.cpp:156-160``: on by default only when ``-np`` is auto, then 4 slots).
+- ``server-context.cpp:1648-1672`` ``try_clear_idle_slots()``, called when a decode finds no room
+  (line 3710): with ``--kv-unified``, idle slots are purged (not saved) one at a time, lowest
+  id first.
+- Prompt processing (``update_slots()``, ``SLOT_STATE_STARTED``, lines 3195-3395): ``n_past``
+  (``cache_n``) is the common prefix of the slot's tokens and the prompt (line 3200), one less
+  when it covers the whole prompt ([TAG_PROMPT_LOGITS], line 3384); the slot keeps only those
+  tokens (3395), then gains the prompt and every generated token but the last
+  (``handle_last_sampled_token()``, lines 475-512, pushes a sampled token only when it is
+  decoded).
 
 The fractions are C++ ``float``s: they are rounded to single precision here as there, so that a
 tie is a tie on both sides.
