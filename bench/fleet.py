@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 
 from bench import procs
-from llamacpp_sim import SpawnError, spawn
+from llamacpp_sim import SimConfig, SpawnError, spawn
 
 
 @dataclass(frozen=True)
@@ -28,19 +28,34 @@ class FleetSpec:
     profiles: tuple[str, ...]
     time_scale: float
     n_ctx: int = 8192
-    # llama-server keeps evicted slot states in host memory (--cache-ram, 8 GiB by default in
-    # recent builds): about 65k tokens of an 8B model's KV cache at 128 KiB per token.
-    cache_ram_tokens: int = 65536
+    # llama-server keeps slot states in host memory (--cache-ram, 8192 MiB by default in the
+    # pinned build): about 65k tokens of an 8B model's KV cache at 128 KiB per token. Every
+    # other cache setting is llama-server's default too (explicit -np: KV split per slot, idle
+    # slots saved at each new task, --slot-prompt-similarity 0.1).
+    cache_ram_mib: int = 8192
 
     @property
     def total_slots(self) -> int:
         return sum(self.slots)
 
+    def configs(self) -> list[SimConfig]:
+        """Each backend as ``start_fleet`` starts it (for the offline capacity ceiling)."""
+        return [
+            SimConfig(
+                slots=s,
+                profile=p,
+                time_scale=self.time_scale,
+                n_ctx=self.n_ctx,
+                cache_ram_mib=self.cache_ram_mib,
+            )
+            for s, p in zip(self.slots, self.profiles, strict=True)
+        ]
+
     def describe(self) -> str:
         parts = [f"{p}x{s}" for p, s in zip(self.profiles, self.slots, strict=True)]
         return (
             f"{len(self.slots)} backends ({', '.join(parts)} slots), n_ctx {self.n_ctx} per slot, "
-            f"host prompt cache {self.cache_ram_tokens} tokens each, "
+            f"host prompt cache {self.cache_ram_mib} MiB each (--cache-ram), "
             f"time scale {self.time_scale:g}"
         )
 
@@ -73,7 +88,7 @@ def start_fleet(spec: FleetSpec, log_dir: Path, name: str, cpu_list: str | None)
             profile=spec.profiles,
             time_scale=spec.time_scale,
             n_ctx=spec.n_ctx,
-            cache_ram_tokens=spec.cache_ram_tokens,
+            cache_ram_mib=spec.cache_ram_mib,
             log_path=log_path,
             wrapper=procs.pinned([], cpu_list),
             new_session=True,

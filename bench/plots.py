@@ -69,7 +69,11 @@ def _hit_bars(out: Path, results: list[RunResult], context: dict[str, Any]) -> s
             color=[_color(r.contender) for r in mine],
         )
         ax.axhline(context["ceilings"][name] * 100, color="black", ls="--", lw=1)
-        ax.text(0, context["ceilings"][name] * 100 + 1, "ceiling", fontsize=8)
+        ax.text(0, context["ceilings"][name] * 100 + 1, "ceiling, infinite caches", fontsize=8)
+        capacity = (context.get("capacity_ceilings") or {}).get(name)
+        if capacity is not None:
+            ax.axhline(capacity * 100, color="black", ls=":", lw=1)
+            ax.text(0, capacity * 100 + 1, "ceiling, the fleet's caches", fontsize=8)
         ax.set_xticks(list(xs), [r.contender for r in mine], rotation=60, ha="right", fontsize=8)
         ax.set_ylim(0, 100)
         ax.set_title(name, fontsize=10)

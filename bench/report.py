@@ -49,12 +49,17 @@ def _failed(r: RunResult) -> str:
 
 
 def workload_table(
-    results: list[RunResult], ceiling: float, labels: dict[str, str], time_scale: float
+    results: list[RunResult],
+    ceiling: float,
+    capacity: float | None,
+    labels: dict[str, str],
+    time_scale: float,
 ) -> list[str]:
     direct = next((r for r in results if r.contender == "direct"), None)
     lines = [
-        f"Hit-rate ceiling of this workload (every repeated prefix cached forever): "
-        f"**{_pct(ceiling)}**.",
+        f"Hit-rate ceilings of this workload: **{_pct(ceiling)}** with infinite caches (every "
+        f"repeated prefix cached forever), **{_pct(capacity)}** with the fleet's own (an "
+        "oracle router, the backends' slots and host caches, llama-server's rules).",
         "",
         "| contender | TTFT p50 | p90 | p99 | e2e p50 | e2e p99 | TPOT | done/s | out tok/s "
         "| failed/rejected | cache hit | prompt tok computed | imbalance | balancer CPU/req |",
@@ -180,8 +185,30 @@ def summary_table(
         if any(c != "n/a" for c in cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     ceilings = [f"{_pct(context['ceilings'][n])}" for n in names]
-    lines.append("| *hit-rate ceiling* | " + " | ".join(ceilings) + " |")
+    lines.append("| *hit-rate ceiling, infinite caches* | " + " | ".join(ceilings) + " |")
+    capacity = context.get("capacity_ceilings") or {}
+    if capacity:
+        cells = [_pct(capacity.get(n)) for n in names]
+        lines.append("| *hit-rate ceiling, the fleet's caches* | " + " | ".join(cells) + " |")
     return lines
+
+
+CEILINGS = """\
+Two ceilings, both computed offline from the workload with the simulator's own tokenizer and
+replies (`bench/ceiling.py`). *Infinite caches*: one backend that keeps every prompt and reply
+forever. *The fleet's caches*: an event-by-event replay of the workload on this fleet's backends,
+with their slots and host caches (`--cache-ram`, the profile's bytes per token) kept by
+llama-server's rules as the simulator models them (held to the real binary by
+`tests/e2e/test_e2e_cache_fidelity.py`); the best of three oracle routers (each request to the
+free backend whose caches would serve most of it; every prefix group pinned to one backend;
+every session pinned, as `direct`) over service speeds from instant to the profile's own. The
+gap between the two ceilings is what the fleet's caches cannot hold and what llama-server's
+rules drop (a slot reused for a similar prompt is cut without a save when it keeps half its
+tokens), whatever the routing and the timing. The rest, between a contender and the second
+ceiling, is routing and timing: above all a conversation's next request arriving while its
+state is still being computed in a busy slot, which a router can only avoid by holding the
+request back. It is an oracle's best, not a proof.
+"""
 
 
 CONFIGURATIONS = """\
@@ -224,10 +251,13 @@ CAVEATS = """\
   the load it serves, but the backends and the client compete with each other: the same for
   every contender, so comparisons hold, absolute latencies are a little pessimistic.
 - **No GPU, simulated backends.** The backends are `llamacpp-ha-sim`: llama-server's slots,
-  its slot choice by longest common prefix, its prompt cache, continuous batching with the
-  timing of the stated profile and its API, `timings` included. Real llama-server adds
-  effects the simulator does not model (KV memory pressure, cache eviction by size, speculative
-  decoding); the results say how balancers differ on the same fleet, not how fast a GPU is.
+  its slot choice, its prompt caches (each slot's KV and the host cache of `--cache-ram`, with
+  the rules of the pinned build, compared request by request with the real binary by an
+  end-to-end test), continuous batching with the timing of the stated profile (prompt tokens
+  dearer as the context grows, state copies to and from host memory that stall the server) and
+  its API, `timings` included. The simulator does not model speculative decoding, context
+  shift, SWA or recurrent models' checkpoints, or a GPU's memory beyond the KV cache; the
+  results say how balancers differ on the same fleet, not how fast a GPU is.
 - **Time scale.** The backends run faster than real hardware by the time scale, so a run takes
   seconds instead of minutes. This multiplies the rate of streamed chunks a balancer relays
   per second by the same factor (a stress on the balancer's CPU that real hardware of this
@@ -314,10 +344,17 @@ def write(
     if results:
         lines += ["", "## Summary", ""]
         lines += summary_table(results, context, labels)
+        lines += ["", CEILINGS]
     for w in context["workloads"]:
         mine = [r for r in results if r.workload == w["name"]]
         lines += ["", f"## {w['title']} (`{w['name']}`)", "", w["description"] + ".", ""]
-        lines += workload_table(mine, context["ceilings"][w["name"]], labels, context["time_scale"])
+        lines += workload_table(
+            mine,
+            context["ceilings"][w["name"]],
+            (context.get("capacity_ceilings") or {}).get(w["name"]),
+            labels,
+            context["time_scale"],
+        )
     if over:
         lines += [
             "",

@@ -234,6 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     versions = {c.key: c.version() if c.key not in unavailable else "-" for c in contenders}
 
     ceilings = {w.name: ceiling.hit_rate_ceiling(w) for w in workloads}
+    capacity = {w.name: ceiling.capacity_ceiling(w, spec.configs()) for w in workloads}
+    capacity_ceilings = {name: c.hit_rate for name, c in capacity.items()}
+    for name, c in capacity.items():
+        print(
+            f"bench: {name}: hit-rate ceiling {ceilings[name]:.1%} with infinite caches, "
+            f"{c.hit_rate:.1%} with the fleet's ({c.router}, speed x{c.speed:g})",
+            flush=True,
+        )
     results: list[metrics.RunResult] = []
     raw: dict[str, dict[str, list[Any]]] = {}
     failures: dict[str, str] = {}
@@ -299,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             for w in workloads
         ],
         "ceilings": ceilings,
+        "capacity_ceilings": capacity_ceilings,
+        "capacity_ceilings_by": {n: f"{c.router}, speed x{c.speed:g}" for n, c in capacity.items()},
         "labels": {c.key: c.label for c in contenders},
         "ha_policies": [c.key.removeprefix("ha-") for c in contenders if c.family == "llamacpp-ha"],
         "runtime_s": 0.0,

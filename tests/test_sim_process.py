@@ -191,6 +191,31 @@ class CliTest(unittest.TestCase):
         args = build_parser().parse_args(["--count", "2", "--port", "0"])
         self.assertEqual([c.port for c in build_configs(args)], [0, 0])
 
+    def test_cache_flags_follow_llama_server(self) -> None:
+        default = build_configs(build_parser().parse_args([]))[0]
+        self.assertEqual(
+            (default.cache_ram_mib, default.cache_idle_slots, default.kv_unified),
+            (8192, True, False),
+        )
+        self.assertEqual((default.similarity, default.cache_ram_tokens), (0.1, None))
+        auto = build_configs(build_parser().parse_args(["--slots", "auto"]))[0]
+        self.assertEqual((auto.slots, auto.kv_unified), (4, True))
+        args = build_parser().parse_args(
+            [
+                "--slots", "auto,2", "--no-kv-unified", "--no-cache-idle-slots",
+                "--cache-ram", "64,-1", "-sps", "0.5",
+            ]
+        )  # fmt: skip
+        configs = build_configs(args)
+        self.assertEqual([(c.slots, c.kv_unified) for c in configs], [(4, False), (2, False)])
+        self.assertEqual([c.cache_ram_mib for c in configs], [64, -1])
+        self.assertEqual({(c.similarity, c.cache_idle_slots) for c in configs}, {(0.5, False)})
+        # The older spellings still work: --similarity, and the cache bounded in tokens.
+        old = build_parser().parse_args(["--similarity", "0.3", "--cache-ram-tokens", "1000"])
+        self.assertEqual(
+            [(c.similarity, c.cache_ram_tokens) for c in build_configs(old)], [(0.3, 1000)]
+        )
+
     def test_names(self) -> None:
         args = build_parser().parse_args(["--name", "gpu-a,gpu-b", "--slots", "4"])
         self.assertEqual([c.name for c in build_configs(args)], ["gpu-a", "gpu-b"])

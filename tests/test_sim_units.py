@@ -1,12 +1,13 @@
-"""Pure parts of the simulator: tokenizer, template, replies, host cache, fault parsing."""
+"""Pure parts of the simulator: tokenizer, template, replies, prefixes, fault parsing."""
 
 from __future__ import annotations
 
+import random
 import unittest
 
 from llamacpp_sim import PROFILES, Fault, SimConfig
 from llamacpp_sim.generator import reply_pieces
-from llamacpp_sim.prompt_cache import HostCache, common_prefix_len
+from llamacpp_sim.prompt_cache import common_prefix_len
 from llamacpp_sim.template import render_chat
 from llamacpp_sim.tokenizer import BOS_ID, Tokenizer
 
@@ -61,7 +62,7 @@ class TokenizerTest(unittest.TestCase):
         self.assertEqual(len(reply_pieces(prompt, 7)), 7)
 
 
-class HostCacheTest(unittest.TestCase):
+class CommonPrefixTest(unittest.TestCase):
     def test_common_prefix_len(self) -> None:
         self.assertEqual(common_prefix_len([1, 2, 3, 4], [1, 2, 9]), 2)
         self.assertEqual(common_prefix_len([1, 2], [1, 2, 3]), 2)
@@ -69,23 +70,16 @@ class HostCacheTest(unittest.TestCase):
         long = list(range(5000))
         self.assertEqual(common_prefix_len(long, [*long[:4321], -1]), 4321)
 
-    def test_lru_bounded_by_tokens(self) -> None:
-        cache = HostCache(limit_tokens=10)
-        cache.save([1, 2, 3, 4])
-        cache.save([5, 6, 7, 8])
-        cache.save([9, 10, 11, 12])
-        self.assertLessEqual(cache.total_tokens, 10)
-        self.assertIsNone(cache.best([1, 2, 3, 4, 99], better_than=0))
-        self.assertEqual(cache.best([9, 10, 0], better_than=1), [9, 10, 11, 12])
-        self.assertIsNone(cache.best([9, 10, 0], better_than=2))
-
-    def test_prefix_entries_merge(self) -> None:
-        cache = HostCache(limit_tokens=100)
-        cache.save([1, 2])
-        cache.save([1, 2, 3])
-        self.assertEqual(len(cache), 1)
-        cache.save([1])
-        self.assertEqual(len(cache), 1)
+    def test_agrees_with_a_plain_loop(self) -> None:
+        rng = random.Random(7)
+        for _ in range(300):
+            a = [rng.randrange(3) for _ in range(rng.randrange(0, 400))]
+            b = a[: rng.randrange(0, len(a) + 1)] + [rng.randrange(3) for _ in range(50)]
+            expected = next(
+                (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)),
+            )
+            self.assertEqual(common_prefix_len(a, b), expected)
 
 
 class FaultAndConfigTest(unittest.TestCase):

@@ -4,8 +4,10 @@ Every per-backend flag takes one value for all backends or a comma-separated lis
 per backend: ``--count 3 --slots 4,2,1 --profile gpu-8b,gpu-8b,cpu-1b``. Backends listen on
 consecutive ports from ``--port`` (``--port 0``: each picks a free port); each prints one line
 ``llamacpp-ha-sim: backend NAME listening on http://HOST:PORT (...)`` on stdout, and nothing
-else is written there. ``--mode ticker`` serves the benchmark's timestamping stand-in instead
-(``ticker.py``).
+else is written there. The cache flags are llama-server's, with its defaults: ``--cache-ram``
+(MiB), ``--cache-idle-slots``, ``--kv-unified``, ``--slot-prompt-similarity``; ``--slots auto``
+is its ``-np auto`` (4 slots sharing one unified KV cache). ``--mode ticker`` serves the
+benchmark's timestamping stand-in instead (``ticker.py``).
 """
 
 from __future__ import annotations
@@ -58,7 +60,12 @@ def build_parser() -> _Parser:
     p.add_argument("--port", default="8081", help="first port; 0 picks free ports (default 8081)")
     p.add_argument("--count", type=int, default=None, help="number of backends (default 1)")
     p.add_argument("--name", default=None, help="one name per backend (default sim-0, sim-1, ...)")
-    p.add_argument("--slots", default="2", help="slots per backend (default 2)")
+    p.add_argument(
+        "--slots",
+        default="2",
+        help="slots per backend, or auto: 4 with a unified KV cache, as llama-server's -np auto "
+        "(default 2)",
+    )
     p.add_argument(
         "--profile",
         default="gpu-8b",
@@ -66,10 +73,50 @@ def build_parser() -> _Parser:
     )
     p.add_argument("--time-scale", default="1", help="run this many times faster (default 1)")
     p.add_argument("--model", default="sim-model", help="model alias (default sim-model)")
-    p.add_argument("--n-ctx", default="4096", help="context size per slot (default 4096)")
+    p.add_argument(
+        "--n-ctx",
+        default="4096",
+        help="context size per slot; with a unified KV cache, the context all slots share "
+        "(default 4096)",
+    )
     p.add_argument("--load-time", default="0", help="seconds answering 503 Loading model")
-    p.add_argument("--cache-ram", default="0", help="host prompt cache in tokens, 0 = off")
-    p.add_argument("--similarity", default="0.1", help="slot prompt similarity (default 0.1)")
+    p.add_argument(
+        "--cache-ram",
+        "-cram",
+        default="8192",
+        help="host memory for saved slot states in MiB, -1 = no limit, 0 = off; the profile "
+        "gives the bytes per token (default 8192, as llama-server)",
+    )
+    p.add_argument(
+        "--cache-ram-tokens",
+        default=None,
+        help="the host cache bounded in tokens instead, 0 = off (the simulator's older "
+        "--cache-ram); wins over --cache-ram",
+    )
+    p.add_argument(
+        "--slot-prompt-similarity",
+        "-sps",
+        "--similarity",
+        dest="similarity",
+        default="0.1",
+        help="how much of a prompt a slot's cache must match to be chosen for it, 0 = disabled "
+        "(default 0.1)",
+    )
+    p.add_argument(
+        "--cache-idle-slots",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="save idle slots to the host cache at each new task, and clear them with a unified "
+        "KV cache (default on, all backends)",
+    )
+    p.add_argument(
+        "--kv-unified",
+        "-kvu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one KV cache shared by all slots (default: on only with --slots auto, as "
+        "llama-server; all backends)",
+    )
     p.add_argument(
         "--default-max-tokens", default="16", help="reply length without max_tokens (16)"
     )
@@ -107,6 +154,12 @@ def _profile(value: str) -> str:
     return value
 
 
+def _slots(value: str) -> int:
+    if value in ("auto", "-1"):
+        return -1
+    return int(value)
+
+
 def _name(value: str) -> str:
     if not value or any(c.isspace() for c in value):
         raise ValueError("a name is not empty and has no spaces")
@@ -119,19 +172,22 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
         raise _UsageError("argument --count: must be >= 1")
     columns: dict[str, tuple[str, str, Callable[[str], Any]]] = {
         "port": ("port", "--port", int),
-        "slots": ("slots", "--slots", int),
+        "slots": ("slots", "--slots", _slots),
         "profile": ("profile", "--profile", _profile),
         "time_scale": ("time_scale", "--time-scale", float),
         "model": ("model", "--model", str),
         "n_ctx": ("n_ctx", "--n-ctx", int),
         "load_time_s": ("load_time", "--load-time", float),
-        "cache_ram_tokens": ("cache_ram", "--cache-ram", int),
-        "similarity": ("similarity", "--similarity", float),
+        "cache_ram_mib": ("cache_ram", "--cache-ram", int),
+        "cache_ram_tokens": ("cache_ram_tokens", "--cache-ram-tokens", int),
+        "similarity": ("similarity", "--slot-prompt-similarity", float),
         "default_max_tokens": ("default_max_tokens", "--default-max-tokens", int),
     }
     lists: dict[str, list[Any]] = {}
     for field, (dest, flag, convert) in columns.items():
-        lists[field], count = _values(flag, getattr(args, dest), convert, count)
+        raw = getattr(args, dest)
+        if raw is not None:
+            lists[field], count = _values(flag, raw, convert, count)
     names: list[str] | None = None
     if args.name is not None:
         names, count = _values("--name", args.name, _name, count)
@@ -151,6 +207,11 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
         }
         if len(lists["port"]) == 1 and kwargs["port"] != 0:
             kwargs["port"] += i
+        # llama-server: -np auto is 4 slots, and turns the unified KV cache on unless told.
+        auto_slots = kwargs["slots"] == -1
+        if auto_slots:
+            kwargs["slots"] = 4
+        kv_unified = args.kv_unified if args.kv_unified is not None else auto_slots
         try:
             configs.append(
                 SimConfig(
@@ -159,6 +220,8 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
                     slots_endpoint=not args.no_slots,
                     embeddings=not args.no_embeddings,
                     fault=fault,
+                    cache_idle_slots=args.cache_idle_slots,
+                    kv_unified=kv_unified,
                     name=names[i] if names is not None else f"sim-{i}",
                     **kwargs,
                 )

@@ -1,13 +1,18 @@
-"""Slots, their prompt caches, the server's own FIFO and the continuous-batching clock.
+"""Slots, the server's own FIFO and the continuous-batching clock.
 
-Slot choice follows llama-server: the slot named by ``id_slot``; otherwise the idle slot whose
-cache shares the longest common prefix with the prompt, if ``lcp / len(prompt)`` exceeds the
-similarity threshold; otherwise the least recently used idle slot. A task that finds no idle
-slot waits in a FIFO (llama-server's deferred queue) until a slot is released.
+Which slot a task gets, what it finds cached there and what the host cache saves and restores
+follow llama-server's rules, modelled in ``prompt_cache.py``. A task that finds no idle slot
+waits in a FIFO (llama-server's deferred queue, ``server-context.cpp:2383-2395``); each slot
+released moves one waiting task to the front of the queue, as
+``server_queue::pop_deferred_task()`` does (``server-queue.cpp:90-113``).
 
 One engine task steps every busy slot together: each step decodes one token for each generating
 slot and fills the rest of the batch with prompt tokens, and lasts as long as the profile says
-(``profiles.py``), divided by the time scale.
+(``profiles.py``), divided by the time scale. Copies of slot states to and from host memory
+stall the whole step loop, as they stall llama-server's one main thread. With a unified KV
+cache the slots share ``n_ctx`` cells: when a step does not fit, idle slots are purged one at a
+time, and when none is left every working slot fails (``server-context.cpp:3664-3716``:
+``try_clear_idle_slots()``, then "Context size has been exceeded." for every processing slot).
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from llamacpp_sim.profiles import Profile
-from llamacpp_sim.prompt_cache import HostCache, common_prefix_len
+from llamacpp_sim.config import SimConfig
+from llamacpp_sim.profiles import Profile, positions_sum
+from llamacpp_sim.prompt_cache import HostCache, PromptCaches, SlotCache
 
 # Behind schedule by more than this, the clock forgives the debt instead of bursting to catch
 # up: at large time scales the event loop's own overhead exceeds a step.
 _MAX_LAG_S = 0.05
+CONTEXT_EXCEEDED = "Context size has been exceeded."
 
 
 @dataclass(eq=False)
@@ -34,16 +41,21 @@ class GenTask:
     prompt: list[int]
     reply: list[int]
     id_slot: int | None = None
-    reuse_cache: bool = True
+    # The request's cache_prompt (true by default); stateless: an embedding, which neither
+    # reuses nor saves a cache.
+    cache_prompt: bool = True
+    stateless: bool = False
     on_start: Callable[[GenTask], None] | None = None
     task_id: int = 0
     slot_id: int | None = None
     cache_n: int = 0
+    restored_n: int = 0
     n_past: int = 0
     n_generated: int = 0
     paused: bool = False
     done: bool = False
     cancelled: bool = False
+    error: str | None = None
     arrived_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     prompt_done_at: float | None = None
@@ -77,14 +89,17 @@ class GenTask:
 
 @dataclass(eq=False)
 class Slot:
-    """One llama-server slot and the tokens its KV cache holds."""
+    """One llama-server slot: its task, and what its KV cache holds (``state``)."""
 
     id: int
     n_ctx: int
-    cache: list[int] = field(default_factory=list)
-    last_used: float = 0.0
+    state: SlotCache
     task: GenTask | None = None
     last_task: GenTask | None = None
+
+    @property
+    def cache(self) -> list[int]:
+        return self.state.tokens
 
 
 @dataclass
@@ -110,20 +125,41 @@ class Engine:
         n_slots: int,
         n_ctx: int,
         time_scale: float,
-        similarity: float,
-        cache_ram_tokens: int,
+        caches: PromptCaches | None = None,
     ) -> None:
         self.profile = profile
-        self.slots = [Slot(i, n_ctx) for i in range(n_slots)]
+        self.caches = caches or PromptCaches(
+            n_slots, similarity=0.1, host=None, cache_idle_slots=False, kv_unified=False
+        )
+        if len(self.caches.slots) != n_slots:
+            raise ValueError("the prompt caches have another number of slots")
+        self.slots = [Slot(i, n_ctx, self.caches.slots[i]) for i in range(n_slots)]
+        # A unified KV cache: every slot may grow to n_ctx, and all of them share n_ctx cells.
+        self.pool_tokens = n_ctx if self.caches.kv_unified else None
         self.time_scale = time_scale
-        self.similarity = similarity
-        self.host_cache = HostCache(cache_ram_tokens) if cache_ram_tokens > 0 else None
         self.stats = EngineStats()
         self.max_concurrent = 0
         self._deferred: deque[GenTask] = deque()
+        self._released: list[int] = []
+        self._in_step = False
+        self._stall_s = 0.0
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._next_task_id = 0
+
+    @classmethod
+    def from_config(cls, config: SimConfig) -> Engine:
+        return cls(
+            config.resolved_profile(),
+            config.slots,
+            config.n_ctx,
+            config.time_scale,
+            config.prompt_caches(),
+        )
+
+    @property
+    def host_cache(self) -> HostCache | None:
+        return self.caches.host
 
     @property
     def processing(self) -> int:
@@ -146,14 +182,11 @@ class Engine:
     def submit(self, task: GenTask) -> None:
         task.task_id = self._next_task_id
         self._next_task_id += 1
-        # Earlier deferred tasks go first: a newcomer may only take a slot if nobody waits for
-        # one, as in llama-server's FIFO (a task naming a busy slot waits whatever the queue).
-        slot = self._pick_slot(task) if not self._deferred else None
-        if slot is None:
+        # A newcomer takes an idle slot if there is one. Tasks waiting without id_slot leave no
+        # slot idle (a release hands its slot on at once), so only tasks waiting for a busy
+        # named slot can be overtaken, as in llama-server.
+        if not self._start(task):
             self._deferred.append(task)
-            self._drain_deferred()
-        else:
-            self._assign(task, slot)
 
     def cancel(self, task: GenTask) -> None:
         """Drop ``task`` wherever it is; idempotent. Its slot keeps what it had processed."""
@@ -162,52 +195,28 @@ class Engine:
         task.cancelled = True
         if task in self._deferred:
             self._deferred.remove(task)
-            self._finish(task)
-            return
         self._finish(task)
 
-    def _pick_slot(self, task: GenTask) -> Slot | None:
-        if task.id_slot is not None:
-            wanted = self.slots[task.id_slot]
-            return wanted if wanted.task is None else None
-        idle = [s for s in self.slots if s.task is None]
-        if not idle:
-            return None
-        best: Slot | None = None
-        best_sim = self.similarity
-        if task.reuse_cache and task.prompt:
-            for slot in idle:
-                sim = common_prefix_len(slot.cache, task.prompt) / len(task.prompt)
-                if sim > best_sim:
-                    best, best_sim = slot, sim
-        if best is not None:
-            return best
-        return min(idle, key=lambda s: s.last_used)
-
-    def _assign(self, task: GenTask, slot: Slot) -> None:
-        lcp = common_prefix_len(slot.cache, task.prompt) if task.reuse_cache else 0
-        if self.host_cache is not None and task.reuse_cache:
-            restored = self.host_cache.best(task.prompt, better_than=lcp)
-            if lcp < len(slot.cache):
-                self.host_cache.save(slot.cache)
-            if restored is not None:
-                slot.cache = restored
-                lcp = common_prefix_len(restored, task.prompt)
-        # llama-server always evaluates at least the last prompt token to get fresh logits.
-        cache_n = min(lcp, max(task.n_prompt - 1, 0))
-        del slot.cache[cache_n:]
-        task.cache_n = cache_n
-        task.n_past = cache_n
+    def _start(self, task: GenTask) -> bool:
+        launch = self.caches.launch(
+            task.prompt, task.id_slot, cache_prompt=task.cache_prompt, stateless=task.stateless
+        )
+        if launch is None:
+            return False
+        slot = self.slots[launch.slot_id]
+        task.cache_n = task.n_past = launch.cache_n
+        task.restored_n = launch.restored_tokens
         task.slot_id = slot.id
         task.started_at = time.monotonic()
         slot.task = task
         slot.last_task = task
-        slot.last_used = task.started_at
+        self._stall_s += self.profile.copy_s(launch.copied_bytes)
         self.max_concurrent = max(self.max_concurrent, self.processing)
-        self.stats.prompt_tokens_cached_total += cache_n
+        self.stats.prompt_tokens_cached_total += launch.cache_n
         if task.on_start is not None:
             task.on_start(task)
         self._wake.set()
+        return True
 
     def _finish(self, task: GenTask) -> None:
         task.done = True
@@ -217,17 +226,48 @@ class Engine:
         slot = self.slots[task.slot_id]
         if slot.task is task:
             slot.task = None
-            slot.last_used = time.monotonic()
-            self._drain_deferred()
+            self.caches.release(slot.id, time.monotonic())
+            self._released.append(slot.id)
+            if not self._in_step:
+                self._pop_deferred()
 
-    def _drain_deferred(self) -> None:
-        for task in list(self._deferred):
-            slot = self._pick_slot(task)
-            if slot is not None:
-                self._deferred.remove(task)
-                self._assign(task, slot)
-            elif task.id_slot is None:
+    def _pop_deferred(self) -> None:
+        # server_queue::pop_deferred_task(): each release moves one waiting task to the front of
+        # the queue, one that named the released slot if any, else the oldest; so of two slots
+        # released in one step, the second one's task is served first.
+        front: list[GenTask] = []
+        for slot_id in self._released:
+            if not self._deferred:
                 break
+            chosen = next((t for t in self._deferred if t.id_slot == slot_id), self._deferred[0])
+            self._deferred.remove(chosen)
+            front.insert(0, chosen)
+        self._released.clear()
+        for task in front:
+            if not self._start(task):
+                self._deferred.append(task)  # queue_tasks.defer(): to the back
+
+    def _fits(self, need: int) -> bool:
+        """Room in a unified KV cache for ``need`` more cells, purging idle slots for it."""
+        if self.pool_tokens is None:
+            return True
+        while self.pool_tokens - self.caches.used_tokens < need:
+            if not self.caches.purge_idle():
+                return False
+        return True
+
+    def _fail_working(self, message: str) -> None:
+        self._in_step = True
+        try:
+            for slot in self.slots:
+                task = slot.task
+                if task is not None:
+                    task.error = message
+                    self._finish(task)
+                    slot.cache.clear()  # "simply clear the entire context"
+        finally:
+            self._in_step = False
+        self._pop_deferred()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -249,7 +289,17 @@ class Engine:
                 prefill.append((task, n))
                 budget -= n
             n_prompt_tokens = sum(n for _, n in prefill)
-            deadline += self.profile.step_s(len(generating), n_prompt_tokens) / self.time_scale
+            if not self._fits(n_prompt_tokens + len(generating)):
+                self._fail_working(CONTEXT_EXCEEDED)
+                continue
+            step_s = self.profile.step_s(
+                len(generating),
+                n_prompt_tokens,
+                prompt_positions=sum(positions_sum(t.n_past, n) for t, n in prefill),
+                decode_context=sum(t.n_prompt + t.n_generated for t in generating),
+            )
+            deadline += (self._stall_s + step_s) / self.time_scale
+            self._stall_s = 0.0
             delay = deadline - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -257,7 +307,12 @@ class Engine:
                 await asyncio.sleep(0)
                 if delay < -_MAX_LAG_S:
                     deadline = loop.time()
-            self._apply_step(prefill, generating)
+            self._in_step = True
+            try:
+                self._apply_step(prefill, generating)
+            finally:
+                self._in_step = False
+            self._pop_deferred()
 
     def _apply_step(self, prefill: list[tuple[GenTask, int]], generating: list[GenTask]) -> None:
         now = time.monotonic()
@@ -286,12 +341,13 @@ class Engine:
 
     def _emit_token(self, task: GenTask, now: float) -> None:
         if task.n_generated < len(task.reply):
-            token = task.reply[task.n_generated]
+            if task.n_generated > 0 and task.slot_id is not None:
+                # The previous token was decoded in this step, so it is in the KV cache now; the
+                # last sampled token never is (handle_last_sampled_token()).
+                self.slots[task.slot_id].cache.append(task.reply[task.n_generated - 1])
             task.n_generated += 1
             task.last_token_at = now
             self.stats.tokens_predicted_total += 1
-            if task.slot_id is not None:
-                self.slots[task.slot_id].cache.append(token)
         self.stats.n_tokens_max = max(self.stats.n_tokens_max, task.n_prompt + task.n_generated)
         if task.n_generated >= len(task.reply):
             self.stats.tokens_predicted_seconds_total += task.predicted_ms / 1000.0

@@ -33,7 +33,7 @@ from llamacpp_sim.stream import (
     write_bad_status_line,
 )
 from llamacpp_sim.template import TemplateError, render_anthropic, render_chat
-from llamacpp_sim.tokenizer import Tokenizer
+from llamacpp_sim.tokenizer import N_VOCAB, Tokenizer
 from llamacpp_sim.wire import HEADERS, ApiError, json_response, read_json
 
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -146,6 +146,8 @@ class Inference:
             job.task.paused = True
             await forever()
         await job.wait_done()
+        if job.task.error is not None:
+            raise ApiError(500, job.task.error, "server_error")
         if fault is not None and fault.crash_after_chunks is not None:
             job.rec.outcome = "fault"
             self.engine.cancel(job.task)
@@ -158,12 +160,16 @@ class Inference:
         self,
         request: web.Request,
         body: dict[str, Any],
-        prompt_text: str,
+        prompt_in: str | list[int],
         limit_keys: tuple[str, ...],
     ) -> _Job:
         cfg = self.config
         tokenizer = self.tokenizer
-        prompt = tokenizer.tokenize(prompt_text, add_bos=True)
+        # Token ids are taken as they are, without a BOS, as llama-server takes them.
+        if isinstance(prompt_in, str):
+            prompt = tokenizer.tokenize(prompt_in, add_bos=True)
+        else:
+            prompt = list(prompt_in)
         self._check_context(len(prompt))
         limit: int | None = None
         for key in limit_keys:
@@ -187,6 +193,7 @@ class Inference:
             prompt=prompt,
             reply=[tokenizer.piece_id(p) for p in pieces],
             id_slot=self._id_slot(body),
+            cache_prompt=body.get("cache_prompt", True) is not False,
             on_start=_recorder(rec),
         )
         model = body.get("model")
@@ -247,6 +254,8 @@ class Inference:
                     role_sent = True
                 delta = {"content": job.pieces[i]}
                 await writer.send_data(dumps(shapes.chat_chunk(delta, None, job.model, cmpl_id)))
+            if job.task.error is not None:
+                return await _stream_error(writer, job.task.error, anthropic=False)
             if not role_sent:
                 await writer.send_data(dumps(shapes.chat_chunk(role, None, job.model, cmpl_id)))
             last = shapes.chat_chunk({}, job.finish, job.model, cmpl_id)
@@ -262,7 +271,7 @@ class Inference:
         blocked = await self._gate(request, stream)
         if blocked is not None:
             return blocked
-        job = self._start_job(request, body, _prompt_text(body), ("max_tokens", "n_predict"))
+        job = self._start_job(request, body, _prompt(body), ("max_tokens", "n_predict"))
         cmpl_id = self._new_id("cmpl-")
         try:
             if not stream:
@@ -278,6 +287,8 @@ class Inference:
                     job.task, job.pieces[i], None, job.model, cmpl_id, final=False
                 )
                 await writer.send_data(dumps(chunk))
+            if job.task.error is not None:
+                return await _stream_error(writer, job.task.error, anthropic=False)
             last = shapes.text_completion(job.task, "", job.finish, job.model, cmpl_id, False)
             return await _end_openai_stream(writer, body, job, last, "text_completion", cmpl_id)
         finally:
@@ -289,8 +300,9 @@ class Inference:
         blocked = await self._gate(request, stream)
         if blocked is not None:
             return blocked
-        prompt_text = _prompt_text(body, key="prompt")
-        job = self._start_job(request, body, prompt_text, ("n_predict", "max_tokens"))
+        prompt = _prompt(body)
+        prompt_text = prompt if isinstance(prompt, str) else self.tokenizer.detokenize(prompt)
+        job = self._start_job(request, body, prompt, ("n_predict", "max_tokens"))
         stop_type = "limit" if job.finish == "length" else "eos"
         try:
             if not stream:
@@ -304,6 +316,8 @@ class Inference:
             async for i in job.new_tokens():
                 chunk = shapes.native_chunk(job.task, job.pieces[i], job.task.reply[i])
                 await writer.send_data(dumps(chunk))
+            if job.task.error is not None:
+                return await _stream_error(writer, job.task.error, anthropic=False)
             final = shapes.native_completion(
                 job.task, "", stop_type, job.model, prompt_text, stream=True
             )
@@ -342,6 +356,8 @@ class Inference:
                     "content_block_delta",
                     dumps({"type": "content_block_delta", "index": 0, "delta": delta}),
                 )
+            if job.task.error is not None:
+                return await _stream_error(writer, job.task.error, anthropic=True)
             if not started:
                 await self._anthropic_start(writer, job, msg_id)
             await writer.send_event(
@@ -412,7 +428,7 @@ class Inference:
             prompt=[t for tokens in inputs for t in tokens],
             reply=[],
             id_slot=self._id_slot(body),
-            reuse_cache=False,
+            stateless=True,
             on_start=_recorder(rec),
         )
         self.engine.submit(task)
@@ -476,13 +492,22 @@ def _include_usage(body: dict[str, Any]) -> bool:
     return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
-def _prompt_text(body: dict[str, Any], key: str = "prompt") -> str:
-    prompt = body.get(key)
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+def _prompt(body: dict[str, Any]) -> str | list[int]:
+    """A prompt as text, or as token ids (``[12, 34, ...]``, or ``[[12, 34, ...]]``)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ApiError(400, f"'{key}' must be a string", "invalid_request_error")
-    return prompt
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    ):
+        if not all(0 <= t < N_VOCAB for t in prompt):
+            raise ApiError(400, "Prompt contains invalid tokens", "invalid_request_error")
+        return list(prompt)
+    raise ApiError(
+        400, "'prompt' must be a string or an array of token ids", "invalid_request_error"
+    )
 
 
 def _embedding(tokens: list[int], dim: int) -> list[float]:
@@ -491,6 +516,16 @@ def _embedding(tokens: list[int], dim: int) -> list[float]:
     vec = [rng.gauss(0.0, 1.0) for _ in range(dim)]
     norm = math.sqrt(sum(v * v for v in vec)) or 1.0
     return [v / norm for v in vec]
+
+
+async def _stream_error(writer: SseWriter, message: str, anthropic: bool) -> web.StreamResponse:
+    """A failure after the stream began, as llama-server sends it: an error event, no [DONE]."""
+    error = error_body(500, message, "server_error")
+    if anthropic:
+        await writer.send_event("error", dumps(error["error"]))
+    else:
+        await writer.send_data(dumps(error))
+    return await writer.finish()
 
 
 async def _end_openai_stream(

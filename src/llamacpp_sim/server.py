@@ -50,14 +50,7 @@ class SimBackend:
         self.config = config
         self.profile = config.resolved_profile()
         self.tokenizer = Tokenizer()
-        self.engine = Engine(
-            profile=self.profile,
-            n_slots=config.slots,
-            n_ctx=config.n_ctx,
-            time_scale=config.time_scale,
-            similarity=config.similarity,
-            cache_ram_tokens=config.cache_ram_tokens,
-        )
+        self.engine = Engine.from_config(config)
         self.requests: list[RecordedRequest] = []
         self.created = int(time.time())
         self._fault: Fault | None = None

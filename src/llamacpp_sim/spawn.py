@@ -146,8 +146,11 @@ def spawn(
     model: PerBackend[str] | None = None,
     n_ctx: PerBackend[int] | None = None,
     load_time_s: PerBackend[float] | None = None,
+    cache_ram_mib: PerBackend[int] | None = None,
     cache_ram_tokens: PerBackend[int] | None = None,
     similarity: PerBackend[float] | None = None,
+    cache_idle_slots: bool | None = None,
+    kv_unified: bool | None = None,
     default_max_tokens: PerBackend[int] | None = None,
     aliases: Sequence[str] = (),
     slots_endpoint: bool = True,
@@ -163,7 +166,9 @@ def spawn(
     """Start ``count`` simulated backends (default: one per value of the per-backend lists) in
     a child process and return once each listens.
 
-    A value left at None is the CLI's default; ``port=0`` (the default) picks free ports.
+    A value left at None is the CLI's default; ``port=0`` (the default) picks free ports;
+    ``slots=-1`` is llama-server's ``-np auto``. ``cache_ram_mib`` is ``--cache-ram`` (MiB);
+    ``cache_ram_tokens`` the older bound in tokens.
     ``log_path``: the child's stdout and stderr go to this file (else stdout is discarded once
     read, and stderr is ours). ``wrapper``: a command prefix such as ``taskset -c 1``.
     ``new_session``: the child leads a process group of its own, out of reach of the terminal's
@@ -177,8 +182,9 @@ def spawn(
         "--model": model,
         "--n-ctx": n_ctx,
         "--load-time": load_time_s,
-        "--cache-ram": cache_ram_tokens,
-        "--similarity": similarity,
+        "--cache-ram": cache_ram_mib,
+        "--cache-ram-tokens": cache_ram_tokens,
+        "--slot-prompt-similarity": similarity,
         "--default-max-tokens": default_max_tokens,
     }
     lengths = [
@@ -199,6 +205,10 @@ def spawn(
         flags.append("--no-slots")
     if not embeddings:
         flags.append("--no-embeddings")
+    if cache_idle_slots is not None:
+        flags.append("--cache-idle-slots" if cache_idle_slots else "--no-cache-idle-slots")
+    if kv_unified is not None:
+        flags.append("--kv-unified" if kv_unified else "--no-kv-unified")
     if fault is not None:
         flags += ["--fault", json.dumps(fault.to_json())]
     command = [*wrapper, sys.executable, "-m", "llamacpp_sim", *flags]
