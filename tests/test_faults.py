@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from hostile import HostileBackend, Script, chat_chunks, sse
 from llamacpp_sim import Fault, RecordedRequest, SimBackend, SimConfig, SimProcess, spawn
 from serving import balancer_for, sims
 from sim_support import wait_until
@@ -478,3 +479,31 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
             self.assertIn(b" 408 ", status_line)
             writer.close()
             self.assertEqual(generations(sim), [])
+
+
+class HostileStreamTest(unittest.IsolatedAsyncioTestCase):
+    """Faults the simulator cannot make: a stall or a cut at any byte of a stream."""
+
+    async def test_a_stall_at_any_byte_ends_with_whole_events_and_frees_the_slot(self) -> None:
+        body = sse(*chat_chunks(3))
+        async with httpx.AsyncClient(timeout=10) as http:
+            for stop_at in range(40, len(body), 97):
+                async with (
+                    HostileBackend([Script(body, stop_at=stop_at, stop="stall")], slots=1) as fake,
+                    balancer_for([], backends=[fake.url], idle_timeout_s=0.3) as lb,
+                ):
+                    response = await http.post(
+                        lb.url + "/v1/chat/completions",
+                        json={"messages": [{"role": "user", "content": "x"}], "stream": True},
+                    )
+                    events = [
+                        json.loads(line[5:])
+                        for line in response.content.splitlines()
+                        if line.startswith(b"data:")
+                    ]
+                    if response.status_code == 200:
+                        self.assertEqual(events[-1]["error"]["code"], "backend_timeout", stop_at)
+                    else:  # stalled before the first whole event: nothing was sent yet
+                        self.assertEqual(response.status_code, 504, stop_at)
+                    slots = lb.balancer.registry.backends[0].slots
+                    await wait_until(lambda slots=slots: slots.in_flight == 0)
