@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from hostile import HostileBackend, Script, chat_chunks, sse
+from llamacpp_ha.slot_ledger import SlotLedger
 from llamacpp_sim import Fault, RecordedRequest, SimBackend, SimConfig, SimProcess, spawn
 from serving import balancer_for, sims
 from sim_support import wait_until
@@ -506,4 +507,8 @@ class HostileStreamTest(unittest.IsolatedAsyncioTestCase):
                     else:  # stalled before the first whole event: nothing was sent yet
                         self.assertEqual(response.status_code, 504, stop_at)
                     slots = lb.balancer.registry.backends[0].slots
-                    await wait_until(lambda slots=slots: slots.in_flight == 0)
+
+                    def freed(slots: SlotLedger = slots) -> bool:
+                        return slots.in_flight == 0
+
+                    await wait_until(freed)
