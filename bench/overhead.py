@@ -259,9 +259,10 @@ def _over(stats: dict[str, float | None], base: dict[str, float | None]) -> bool
 
 
 def _added(stats: dict[str, float | None], base: dict[str, float | None]) -> float | None:
-    if stats.get("p99") is None or base.get("p99") is None:
+    mine, theirs = stats.get("p99"), base.get("p99")
+    if mine is None or theirs is None:
         return None
-    return float(stats["p99"]) - float(base["p99"])  # type: ignore[arg-type]
+    return float(mine) - float(theirs)
 
 
 def generator_limit(baseline: dict[int, dict[str, float | None]]) -> int | None:

@@ -103,9 +103,10 @@ def overhead_table(over: list[OverheadResult], labels: dict[str, str]) -> list[s
     for o in over:
 
         def added(mine: dict[str, float | None], theirs: dict[str, float | None], q: str) -> str:
-            if base is None or mine.get(q) is None or theirs.get(q) is None:
+            a, b = mine.get(q), theirs.get(q)
+            if base is None or a is None or b is None:
                 return "n/a"
-            return f"{float(mine[q]) - float(theirs[q]):+.2f} ms"  # type: ignore[arg-type]
+            return f"{float(a) - float(b):+.2f} ms"
 
         if o.contender == "direct":
             low50 = f"{_f(o.ttft_low_ms.get('p50'), 2)} ms (abs.)"

@@ -21,6 +21,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 TRACE = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
 TRACE_FILE = "mooncake-conversation.jsonl"
@@ -169,6 +170,15 @@ def burst(
     )
 
 
+class TraceRow(TypedDict):
+    """One line of the Mooncake conversation trace (lengths in tokens, ids of 512-token blocks)."""
+
+    timestamp: int
+    input_length: int
+    output_length: int
+    hash_ids: list[int]
+
+
 @dataclass(frozen=True)
 class TraceScale:
     """How the Mooncake trace is shrunk to the simulated fleet."""
@@ -193,8 +203,9 @@ def mooncake(seed: int, name: str, scale: TraceScale, trace_dir: Path = TRACE) -
     ``512 / token_divisor`` words drawn from a generator seeded by the block id, so equal ids
     give byte-identical text; the hour is compressed to ``span_s``.
     """
-    rows = [json.loads(line) for line in (trace_dir / TRACE_FILE).read_text().splitlines()]
-    groups: dict[int, list[dict[str, object]]] = {}
+    lines = (trace_dir / TRACE_FILE).read_text().splitlines()
+    rows: list[TraceRow] = [json.loads(line) for line in lines]
+    groups: dict[int, list[TraceRow]] = {}
     for row in rows:
         ids = row["hash_ids"]
         if isinstance(ids, list) and len(ids) > 1:
@@ -216,12 +227,12 @@ def mooncake(seed: int, name: str, scale: TraceScale, trace_dir: Path = TRACE) -
         n_tokens = min(
             math.ceil(int(row["input_length"]) / scale.token_divisor), scale.max_prompt_tokens
         )
-        blocks = [text_of(int(b)) for b in row["hash_ids"]]  # type: ignore[attr-defined]
+        blocks = [text_of(int(b)) for b in row["hash_ids"]]
         # Each word is one token followed by one space, so cutting whole words cuts tokens.
         prompt = "".join(blocks).split(" ")[:n_tokens]
         out = max(1, math.ceil(int(row["output_length"]) / scale.output_divisor))
         start = (int(row["timestamp"]) - t_first) / t_span * scale.span_s
-        key = f"conv-{row['hash_ids'][1]}"  # type: ignore[index]
+        key = f"conv-{row['hash_ids'][1]}"
         sessions.append(Session(start, key, (Turn(" ".join(prompt) + " ", out),), completion=True))
     return Workload(
         name,

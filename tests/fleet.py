@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import TypedDict, Unpack
 
 from llamacpp_ha.config import BackendConfig
 from llamacpp_ha.policies import RoutingRequest
@@ -10,7 +12,9 @@ from llamacpp_ha.queue import QueueEntry
 from llamacpp_ha.registry import BackendState, Health, Registry
 
 
-def make_registry(*specs: tuple[str, int, tuple[str, ...]], on_change=lambda: None) -> Registry:  # type: ignore[no-untyped-def]
+def make_registry(
+    *specs: tuple[str, int, tuple[str, ...]], on_change: Callable[[], None] = lambda: None
+) -> Registry:
     """A registry whose backends (name, slots, model ids) are ready, as after a good poll."""
     registry = Registry(
         [BackendConfig(url=f"http://{name}.invalid:8080", name=name) for name, _, _ in specs],
@@ -30,8 +34,14 @@ def set_ready(backend: BackendState, slots: int, models: tuple[str, ...] = ("m",
     backend.slots.observe(total=slots, busy_on_backend=0)
 
 
-def _entry(**kwargs: object) -> QueueEntry:
-    routing = kwargs.pop("routing", RoutingRequest(model=None))
-    entry = QueueEntry(routing=routing, **kwargs)  # type: ignore[arg-type]
+class _EntryFields(TypedDict, total=False):
+    priority: int
+    enqueued_at: float
+
+
+def _entry(routing: RoutingRequest | None = None, **fields: Unpack[_EntryFields]) -> QueueEntry:
+    if routing is None:
+        routing = RoutingRequest(model=None)
+    entry = QueueEntry(routing=routing, **fields)
     entry.future = asyncio.get_running_loop().create_future()
     return entry

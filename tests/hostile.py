@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -114,7 +114,7 @@ class HostileBackend:
             writer.close()
 
 
-_POLLS = {
+_POLLS: dict[str, Callable[[HostileBackend], object]] = {
     "/health": lambda b: {"status": "ok"},
     "/v1/models": lambda b: {"object": "list", "data": [{"id": "m", "object": "model"}]},
     "/slots": lambda b: b._slots(),

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from llamacpp_sim import SimBackend, SimConfig
+from llamacpp_sim import RecordedRequest, SimBackend, SimConfig
 
 # Captured exchanges of a real llama-server, kept beside the tests; LLAMACPP_HA_SAMPLES names
 # another directory of them.
@@ -41,6 +41,12 @@ def sample(name: str) -> tuple[int, dict[str, str], str]:
 
 def sample_json(name: str) -> Any:
     return json.loads(sample(name)[2])
+
+
+def json_body(record: RecordedRequest) -> Any:
+    """The JSON body the simulator recorded; the test fails if the request sent none."""
+    assert record.json is not None, f"{record.method} {record.path} had no JSON body"
+    return record.json
 
 
 def sse_payloads(body: str) -> list[str]:

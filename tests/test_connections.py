@@ -14,7 +14,8 @@ import unittest.mock
 from llamacpp_ha.config import build_config
 from llamacpp_ha.connections import ConnectionGuard, connection_room, raise_open_file_limit
 from llamacpp_sim import SimConfig
-from serving import Served, balancer_for, sims, wait_until
+from serving import Served, balancer_for, sims
+from sim_support import wait_until
 
 MiB = 1024 * 1024
 

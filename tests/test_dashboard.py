@@ -100,7 +100,7 @@ def problems(query: str, exposed: dict[str, frozenset[str] | None]) -> list[str]
         ast = promql_parser.parse(_GRAFANA_DURATION.sub("5m", query))
     except ValueError as error:
         return [f"does not parse: {error}"]
-    found: list[str] = []
+    found = []
 
     def labels_of(node: Any) -> frozenset[str]:
         every: set[str] = set(TARGET_LABELS)

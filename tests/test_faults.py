@@ -18,14 +18,15 @@ from typing import Any
 import httpx
 
 from hostile import HostileBackend, Script, chat_chunks, sse
-from llamacpp_sim import Fault, SimBackend, SimConfig, SimProcess, spawn
+from llamacpp_ha.slot_ledger import SlotLedger
+from llamacpp_sim import Fault, RecordedRequest, SimBackend, SimConfig, SimProcess, spawn
 from serving import balancer_for, sims
 from sim_support import wait_until
 
 GENERATION = ("/v1/chat/completions", "/v1/completions", "/completion")
 
 
-def generations(sim: SimBackend) -> list:  # type: ignore[type-arg]
+def generations(sim: SimBackend) -> list[RecordedRequest]:
     return [r for r in sim.requests if r.path.split("?")[0] in GENERATION]
 
 
@@ -174,7 +175,7 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
     async def test_close_and_reset_mid_stream(self) -> None:
         for mode in ("close", "reset"):
             with self.subTest(mode=mode):
-                fault = Fault(crash_after_chunks=3, crash_mode=mode)  # type: ignore[arg-type]
+                fault = Fault(crash_after_chunks=3, crash_mode=mode)
                 async with (
                     sims(SimConfig(slots=1, profile="test", fault=fault)) as (sim,),
                     balancer_for([sim]) as lb,
@@ -186,7 +187,7 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
                     self.assertIn(b'"bad_gateway"', events[-1])
                     self.assertNotIn(b"[DONE]", body)
                     # Counted as what it was: a failure of that backend, not a success.
-                    await wait_until(lambda lb=lb: lb.balancer.stats.in_flight == 0)
+                    await wait_until(lambda: lb.balancer.stats.in_flight == 0)
                     self.assertEqual(
                         (lb.balancer.stats.failed, lb.balancer.stats.succeeded), (1, 0)
                     )
@@ -506,4 +507,8 @@ class HostileStreamTest(unittest.IsolatedAsyncioTestCase):
                     else:  # stalled before the first whole event: nothing was sent yet
                         self.assertEqual(response.status_code, 504, stop_at)
                     slots = lb.balancer.registry.backends[0].slots
-                    await wait_until(lambda slots=slots: slots.in_flight == 0)
+
+                    def freed(slots: SlotLedger = slots) -> bool:
+                        return slots.in_flight == 0
+
+                    await wait_until(freed)

@@ -13,7 +13,7 @@ import threading
 import unittest
 from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import httpx
@@ -130,6 +130,7 @@ def balancer_in_a_thread() -> Iterator[tuple[Served, asyncio.AbstractEventLoop]]
 
 
 class FuzzTest(unittest.TestCase):
+    _context: AbstractContextManager[tuple[Served, asyncio.AbstractEventLoop]]
     served: Served
     loop: asyncio.AbstractEventLoop
     http: httpx.Client

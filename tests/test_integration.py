@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import unittest
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
 
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from llamacpp_ha.config import build_config
@@ -13,7 +16,21 @@ from llamacpp_ha.proxy import PROXIED_PATHS, create_app
 DEAD_BACKEND = "http://127.0.0.1:9"
 
 
-def app_with(**overrides: object):  # type: ignore[no-untyped-def]
+class Answer(Protocol):
+    """What the tests read of a TestClient response (httpx2's, or httpx's without httpx2)."""
+
+    status_code: int
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def json(self) -> Any: ...
+
+
+def app_with(**overrides: object) -> FastAPI:
     settings: dict[str, object] = {"backends": [DEAD_BACKEND], "poll_interval_s": 0.05}
     settings.update(overrides)
     return create_app(build_config(settings))
@@ -24,7 +41,7 @@ class ErrorShapeTest(unittest.TestCase):
         # The context manager form runs the app's lifespan (scheduler, poller, client session).
         self.client = self.enterContext(TestClient(app_with(max_body_size=1000)))
 
-    def assertError(self, response, status: int, code: str | None = None) -> None:  # type: ignore[no-untyped-def]
+    def assertError(self, response: Answer, status: int, code: str | None = None) -> None:
         self.assertEqual(response.status_code, status, response.text)
         self.assertEqual(response.headers["content-type"], "application/json")
         error = response.json()["error"]
@@ -60,7 +77,7 @@ class ErrorShapeTest(unittest.TestCase):
         )
 
     def test_oversized_body_without_length(self) -> None:
-        def chunks():  # type: ignore[no-untyped-def]
+        def chunks() -> Iterator[bytes]:
             for _ in range(10):
                 yield b" " * 200
 
@@ -112,10 +129,10 @@ class AuthTest(unittest.TestCase):
     def setUp(self) -> None:
         self.client = self.enterContext(TestClient(app_with(api_keys=["key-one", "key-two"])))
 
-    def post(self, headers: dict[str, str]):  # type: ignore[no-untyped-def]
+    def post(self, headers: dict[str, str]) -> Answer:
         return self.client.post("/v1/chat/completions", content=b"{bad", headers=headers)
 
-    def assert401(self, response) -> None:  # type: ignore[no-untyped-def]
+    def assert401(self, response: Answer) -> None:
         self.assertEqual(response.status_code, 401)
         self.assertEqual(response.json()["error"]["type"], "authentication_error")
         self.assertEqual(response.headers["www-authenticate"], "Bearer")

@@ -11,7 +11,8 @@ import httpx
 from llamacpp_ha.logs import JsonFormatter, TextFormatter
 from llamacpp_ha.logsafe import MAX_FIELD_CHARS, clean
 from llamacpp_sim import SimConfig
-from serving import balancer_for, sims, wait_until
+from serving import balancer_for, sims
+from sim_support import wait_until
 
 # What must never reach a log line raw: line breaks, a terminal escape, C1, DEL, separators.
 RAW = ("\n", "\r", "\x1b", "\x00", "\x7f", "\x85", "\u2028", "\u2029", "\u202e")
@@ -85,6 +86,7 @@ class RequestLogTest(unittest.IsolatedAsyncioTestCase):
                         request.url = request.url.copy_with(raw_path=path.encode())
                         self.assertIn((await http.send(request)).status_code, (401, 404))
                 # An id the middleware does not accept is replaced; httptools refuses an ESC (400).
+                raw_good = {name.encode(): value.encode() for name, value in good.items()}
                 for request_id in (b"%0aFORGED", "a\u2028b".encode(), b"\x1b[31m"):
                     response = await http.post(
                         lb.url + "/v1/chat/completions",
@@ -92,7 +94,7 @@ class RequestLogTest(unittest.IsolatedAsyncioTestCase):
                             "model": "plain-model",
                             "messages": [{"role": "user", "content": "x"}],
                         },
-                        headers={**good, "X-Request-Id": request_id},  # type: ignore[dict-item]
+                        headers={**raw_good, b"X-Request-Id": request_id},
                     )
                     self.assertIn(response.status_code, (200, 400))
                 response = await http.post(

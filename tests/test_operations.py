@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llamacpp_ha.config import build_config
 from llamacpp_ha.logs import JsonFormatter
-from llamacpp_sim import Fault, SimConfig
+from llamacpp_sim import Fault, SimBackend, SimConfig
 from serving import balancer_for, free_port, sims
 from sim_support import wait_until
 
@@ -27,7 +27,7 @@ def chat(content: str = "hi", **extra: object) -> dict[str, object]:
     return {"messages": [{"role": "user", "content": content}], "max_tokens": 3, **extra}
 
 
-def generations(sim) -> int:  # type: ignore[no-untyped-def]
+def generations(sim: SimBackend) -> int:
     return len([r for r in sim.requests if r.path == "/v1/chat/completions"])
 
 

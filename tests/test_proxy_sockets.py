@@ -13,15 +13,16 @@ import unittest
 
 import httpx
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
-from llamacpp_sim import SimBackend, SimConfig
+from llamacpp_sim import RecordedRequest, SimBackend, SimConfig
 from serving import balancer_for, sims
-from sim_support import wait_until
+from sim_support import json_body, wait_until
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/completion")
 
 
-def generations(sim: SimBackend) -> list:  # type: ignore[type-arg]
+def generations(sim: SimBackend) -> list[RecordedRequest]:
     return [r for r in sim.requests if r.path.split("?")[0] in GENERATION_PATHS]
 
 
@@ -81,9 +82,13 @@ class ProxySocketTest(unittest.IsolatedAsyncioTestCase):
                         self.http.post(lb.url + "/v1/chat/completions", json=chat(f"n{i}", 2))
                     )
                 )
-                await wait_until(lambda i=i: len(lb.balancer.queue) == i + 1)
+
+                def enqueued(n: int = i + 1) -> bool:
+                    return len(lb.balancer.queue) == n
+
+                await wait_until(enqueued)
             await asyncio.wait_for(asyncio.gather(blocker, *waiters), 20)
-            seen = [r.json["messages"][0]["content"] for r in generations(fleet[0])]
+            seen = [json_body(r)["messages"][0]["content"] for r in generations(fleet[0])]
             self.assertEqual(seen, ["first"] + [f"n{i}" for i in range(6)])
 
     async def test_queue_timeout_answer(self) -> None:
@@ -142,7 +147,7 @@ class ProxySocketTest(unittest.IsolatedAsyncioTestCase):
             await wait_until(lambda: len(lb.balancer.queue) == 0)
             await asyncio.wait_for(blocker, 20)  # its slot was freed with no one queued
             self.assertEqual(
-                [r.json["messages"][0]["content"] for r in generations(fleet[0])], ["first"]
+                [json_body(r)["messages"][0]["content"] for r in generations(fleet[0])], ["first"]
             )
 
     async def test_disconnect_mid_stream_frees_the_slot_fast(self) -> None:
@@ -163,6 +168,7 @@ class ProxySocketTest(unittest.IsolatedAsyncioTestCase):
                 closed_at = time.monotonic()
             await asyncio.wait_for(record.done.wait(), 2)
             self.assertEqual(record.outcome, "client_closed")
+            assert record.ended_at is not None  # set before done is
             self.assertLess(record.ended_at - closed_at, 0.1)
             await wait_until(
                 lambda: lb.balancer.registry.backends[0].slots.in_flight == 0, within_s=1
@@ -200,12 +206,14 @@ class ProxySocketTest(unittest.IsolatedAsyncioTestCase):
             homes: dict[int, set[int]] = {}
 
             async def conversation(n: int) -> None:
-                messages = [{"role": "system", "content": "You are terse."}]
+                messages: list[ChatCompletionMessageParam] = [
+                    {"role": "system", "content": "You are terse."}
+                ]
                 for turn in range(4):
                     messages.append({"role": "user", "content": f"conversation {n} turn {turn}"})
                     reply = await client.chat.completions.create(
                         model="sim-model", messages=messages, max_tokens=6
-                    )  # type: ignore[arg-type]
+                    )
                     messages.append(
                         {"role": "assistant", "content": reply.choices[0].message.content or ""}
                     )
@@ -213,7 +221,7 @@ class ProxySocketTest(unittest.IsolatedAsyncioTestCase):
             await asyncio.wait_for(asyncio.gather(*(conversation(n) for n in range(6))), 30)
             for index, sim in enumerate(fleet):
                 for record in generations(sim):
-                    n = int(record.json["messages"][1]["content"].split()[1])
+                    n = int(json_body(record)["messages"][1]["content"].split()[1])
                     homes.setdefault(n, set()).add(index)
             self.assertEqual(len(homes), 6)
             for n, backends in homes.items():
@@ -275,7 +283,8 @@ class ProxySocketTest(unittest.IsolatedAsyncioTestCase):
             reply = await client.chat.completions.create(
                 model="any-name", messages=[{"role": "user", "content": "hi"}], max_tokens=5
             )
-            self.assertEqual(reply.usage.completion_tokens, 5)  # type: ignore[union-attr]
+            assert reply.usage is not None
+            self.assertEqual(reply.usage.completion_tokens, 5)
             stream = await client.chat.completions.create(
                 model="sim-model",
                 messages=[{"role": "user", "content": "hi"}],
@@ -284,13 +293,15 @@ class ProxySocketTest(unittest.IsolatedAsyncioTestCase):
                 stream_options={"include_usage": True},
             )
             chunks = [chunk async for chunk in stream]
-            self.assertEqual(chunks[-1].usage.completion_tokens, 5)  # type: ignore[union-attr]
+            assert chunks[-1].usage is not None
+            self.assertEqual(chunks[-1].usage.completion_tokens, 5)
             models = await client.models.list()
             self.assertEqual([m.id for m in models.data], ["sim-model"])
             completion = await client.completions.create(
                 model="sim-model", prompt="once upon", max_tokens=3
             )
-            self.assertEqual(completion.usage.completion_tokens, 3)  # type: ignore[union-attr]
+            assert completion.usage is not None
+            self.assertEqual(completion.usage.completion_tokens, 3)
             await client.close()
 
     async def test_unknown_model_in_a_mixed_fleet(self) -> None:
@@ -311,7 +322,7 @@ class ProxySocketTest(unittest.IsolatedAsyncioTestCase):
                 await client.chat.completions.create(
                     model=model, messages=[{"role": "user", "content": model}], max_tokens=2
                 )
-                self.assertEqual(generations(fleet[index])[-1].json["model"], model)
+                self.assertEqual(json_body(generations(fleet[index])[-1])["model"], model)
             self.assertEqual(len(generations(fleet[0])), 1)
             ids = sorted(m.id for m in (await client.models.list()).data)
             self.assertEqual(ids, ["alpha", "beta"])

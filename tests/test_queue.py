@@ -15,7 +15,8 @@ class QueueTest(unittest.IsolatedAsyncioTestCase):
     async def test_helper_attaches_future(self) -> None:
         entry = _entry()
         self.assertIsNotNone(entry.future)
-        self.assertFalse(entry.future.done())  # type: ignore[union-attr]
+        assert entry.future is not None  # narrows the type, which assertIsNotNone does not
+        self.assertFalse(entry.future.done())
 
     async def test_fifo_order(self) -> None:
         queue = RequestQueue()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import unittest
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fleet import make_registry, set_ready
 from llamacpp_ha.errors import NoHealthyBackend, QueueFull, QueueTimeout
@@ -84,7 +84,11 @@ class SchedulerTest(SchedulerFixture):
         waiters = []
         for i in range(5):
             waiters.append(asyncio.create_task(wait(i)))
-            await wait_until(lambda i=i: len(queue) == i + 1)  # enqueued in this order
+
+            def enqueued(n: int = i + 1) -> bool:
+                return len(queue) == n
+
+            await wait_until(enqueued)  # enqueued in this order
         await first.release()
         await asyncio.wait_for(asyncio.gather(*waiters), 2)
         self.assertEqual(order, [0, 1, 2, 3, 4])
@@ -218,7 +222,9 @@ class SchedulerTest(SchedulerFixture):
         scheduler = Scheduler(
             queue, make_registry(("a", 1, ("m",))), RoundRobinPolicy(), SessionStore(1, 1), 1
         )
-        self.assertIsNone(scheduler.start())
+        # Typed as returning anything, so the test can see what a call really returns.
+        start: Callable[[], object] = scheduler.start
+        self.assertIsNone(start())
         await scheduler.aclose()
 
 

@@ -11,12 +11,13 @@ import base64
 import hashlib
 import json
 import unittest
+from typing import TypedDict, Unpack
 
 import httpx
 
 from llamacpp_sim import SimBackend, SimConfig
 from serving import balancer_for, sims
-from sim_support import wait_until
+from sim_support import json_body, wait_until
 
 POLL_PATHS = {("GET", "/health"), ("GET", "/v1/models"), ("GET", "/slots"), ("GET", "/props")}
 
@@ -32,6 +33,14 @@ def traffic(sim: SimBackend) -> list[tuple[str, str]]:
 
 def chat(content: str = "hi", **extra: object) -> dict[str, object]:
     return {"messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra}
+
+
+class PostParts(TypedDict, total=False):
+    """What one size-and-shape case sends (httpx's keywords)."""
+
+    json: object
+    content: bytes | str
+    headers: dict[str, str]
 
 
 class SecurityTest(unittest.IsolatedAsyncioTestCase):
@@ -194,7 +203,7 @@ class SecurityTest(unittest.IsolatedAsyncioTestCase):
             await wait_until(lambda: len(lb.balancer.queue) == 2)
             await asyncio.gather(blocker, low, vip)
             order = [
-                r.json["messages"][0]["content"]
+                json_body(r)["messages"][0]["content"]
                 for r in sim.requests
                 if r.path == "/v1/chat/completions"
             ]
@@ -363,8 +372,8 @@ class SecurityTest(unittest.IsolatedAsyncioTestCase):
             url = lb.url + "/v1/chat/completions"
             cases: list[tuple[str, httpx.Response, int]] = []
 
-            async def post(name: str, status: int, **kwargs: object) -> None:
-                cases.append((name, await self.http.post(url, **kwargs), status))  # type: ignore[arg-type]
+            async def post(name: str, status: int, **kwargs: Unpack[PostParts]) -> None:
+                cases.append((name, await self.http.post(url, **kwargs), status))
 
             await post("body too large", 413, json=chat("x" * 20_000))
             await post("headers too large", 431, json=chat(), headers={"X-Big": "y" * 5000})

@@ -145,6 +145,7 @@ class ShapesTest(SimTestCase):
         self.assertEqual(
             (health.method, health.path, health.outcome), ("GET", "/health", "completed")
         )
+        assert chat.json is not None
         self.assertEqual(chat.json["messages"][0]["content"], "x")
         # Never-used slots tie on least recently used, and llama-server takes the last of them.
         self.assertEqual(chat.slot_id, 1)
@@ -337,7 +338,9 @@ class BatchingTest(SimTestCase):
     async def decode_speed(self, concurrent: int) -> float:
         body = {"prompt": "count with me", "n_predict": 30}
         results = await asyncio.gather(*(self.post("/completion", body) for _ in range(concurrent)))
-        speeds = [json.loads(text)["timings"]["predicted_per_second"] for _, text, _ in results]
+        speeds: list[float] = [
+            json.loads(text)["timings"]["predicted_per_second"] for _, text, _ in results
+        ]
         return sum(speeds) / len(speeds)
 
     async def test_decode_slows_as_more_slots_work(self) -> None:
@@ -388,6 +391,7 @@ class OfficialClientsTest(SimTestCase):
             first = await client.chat.completions.create(
                 model="sim-model", messages=messages, max_tokens=10
             )
+            assert first.usage is not None
             self.assertEqual(first.usage.completion_tokens, 10)
             messages += [
                 {"role": "assistant", "content": first.choices[0].message.content},
@@ -406,6 +410,7 @@ class OfficialClientsTest(SimTestCase):
                 usage = chunk.usage or usage
             assert usage is not None
             assert usage.prompt_tokens_details is not None
+            assert usage.prompt_tokens_details.cached_tokens is not None
             self.assertEqual(usage.completion_tokens, 16)
             # The prompt and the reply but its last token, which is sampled and never decoded.
             self.assertGreaterEqual(
@@ -431,6 +436,8 @@ class OfficialClientsTest(SimTestCase):
                 model="sim-model", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
             ) as stream:
                 text = await stream.get_final_text()
-            self.assertEqual(text, message.content[0].text)
+            block = message.content[0]
+            assert isinstance(block, anthropic.types.TextBlock)
+            self.assertEqual(text, block.text)
         finally:
             await client.close()

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 
 from llamacpp_sim import Fault, SimBackend, SimConfig
+from llamacpp_sim.faults import CrashMode
 from llamacpp_sim.server import is_loopback
 from sim_support import STEP_TIMEOUT_S, SimTestCase, chat_body, read_frames, wait_until
 
@@ -144,8 +145,8 @@ class ErrorFaultsTest(FaultTestCase):
 
 
 class ConnectionFaultsTest(FaultTestCase):
-    async def crash(self, mode: str) -> None:
-        self.sim.set_fault(Fault(crash_after_chunks=2, crash_mode=mode))  # type: ignore[arg-type]
+    async def crash(self, mode: CrashMode) -> None:
+        self.sim.set_fault(Fault(crash_after_chunks=2, crash_mode=mode))
         resp = await self.http.post("/v1/chat/completions", json=STREAM)
         self.assertEqual(resp.status, 200)
         frames: list[str] = []

@@ -88,6 +88,7 @@ class FaultAndConfigTest(unittest.TestCase):
         self.assertIsNone(Fault.from_json(None))
         fault = Fault.from_json({"crash_after_chunks": 2, "crash_mode": "reset"})
         self.assertEqual(fault, Fault(crash_after_chunks=2, crash_mode="reset"))
+        bad: object
         for bad in ({"nope": 1}, {"hang": 1}, {"crash_mode": "explode"}, {"loading_s": -1}, []):
             with self.subTest(bad=bad), self.assertRaises(ValueError):
                 Fault.from_json(bad)

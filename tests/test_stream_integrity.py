@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import unittest
+from typing import Any
 
 import httpx
 import openai
@@ -15,7 +16,7 @@ from serving import balancer_for
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "stream": True}
 
 
-def data_lines(body: bytes) -> list[object]:
+def data_lines(body: bytes) -> list[Any]:
     """Every `data:` line's payload, parsed: it fails the test if one is not JSON."""
     return [
         line[5:].strip().decode() if line[5:].strip() == b"[DONE]" else json.loads(line[5:])
@@ -45,7 +46,7 @@ class StreamIntegrityTest(unittest.IsolatedAsyncioTestCase):
             async with HostileBackend([Script(body, stop_at=stop_at)]) as backend:
                 received = await self.stream(backend, "/v1/chat/completions", CHAT)
             events = data_lines(received)  # every line parses, whatever the cut
-            self.assertIn("error", events[-1], stop_at)  # type: ignore[operator]
+            self.assertIn("error", events[-1], stop_at)
             self.assertNotIn("[DONE]", events)
             self.assertEqual(received.count(b'data: {"error"'), 1)
 
@@ -74,12 +75,12 @@ class StreamIntegrityTest(unittest.IsolatedAsyncioTestCase):
     async def test_a_clean_end_without_done_is_a_failure(self) -> None:
         truncated = sse(*chat_chunks(2, finish=False), done=False)
         for framing in ("chunked", "close"):
-            async with HostileBackend([Script(truncated, framing=framing)]) as backend:  # type: ignore[arg-type]
+            async with HostileBackend([Script(truncated, framing=framing)]) as backend:
                 received = await self.stream(backend, "/v1/chat/completions", CHAT)
                 stats = self.lb.balancer.stats
             events = data_lines(received)
             self.assertEqual(len(events), 3, framing)  # two tokens, then our error
-            error = events[-1]["error"]  # type: ignore[index]
+            error = events[-1]["error"]
             self.assertIn("[DONE]", error["message"], framing)
             self.assertEqual((stats.succeeded, stats.failed), (0, 1), framing)
 
@@ -87,7 +88,7 @@ class StreamIntegrityTest(unittest.IsolatedAsyncioTestCase):
         events = [{"content": "a", "stop": False}, {"content": "b", "stop": False}]
         async with HostileBackend([Script(sse(*events, done=False))]) as backend:
             received = await self.stream(backend, "/completion", {"prompt": "p", "stream": True})
-        self.assertIn("error", data_lines(received)[-1])  # type: ignore[operator]
+        self.assertIn("error", data_lines(received)[-1])
         complete = [*events, {"content": "", "stop": True}]
         async with HostileBackend([Script(sse(*complete, done=False))]) as backend:
             received = await self.stream(backend, "/completion", {"prompt": "p", "stream": True})
@@ -101,7 +102,7 @@ class StreamIntegrityTest(unittest.IsolatedAsyncioTestCase):
             stats = self.lb.balancer.stats
         events = data_lines(received)
         self.assertEqual(events[0], chunks[0])
-        self.assertIn("not JSON", events[-1]["error"]["message"])  # type: ignore[index]
+        self.assertIn("not JSON", events[-1]["error"]["message"])
         self.assertNotIn("[DONE]", events)
         self.assertEqual(stats.failed, 1)
 

@@ -12,6 +12,7 @@ import httpx
 
 from llamacpp_ha.config import build_config
 from llamacpp_ha.proxy import create_app
+from llamacpp_ha.registry import BackendState
 from llamacpp_sim import SimConfig
 from serving import serve_app, sims
 from sim_support import wait_until
@@ -76,7 +77,11 @@ class TlsTest(unittest.IsolatedAsyncioTestCase):
                     ):
                         backend_state = served.balancer.registry.backends[0]
                         if works:
-                            await wait_until(lambda b=backend_state: b.routable)
+
+                            def routable(b: BackendState = backend_state) -> bool:
+                                return b.routable
+
+                            await wait_until(routable)
                             body = {
                                 "messages": [{"role": "user", "content": "hi"}],
                                 "max_tokens": 2,
@@ -86,5 +91,9 @@ class TlsTest(unittest.IsolatedAsyncioTestCase):
                             )
                             self.assertEqual(response.status_code, 200)
                         else:
-                            await wait_until(lambda b=backend_state: b.last_poll_at is not None)
+
+                            def polled(b: BackendState = backend_state) -> bool:
+                                return b.last_poll_at is not None
+
+                            await wait_until(polled)
                             self.assertEqual(backend_state.state, "dead")
