@@ -9,6 +9,7 @@ timeout; it watches for the client leaving and for an abort (shutdown after its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping
 
@@ -64,7 +65,8 @@ class RelayResponse(Response):
             exchange.admit(on_abort=self.abort)
         except ProxyError as refused:  # a key over its limits: nothing was taken
             exchange.refused(refused)
-            await send_error(send, refused)
+            with contextlib.suppress(OSError):  # the client may be gone already
+                await send_error(send, refused)
             return
         try:
             loop = asyncio.get_running_loop()
