@@ -298,3 +298,35 @@ class BrokenPolicyTest(SchedulerFixture):
         self.assertIn("ConnectionError", logged.output[0])
         self.assertEqual(lease.backend.name, "a")
         self.assertEqual((index.failures, len(queue)), (0, 0))
+
+
+class ContextFitTest(SchedulerFixture):
+    """Never a backend whose slots cannot hold the request while another's can."""
+
+    def fleet(self) -> tuple[Scheduler, Registry, RequestQueue]:
+        built = self.build(("small", 2, ("m",)), ("large", 1, ("m",)), policy="round-robin")
+        built[1].get("small").n_ctx = 1000
+        built[1].get("large").n_ctx = 8000
+        return built
+
+    async def test_a_long_request_goes_where_it_fits_and_waits_for_it(self) -> None:
+        scheduler, _, queue = self.fleet()
+        long = RoutingRequest(model=None, prompt_tokens=3000, max_tokens=500)
+        first = await asyncio.wait_for(scheduler.acquire(long, timeout_s=1), 1)
+        self.assertEqual(first.backend.name, "large")
+        waiter = asyncio.create_task(scheduler.acquire(long, timeout_s=5))
+        await wait_until(lambda: len(queue) == 1)  # "small" is free, but too small
+        await first.release()
+        self.assertEqual((await asyncio.wait_for(waiter, 1)).backend.name, "large")
+
+    async def test_short_requests_use_every_backend(self) -> None:
+        scheduler, _, _ = self.fleet()
+        short = RoutingRequest(model=None, prompt_tokens=100, max_tokens=100)
+        names = {(await scheduler.acquire(short, timeout_s=1)).backend.name for _ in range(3)}
+        self.assertEqual(names, {"small", "large"})
+
+    async def test_when_none_fits_the_largest_answers(self) -> None:
+        scheduler, _, _ = self.fleet()
+        huge = RoutingRequest(model=None, prompt_tokens=20_000)
+        lease = await asyncio.wait_for(scheduler.acquire(huge, timeout_s=1), 1)
+        self.assertEqual(lease.backend.name, "large")

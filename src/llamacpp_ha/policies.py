@@ -49,6 +49,7 @@ class RoutingRequest:
     prefix_keys: tuple[str, ...] = ()
     exclude: frozenset[str] = frozenset()
     prompt_tokens: int = 0  # an estimate, from the body's size
+    max_tokens: int = 0  # what it asks to generate, when it says
 
     def excluding(self, backend: str) -> RoutingRequest:
         return replace(self, exclude=self.exclude | {backend})

@@ -169,6 +169,7 @@ def _proxy_endpoint(balancer: Balancer, path: str) -> Any:
             model=model,
             prefix_keys=prefix_keys(payload),
             prompt_tokens=len(body) // _BYTES_PER_TOKEN,
+            max_tokens=_asked_tokens(payload),
         )
         proxied = ProxiedRequest(
             method="POST",
@@ -216,6 +217,15 @@ async def _read_json_object(
     if not isinstance(payload, dict):
         raise InvalidRequest("request body must be a JSON object")
     return payload, body
+
+
+def _asked_tokens(payload: dict[str, Any]) -> int:
+    """The tokens a request asks to generate (validated already), 0 when it does not say."""
+    for name in ("max_tokens", "max_completion_tokens", "n_predict"):
+        value = payload.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
 
 
 def parse_json(body: bytes) -> Any:

@@ -57,7 +57,11 @@ class RoutingView:
         self, backends: Sequence[BackendState], routing: RoutingRequest
     ) -> list[BackendCandidate]:
         held = self._index.match(routing.prefix_keys) if routing.prefix_keys else {}
-        return [replace(self._seen[b.name], prefix_match=held.get(b.name, 0)) for b in backends]
+        seen = [self._seen[b.name] for b in _fitting(backends, routing)]
+        return [replace(c, prefix_match=held.get(c.name, 0)) for c in seen]
+
+    def has_room_for(self, backends: Sequence[BackendState], routing: RoutingRequest) -> bool:
+        return self.has_room(_fitting(backends, routing))
 
     def claimed(self, claim: Claim) -> None:
         seen = self._seen[claim.backend]
@@ -206,9 +210,9 @@ class Scheduler:
     def _place(
         self, entry: QueueEntry, eligible: list[BackendState], view: RoutingView
     ) -> Lease | None:
-        if not view.has_room(eligible):
-            return None
         routing = entry.routing
+        if not view.has_room_for(eligible, routing):
+            return None
         candidates = view.candidates(eligible, routing)
         choice = self._choose(candidates, routing)
         if choice is None:
@@ -238,6 +242,20 @@ class Scheduler:
             choice,
         )
         return self._fallback(candidates, routing)
+
+
+def _fitting(backends: Sequence[BackendState], routing: RoutingRequest) -> Sequence[BackendState]:
+    """Context fit: never a backend whose slots cannot hold the request while another's can;
+    when none can, the largest, whose answer (llama-server's exceed_context_size_error) is the
+    client's. A backend that does not report its context size is taken to fit."""
+    needed = routing.prompt_tokens + routing.max_tokens
+    if not needed or all(b.n_ctx is None or b.n_ctx >= needed for b in backends):
+        return backends
+    fitting = [b for b in backends if b.n_ctx is None or b.n_ctx >= needed]
+    if fitting:
+        return fitting
+    largest = max(b.n_ctx or 0 for b in backends)
+    return [b for b in backends if b.n_ctx == largest]
 
 
 def _no_backend(routing: RoutingRequest) -> NoHealthyBackend:
