@@ -185,12 +185,15 @@ def first_free(candidates: Sequence[BackendCandidate], request: RoutingRequest) 
 
 class PolicyRegistryTest(unittest.TestCase):
     def test_a_new_policy_is_one_function_and_one_entry(self) -> None:
-        POLICIES["first-free"] = PolicySpec(lambda: first_free, "the first backend with room")
+        POLICIES["first-free"] = PolicySpec(
+            lambda settings: first_free, "the first backend with room"
+        )
         self.addCleanup(POLICIES.pop, "first-free")
         config = build_config({"backends": ["http://a:1"], "routing": "first-free"})
         policy = build_policy(config.routing)
         self.assertEqual(policy(candidates(0, 1, 1), RoutingRequest(model="m")), "b1")
-        self.assertIn("first-free: the first backend with room", _serve_parser().format_help())
+        help_text = " ".join(_serve_parser().format_help().split())  # argparse wraps lines
+        self.assertIn("first-free: the first backend with room", help_text)
 
     def test_unknown_names_are_refused_with_the_known_ones(self) -> None:
         with self.assertRaises(ConfigError) as caught:

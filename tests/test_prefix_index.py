@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import unittest
 
-from llamacpp_ha.prefix_index import BLOCK_BYTES, SessionStore, prefix_keys
+from typing import Any
+
+from llamacpp_ha.prefix_index import BLOCK_BYTES, MIN_CAPACITY_TOKENS, CacheIndex, prompt_keys
+
+
+def prefix_keys(body: dict[str, Any]) -> tuple[str, ...]:
+    return prompt_keys(body).keys
 
 
 class Clock:
@@ -45,6 +51,38 @@ class PrefixKeysTest(unittest.TestCase):
         self.assertEqual(len(prefix_keys(body)), 2)
         self.assertNotEqual(prefix_keys(body)[0], prefix_keys(other)[0])
 
+    def test_a_long_message_has_block_keys_inside(self) -> None:
+        document = "d" * (4 * BLOCK_BYTES)
+        one = prompt_keys(chat("sys", document + " first question"))
+        two = prompt_keys(chat("sys", document + " another one"))
+        shared = [k for k, other in zip(one.keys, two.keys, strict=False) if k == other]
+        # The system message, then the document's whole blocks, all inside one user message.
+        self.assertGreaterEqual(len(shared), 4)
+        self.assertGreaterEqual(one.ends[len(shared) - 1], 4 * BLOCK_BYTES)
+
+    def test_ends_count_the_text_covered(self) -> None:
+        keys = prompt_keys(chat("s" * 10, "u" * (BLOCK_BYTES + 20)))
+        self.assertEqual(len(keys.keys), len(keys.ends))
+        self.assertEqual(list(keys.ends), sorted(keys.ends))
+        self.assertEqual(keys.ends[-1], keys.size)
+        self.assertGreater(keys.size, 10 + BLOCK_BYTES + 20)  # roles are part of the text
+
+    def test_message_boundaries_matter(self) -> None:
+        self.assertNotEqual(prefix_keys(chat("ab", "c"))[-1], prefix_keys(chat("a", "bc"))[-1])
+
+    def test_content_parts_hash_their_text(self) -> None:
+        parts = {
+            "model": "m",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        }
+        plain = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        self.assertEqual(prefix_keys(parts), prefix_keys(plain))
+
+    def test_tool_calls_are_part_of_the_message(self) -> None:
+        call = {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}
+        other = {"role": "assistant", "content": "", "tool_calls": [{"id": "2"}]}
+        self.assertNotEqual(prefix_keys({"messages": [call]}), prefix_keys({"messages": [other]}))
+
     def test_plain_prompt_in_whole_blocks(self) -> None:
         short = prefix_keys({"prompt": "x" * (BLOCK_BYTES - 1)})
         self.assertEqual(short, ())
@@ -61,66 +99,128 @@ class PrefixKeysTest(unittest.TestCase):
         self.assertEqual(prefix_keys({"messages": "not a list"}), ())
 
 
-class SessionStoreTest(unittest.TestCase):
+def keys_of(*contents: str) -> tuple[str, ...]:
+    return prefix_keys(chat(*contents))
+
+
+class CacheIndexTest(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.store = SessionStore(ttl_s=60, max_entries=100, clock=self.clock)
+        self.index = CacheIndex(ttl_s=600, max_entries=10_000, clock=self.clock)
 
     def test_follow_up_finds_backend_of_previous_turn(self) -> None:
-        self.store.record(prefix_keys(chat("sys", "hi")), "gpu-a")
-        self.assertEqual(self.store.lookup(prefix_keys(chat("sys", "hi", "r", "again"))), "gpu-a")
+        self.index.record("gpu-a", keys_of("sys", "hi"), 100)
+        turn2 = keys_of("sys", "hi", "r", "again")
+        self.assertEqual(self.index.match(turn2), {"gpu-a": 2})
 
     def test_unrelated_conversation_finds_nothing(self) -> None:
-        self.store.record(prefix_keys(chat("sys", "hi")), "gpu-a")
-        self.assertIsNone(self.store.lookup(prefix_keys(chat("other sys", "hi"))))
+        self.index.record("gpu-a", keys_of("sys", "hi"), 100)
+        self.assertEqual(self.index.match(keys_of("other sys", "hi")), {})
 
-    def test_shared_system_prompt_finds_where_it_was_computed(self) -> None:
-        self.store.record(prefix_keys(chat("sys", "hi")), "gpu-a")
-        self.assertEqual(self.store.lookup(prefix_keys(chat("sys", "another question"))), "gpu-a")
+    def test_a_key_maps_to_every_backend_that_computed_it(self) -> None:
+        self.index.record("gpu-a", keys_of("sys", "hi"), 100)
+        self.index.record("gpu-b", keys_of("sys", "hello"), 100)
+        self.assertEqual(self.index.match(keys_of("sys", "hi", "r", "x")), {"gpu-a": 2, "gpu-b": 1})
 
     def test_shared_document_prefix_in_plain_prompts(self) -> None:
         document = "d" * (4 * BLOCK_BYTES)
-        self.store.record(prefix_keys({"prompt": document + "question one"}), "gpu-b")
-        self.assertEqual(
-            self.store.lookup(prefix_keys({"prompt": document + "question two"})), "gpu-b"
-        )
+        self.index.record("gpu-b", prefix_keys({"prompt": document + "question one"}), 300)
+        found = self.index.match(prefix_keys({"prompt": document + "question two"}))
+        self.assertEqual(found, {"gpu-b": 4})
 
-    def test_longest_match_wins(self) -> None:
-        self.store.record(prefix_keys(chat("sys", "hi")), "gpu-a")
-        self.store.record(prefix_keys(chat("sys", "hi", "r", "again")), "gpu-b")
-        self.assertEqual(
-            self.store.lookup(prefix_keys(chat("sys", "hi", "r", "again", "r2", "x"))), "gpu-b"
-        )
+    def test_capacity_evicts_least_recently_used_per_backend(self) -> None:
+        self.index.set_capacity("gpu-a", 1000)
+        self.index.record("gpu-a", keys_of("one"), 400)
+        self.index.record("gpu-a", keys_of("two"), 400)
+        self.index.record("gpu-b", keys_of("elsewhere"), 5000)  # another backend's budget
+        self.index.record("gpu-a", keys_of("one"), 400)  # used again: now the newest
+        self.index.record("gpu-a", keys_of("three"), 400)
+        self.assertEqual(self.index.match(keys_of("two")), {})
+        self.assertEqual(self.index.match(keys_of("one")), {"gpu-a": 1})
+        self.assertEqual(self.index.match(keys_of("three")), {"gpu-a": 1})
+        self.assertEqual(self.index.match(keys_of("elsewhere")), {"gpu-b": 1})
+        self.assertEqual(self.index.capacity("gpu-a"), (800, 1000))
+
+    def test_a_turn_that_extends_a_prompt_replaces_it(self) -> None:
+        # llama-server extends the prompt in its slot; it does not keep both.
+        self.index.record("gpu-a", keys_of("sys", "hi"), 400)
+        self.index.record("gpu-a", keys_of("sys", "hi", "r", "more"), 500)
+        self.assertEqual(self.index.capacity("gpu-a")[0], 500)
+
+    def test_shared_prefix_stays_while_one_prompt_holds_it(self) -> None:
+        self.index.set_capacity("gpu-a", 1000)
+        self.index.record("gpu-a", keys_of("sys", "first"), 600)
+        self.index.record("gpu-a", keys_of("sys", "second"), 300)
+        self.index.record("gpu-a", keys_of("x"), 300)  # evicts "first"
+        self.assertEqual(self.index.match(keys_of("sys", "first")), {"gpu-a": 1})
+
+    def test_over_prediction_of_an_old_prompt_shrinks_the_estimate(self) -> None:
+        self.index.set_capacity("gpu-a", 100_000)
+        old = keys_of("old conversation")
+        self.index.record("gpu-a", old, 2000)
+        for i in range(40):
+            self.index.record("gpu-a", keys_of(f"conversation {i}"), 2000)
+        self.index.correct("gpu-a", old, predicted=len(old), found=0)
+        used, estimate = self.index.capacity("gpu-a")
+        self.assertEqual(estimate, 80_000)  # what was computed after it
+        self.assertEqual(self.index.match(old), {})
+        self.assertLessEqual(used, estimate)
+        # Predictions that fall short let it grow back towards the configured capacity.
+        for _ in range(10):
+            self.index.regain("gpu-a")
+        self.assertEqual(self.index.capacity("gpu-a")[1], 100_000)
+
+    def test_over_prediction_of_a_recent_prompt_only_drops_it(self) -> None:
+        self.index.set_capacity("gpu-a", 100_000)
+        recent = keys_of("recent")
+        self.index.record("gpu-a", keys_of("older"), 2000)
+        self.index.record("gpu-a", recent, 2000)
+        self.index.correct("gpu-a", recent, predicted=len(recent), found=0)
+        self.assertEqual(self.index.capacity("gpu-a"), (2000, 100_000))
+        self.assertEqual(self.index.match(recent), {})
+        self.assertEqual(self.index.match(keys_of("older")), {"gpu-a": 1})
+
+    def test_the_estimate_never_shrinks_below_the_floor(self) -> None:
+        self.index.set_capacity("gpu-a", 6000)
+        old = keys_of("old")
+        self.index.record("gpu-a", old, 10)
+        self.index.record("gpu-a", keys_of("new"), 3000)
+        self.index.correct("gpu-a", old, predicted=1, found=0)
+        self.assertEqual(self.index.capacity("gpu-a"), (3000, MIN_CAPACITY_TOKENS))
+
+    def test_a_correct_prediction_changes_nothing(self) -> None:
+        keys = keys_of("sys", "hi")
+        self.index.record("gpu-a", keys, 100)
+        self.index.correct("gpu-a", keys, predicted=2, found=2)
+        self.assertEqual(self.index.match(keys), {"gpu-a": 2})
 
     def test_entries_expire(self) -> None:
-        self.store.record(prefix_keys(chat("sys", "hi")), "gpu-a")
-        self.clock.now += 61
-        self.assertIsNone(self.store.lookup(prefix_keys(chat("sys", "hi", "r", "x"))))
-        self.assertEqual(len(self.store), 0)
+        self.index.record("gpu-a", keys_of("sys", "hi"), 100)
+        self.clock.now += 601
+        self.index.record("gpu-a", keys_of("other"), 100)
+        self.assertEqual(self.index.match(keys_of("sys", "hi", "r", "x")), {})
 
-    def test_recording_again_refreshes(self) -> None:
-        keys = prefix_keys(chat("sys", "hi"))
-        self.store.record(keys, "gpu-a")
-        self.clock.now += 50
-        self.store.record(keys, "gpu-b")
-        self.clock.now += 50
-        self.assertEqual(self.store.lookup(keys), "gpu-b")
-
-    def test_bounded_size_evicts_oldest(self) -> None:
-        store = SessionStore(ttl_s=60, max_entries=3, clock=self.clock)
+    def test_bounded_number_of_keys(self) -> None:
+        index = CacheIndex(ttl_s=600, max_entries=3, clock=self.clock)
         for i in range(5):
-            store.record(prefix_keys(chat(f"conv {i}")), f"b{i}")
-        self.assertEqual(len(store), 3)
-        self.assertIsNone(store.lookup(prefix_keys(chat("conv 0"))))
-        self.assertEqual(store.lookup(prefix_keys(chat("conv 4"))), "b4")
+            index.record("gpu-a", keys_of(f"conv {i}"), 10)
+        self.assertEqual(len(index), 3)
+        self.assertEqual(index.match(keys_of("conv 0")), {})
+        self.assertEqual(index.match(keys_of("conv 4")), {"gpu-a": 1})
 
     def test_empty_keys_are_not_recorded(self) -> None:
-        self.store.record((), "gpu-a")
-        self.assertEqual(len(self.store), 0)
+        self.index.record("gpu-a", (), 10)
+        self.assertEqual(len(self.index), 0)
 
     def test_forget_backend(self) -> None:
-        self.store.record(prefix_keys(chat("a")), "gpu-a")
-        self.store.record(prefix_keys(chat("b")), "gpu-b")
-        self.store.forget_backend("gpu-a")
-        self.assertIsNone(self.store.lookup(prefix_keys(chat("a"))))
-        self.assertEqual(self.store.lookup(prefix_keys(chat("b"))), "gpu-b")
+        self.index.record("gpu-a", keys_of("a"), 10)
+        self.index.record("gpu-b", keys_of("a"), 10)
+        self.index.record("gpu-b", keys_of("b"), 10)
+        self.index.forget_backend("gpu-a")
+        self.assertEqual(self.index.match(keys_of("a")), {"gpu-b": 1})
+        self.index.forget_backend("gpu-b")
+        self.assertEqual(len(self.index), 0)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -55,14 +55,15 @@ def spent_budget_refills(balancer: Balancer) -> bool:
 
 
 def session_outlives_a_record(balancer: Balancer) -> bool:
-    balancer.sessions.record(["key"], "a")
-    return balancer.sessions.lookup(["key"]) == "a"
+    balancer.index.record("a", ["key"], 10)
+    balancer.index.record("a", ["other"], 10)  # prunes what has expired since
+    return balancer.index.match(["key"]) == {"a": 1}
 
 
 def sessions_kept(balancer: Balancer) -> int:
     for key in ("k1", "k2", "k3"):
-        balancer.sessions.record([key], "a")
-    return len(balancer.sessions)
+        balancer.index.record("a", [key], 10)
+    return len(balancer.index)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,9 @@ LIVE = {
     "max_queue": Live(3, lambda b: b.scheduler.max_queue),
     "session_ttl_s": Live(1e-9, session_outlives_a_record, False),
     "max_sessions": Live(1, sessions_kept),
+    "max_cache_wait_s": Live(0.25, lambda b: b.scheduler.settings.max_cache_wait_s),
+    "reorder_window_s": Live(0.125, lambda b: b.scheduler.settings.reorder_window_s),
+    "reorder_max": Live(2, lambda b: b.scheduler.settings.reorder_max),
     "connect_timeout_s": Live(1.5, lambda b: b.timeouts.connect_s),
     "first_byte_timeout_s": Live(7.0, lambda b: b.timeouts.first_byte_s),
     "idle_timeout_s": Live(8.0, lambda b: b.timeouts.idle_s),

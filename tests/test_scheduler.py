@@ -13,7 +13,7 @@ from llamacpp_ha.policies import (
     RoutingRequest,
     build_policy,
 )
-from llamacpp_ha.prefix_index import PrefixIndex, SessionStore
+from llamacpp_ha.prefix_index import CacheIndex, PrefixIndex, PromptKeys
 from llamacpp_ha.queue import RequestQueue
 from llamacpp_ha.registry import Health, Registry
 from llamacpp_ha.scheduler import Lease, Scheduler
@@ -30,7 +30,7 @@ class SchedulerFixture(unittest.IsolatedAsyncioTestCase):
     ) -> tuple[Scheduler, Registry, RequestQueue]:
         queue = RequestQueue()
         registry = make_registry(*specs, on_change=queue.wakeup.set)
-        self.sessions = SessionStore(ttl_s=60, max_entries=100)
+        self.sessions = CacheIndex(ttl_s=60, max_entries=100)
         scheduler = Scheduler(
             queue,
             registry,
@@ -201,14 +201,16 @@ class SchedulerTest(SchedulerFixture):
 
     async def test_affinity_uses_session_store(self) -> None:
         scheduler, _, _ = self.build(("a", 2, ("m",)), ("b", 2, ("m",)), policy="affinity")
-        self.sessions.record(("k1",), "b")
+        self.sessions.record("b", ("k1",), 10)
         for _ in range(2):
             lease = await scheduler.acquire(
-                RoutingRequest(model=None, prefix_keys=("k0", "k1")), timeout_s=1
+                RoutingRequest(model=None, prompt=PromptKeys(("k0", "k1"), (256, 512), 600)),
+                timeout_s=1,
             )
             self.assertEqual(lease.backend.name, "b")
         lease = await scheduler.acquire(
-            RoutingRequest(model=None, prefix_keys=("k0", "k1")), timeout_s=1
+            RoutingRequest(model=None, prompt=PromptKeys(("k0", "k1"), (256, 512), 600)),
+            timeout_s=1,
         )
         self.assertEqual(lease.backend.name, "a")  # b is full: fall back rather than wait
 
@@ -220,7 +222,7 @@ class SchedulerTest(SchedulerFixture):
     async def test_start_is_plain_function(self) -> None:
         queue = RequestQueue()
         scheduler = Scheduler(
-            queue, make_registry(("a", 1, ("m",))), RoundRobinPolicy(), SessionStore(1, 1), 1
+            queue, make_registry(("a", 1, ("m",))), RoundRobinPolicy(), CacheIndex(1, 1), 1
         )
         # Typed as returning anything, so the test can see what a call really returns.
         start: Callable[[], object] = scheduler.start
@@ -241,7 +243,7 @@ class FailingIndex:
 
     def __init__(self, failures: int) -> None:
         self.failures = failures
-        self.store = SessionStore(ttl_s=60, max_entries=100)
+        self.store = CacheIndex(ttl_s=60, max_entries=100)
 
     def match(self, keys: Sequence[str]) -> dict[str, int]:
         if self.failures > 0:
@@ -249,8 +251,14 @@ class FailingIndex:
             raise ConnectionError("index unavailable")
         return self.store.match(keys)
 
-    def record(self, keys: Sequence[str], backend: str) -> None:
-        self.store.record(keys, backend)
+    def record(self, backend: str, keys: Sequence[str], tokens: int) -> None:
+        self.store.record(backend, keys, tokens)
+
+    def correct(self, backend: str, keys: Sequence[str], predicted: int, found: int) -> None:
+        self.store.correct(backend, keys, predicted, found)
+
+    def set_capacity(self, backend: str, tokens: int) -> None:
+        self.store.set_capacity(backend, tokens)
 
     def forget_backend(self, backend: str) -> None:
         self.store.forget_backend(backend)
@@ -293,7 +301,10 @@ class BrokenPolicyTest(SchedulerFixture):
         scheduler, _, queue = self.build(("a", 1, ("m",)), index=index)
         with self.assertLogs("llamacpp_ha.scheduler", "ERROR") as logged:
             lease = await asyncio.wait_for(
-                scheduler.acquire(RoutingRequest(model=None, prefix_keys=("k",)), timeout_s=5), 2
+                scheduler.acquire(
+                    RoutingRequest(model=None, prompt=PromptKeys(("k",), (256,), 300)), timeout_s=5
+                ),
+                2,
             )
         self.assertIn("ConnectionError", logged.output[0])
         self.assertEqual(lease.backend.name, "a")

@@ -21,7 +21,17 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "--queue-timeout": ("queue_timeout_s", "seconds a request may wait for a slot (default 60)"),
     "--max-queue": ("max_queue", "requests that may wait before 503 queue_full (default 1024)"),
     "--session-ttl": ("session_ttl_s", "seconds a conversation stays tied to a backend (900)"),
-    "--max-sessions": ("max_sessions", "conversations remembered at most (default 100000)"),
+    "--max-sessions": ("max_sessions", "prompt prefixes remembered at most (default 100000)"),
+    "--max-cache-wait": (
+        "max_cache_wait_s",
+        "seconds a request may wait for a busy backend that holds its prompt (default 1)",
+    ),
+    "--reorder-window": (
+        "reorder_window_s",
+        "a freed slot may go to a request that arrived up to this many seconds after the "
+        "first in line (default 0.5)",
+    ),
+    "--reorder-max": ("reorder_max", "times the first in line may be passed over (default 8)"),
     "--connect-timeout": ("connect_timeout_s", "seconds to connect to a backend (default 5)"),
     "--first-byte-timeout": (
         "first_byte_timeout_s",

@@ -20,20 +20,22 @@ from .config import BackendConfig, ConfigError, ProxyConfig
 from .ejection import EjectionPolicy
 from .errors import ShuttingDown, UpstreamError
 from .exchange import ExchangeLimits, LiveExchanges
+from .feedback import Feedback
 from .keyring import Keyring
 from .limits import KeyLimits
 from .loop_lag import LoopLag
 from .metrics import Metrics
 from .middleware import HeaderRules
 from .monitor import ProxyStats
-from .policies import RoutingRequest, build_policy
-from .prefix_index import SessionStore
-from .queue import RequestQueue
+from .policies import RoutingRequest, RoutingSettings, build_policy
+from .prefix_index import CacheIndex
+from .queue import Lease, RequestQueue
 from .recorder import Recorder
 from .registry import BackendState, Registry
 from .reload import plan_reload
 from .scheduler import Scheduler
 from .transport import Timeouts, Transport
+from .usage import Usage
 
 log = logging.getLogger("llamacpp_ha")
 
@@ -65,6 +67,14 @@ def _limits(config: ProxyConfig) -> ExchangeLimits:
     )
 
 
+def _routing_settings(config: ProxyConfig) -> RoutingSettings:
+    return RoutingSettings(
+        max_cache_wait_s=config.max_cache_wait_s,
+        reorder_window_s=config.reorder_window_s,
+        reorder_max=config.reorder_max,
+    )
+
+
 class Balancer:
     """Every component of one app, started in order by the lifespan and closed in reverse."""
 
@@ -75,7 +85,7 @@ class Balancer:
         self.header_rules = HeaderRules(config)
         self.key_limits = KeyLimits()
         self.queue = RequestQueue()
-        self.sessions = SessionStore(config.session_ttl_s, config.max_sessions)
+        self.index = CacheIndex(config.session_ttl_s, config.max_sessions)
         self.lag = LoopLag()
         self.registry = Registry(
             config.backends,
@@ -90,15 +100,17 @@ class Balancer:
         self.scheduler = Scheduler(
             self.queue,
             self.registry,
-            build_policy(config.routing),
-            self.sessions,
+            build_policy(config.routing, _routing_settings(config)),
+            self.index,
             max_queue=config.max_queue,
+            settings=_routing_settings(config),
         )
+        self.feedback = Feedback(self.index, self.scheduler.pins)
         self.transport = Transport()
         self.timeouts = _timeouts(config)
         self.limits = _limits(config)
         self.retry_budget = RetryBudget(ratio=config.retry_budget_ratio)
-        self.metrics = Metrics(self.registry, self.queue)
+        self.metrics = Metrics(self.registry, self.queue, self.scheduler.stats)
         self.recorder = Recorder(self.stats, self.metrics, self.registry)
         self.live = LiveExchanges()
         self.admitting = True
@@ -163,7 +175,7 @@ class Balancer:
         task = asyncio.get_running_loop().create_task(self.registry.remove(name))
         self._removals.add(task)
         task.add_done_callback(self._removals.discard)
-        self.sessions.forget_backend(name)
+        self.feedback.forget_backend(name)
 
     def reload_from_source(self) -> list[str]:
         """Read the configuration again (file, environment, flags) and apply it.
@@ -199,7 +211,8 @@ class Balancer:
         # limits, the receive timeout, the shutdown grace) read self.config when they need it.
         self.keyring.update(new)
         self.header_rules.update(new)
-        self.sessions.configure(new.session_ttl_s, new.max_sessions)
+        self.index.configure(new.session_ttl_s, new.max_sessions)
+        self.scheduler.settings = _routing_settings(new)
         self.registry.set_poll_interval(new.poll_interval_s)
         self.registry.set_poll_rules(
             new.poll_timeout_s, new.unhealthy_after_polls, new.healthy_after_polls
@@ -210,8 +223,8 @@ class Balancer:
         self.limits = _limits(new)
         # These hold state of their own (a rotation, tokens) or act on the whole process:
         # only a new value replaces them.
-        if "routing" in plan.live:
-            self.scheduler.policy = build_policy(new.routing)
+        if {"routing", "max_cache_wait_s"} & set(plan.live):
+            self.scheduler.policy = build_policy(new.routing, _routing_settings(new))
         if "retry_budget_ratio" in plan.live:
             self.retry_budget = RetryBudget(ratio=new.retry_budget_ratio)
         if "log_level" in plan.live:
@@ -230,6 +243,12 @@ class Balancer:
     def backend_loading(self, backend: BackendState) -> None:
         self.registry.report_loading(backend)
 
-    def upstream_succeeded(self, backend: BackendState, routing: RoutingRequest) -> None:
+    def upstream_succeeded(
+        self, backend: BackendState, routing: RoutingRequest, lease: Lease, usage: Usage | None
+    ) -> None:
         self.registry.report_success(backend)
-        self.sessions.record(routing.prefix_keys, backend.name)
+        if usage is None:
+            return
+        outcome = self.feedback.answered(backend, routing, lease, usage)
+        if outcome is not None:
+            self.metrics.cache_predictions.labels(backend.name, outcome).inc()

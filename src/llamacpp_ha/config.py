@@ -68,6 +68,9 @@ class BackendConfig(BaseModel):
     # For https backends: a CA bundle to trust (a private CA), or no verification at all.
     ca_file: Path | None = None
     tls_verify: bool = True
+    # What its host prompt cache (--cache-ram) holds, in tokens; llama-server does not say.
+    # The default is llama.cpp's 8192 MiB of an 8B model's KV cache at 128 KiB per token.
+    host_cache_tokens: int = Field(default=65_536, ge=0)
 
     @field_validator("url")
     @classmethod
@@ -171,6 +174,9 @@ class ProxyConfig(BaseSettings):
     max_queue: int = Field(default=1024, ge=0, json_schema_extra=LIVE)
     session_ttl_s: float = Field(default=900.0, gt=0, json_schema_extra=LIVE)
     max_sessions: int = Field(default=100_000, gt=0, json_schema_extra=LIVE)
+    max_cache_wait_s: float = Field(default=1.0, ge=0, json_schema_extra=LIVE)
+    reorder_window_s: float = Field(default=0.5, ge=0, json_schema_extra=LIVE)
+    reorder_max: int = Field(default=8, ge=0, json_schema_extra=LIVE)
     connect_timeout_s: float = Field(default=5.0, gt=0, json_schema_extra=LIVE)
     first_byte_timeout_s: float = Field(default=600.0, gt=0, json_schema_extra=LIVE)
     idle_timeout_s: float = Field(default=120.0, gt=0, json_schema_extra=LIVE)

@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+import orjson
+
 from .attempts import RETRYABLE_STATUSES, RetryableAnswer, RetryBudget, RetryRule
 from .attempts import first_good_answer as _first_good_answer
 from .config import ClientKey
@@ -28,7 +30,7 @@ from .registry import BackendState
 from .scheduler import Lease, Scheduler
 from .sse import END_BY_PATH, BadStream, EventFramer
 from .transport import Timeouts, Transport, Upstream
-from .usage import from_answer
+from .usage import Usage, from_answer
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,11 @@ class ExchangeHooks(Protocol):
 
     def backend_loading(self, backend: BackendState) -> None: ...
 
-    def upstream_succeeded(self, backend: BackendState, routing: RoutingRequest) -> None: ...
+    def upstream_succeeded(
+        self, backend: BackendState, routing: RoutingRequest, lease: Lease, usage: Usage | None
+    ) -> None:
+        """The backend answered; `usage` is what it did, None when it computed nothing."""
+        ...
 
 
 class LiveExchanges:
@@ -259,12 +265,15 @@ class Exchange:
         headers = dict(self.request.headers)
         if backend.config.api_key:
             headers["Authorization"] = f"Bearer {backend.config.api_key}"
+        body = self.request.body
+        if lease.claim.slot_id is not None:  # pinned: the slot that holds its prompt, idle
+            body = orjson.dumps({**self.request.payload, "id_slot": lease.claim.slot_id})
         try:
             upstream = await self._hooks.transport.open(
                 backend.name,
                 self.request.method,
                 backend.url + self.request.path,
-                self.request.body,
+                body,
                 headers,
                 tls=backend.ssl,
                 timeouts=self._timeouts,
@@ -369,12 +378,15 @@ class Exchange:
     async def upstream_complete(self, answer: Answer) -> None:
         # The backend is done: free its slot and remember the conversation now, before the
         # last bytes reach the client, who may send its next turn the moment they arrive.
-        status, backend = answer.status, answer.lease.backend
+        status, lease = answer.status, answer.lease
+        backend = lease.backend
         await answer.aclose(reuse=True)
         if status >= 500 and status not in RETRYABLE_STATUSES:  # those were reported already
             self._hooks.backend_failed(backend, UpstreamError(f"backend {backend.name}: {status}"))
         else:
-            self._hooks.upstream_succeeded(backend, self.request.routing)
+            # A 4xx is the client's mistake: the backend is fine, but it computed nothing.
+            usage = self.result.usage if status < 400 else None
+            self._hooks.upstream_succeeded(backend, self.request.routing, lease, usage)
 
     def failed(self, error: ProxyError) -> None:
         """The relay failed after an answer was found: the backend's fault if upstream."""

@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .exchange_result import ExchangeResult
 from .queue import RequestQueue
 from .registry import Registry
+from .scheduler import RoutingStats
 
 PREFIX = "llamacpp_ha"
 STATES = ("ready", "loading", "dead", "ejected", "draining")
@@ -57,10 +58,43 @@ class FleetCollector(Collector):
         )
 
 
+class RoutingCollector(Collector):
+    """What the scheduler's reordering and cache waits did, read from its own counts."""
+
+    def __init__(self, stats: RoutingStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats
+        yield CounterMetricFamily(
+            f"{PREFIX}_reorders", "Slots given to a later request that gained more", s.reordered
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_reorder_delay_max_seconds",
+            "The longest a request waited after a later one first took its slot",
+            value=s.max_reorder_delay_s,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_cache_waits",
+            "Requests that waited for a busy backend holding their prompt",
+            s.cache_waits,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_cache_wait_max_seconds",
+            "The longest such wait",
+            value=s.max_cache_wait_s,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_pinned_requests", "Requests sent with id_slot", s.pinned
+        )
+
+
 class Metrics:
     """The app's registry and the instruments that requests update."""
 
-    def __init__(self, registry: Registry, queue: RequestQueue) -> None:
+    def __init__(
+        self, registry: Registry, queue: RequestQueue, routing: RoutingStats | None = None
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -105,6 +139,15 @@ class Metrics:
             f"{PREFIX}_completion_tokens", "Tokens generated", tokens, registry=r
         )
         r.register(FleetCollector(registry, queue))
+        r.register(RoutingCollector(routing or RoutingStats()))
+
+        self.cache_predictions = Counter(
+            f"{PREFIX}_cache_predictions",
+            "Predictions of reused prompt tokens against timings.cache_n, by outcome: agree, "
+            "over (the backend had lost it), under",
+            ["backend", "outcome"],
+            registry=r,
+        )
 
     def observe(self, result: ExchangeResult, model_of: Callable[[str], str]) -> None:
         backend = result.backend or "none"

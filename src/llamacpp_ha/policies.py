@@ -14,6 +14,12 @@ A policy is synchronous and pure with respect to the fleet: it sees frozen snaps
   above theirs); otherwise the fallback policy. A follow-up turn then lands where its prompt is
   cached, and a new conversation where its system prompt is, unless that would pile work on one
   backend while others idle.
+- `CostPolicy`: the backend where the request should start soonest. For each candidate,
+  `start = wait + uncached prompt tokens / prefill rate * (1 + busy share)`: the wait for a
+  slot (0 when one is free), then the part of the prompt the backend does not hold, at the rate
+  it has been measured to prefill, slowed by the streams already decoding there. A busy backend
+  wins only when its start beats every free one's and its wait is within `max_cache_wait_s`;
+  then the request stays queued for it. With nothing cached anywhere this is least busy.
 
 Policies register by name in `POLICIES`; the configuration's `routing` values, the CLI help and
 the README's table come from it. A new policy is a function (or a class with `__call__`, when
@@ -22,9 +28,12 @@ it keeps state such as a rotation) and one entry there.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import Protocol, runtime_checkable
+
+from .prefix_index import PromptKeys
 
 
 @dataclass(frozen=True)
@@ -37,8 +46,13 @@ class BackendCandidate:
     in_flight: int = 0  # our requests on it
     in_flight_tokens: int = 0  # their estimated prompt tokens
     n_ctx: int | None = None  # context size of one slot, when the backend reports it
-    # How many of the request's prefix keys the prefix index says this backend holds.
+    # How many of the request's prefix keys the prefix index says this backend holds, and
+    # what that is in tokens of this request's prompt here.
     prefix_match: int = 0
+    cached_tokens: int = 0
+    prompt_tokens: int = 0  # this request's prompt, in this backend's tokens
+    prefill_tps: float = 1000.0  # this backend's measured prefill rate
+    wait_s: float = 0.0  # until a slot frees here (0 when one is free)
 
 
 @dataclass(frozen=True)
@@ -46,10 +60,16 @@ class RoutingRequest:
     """What routing may know of a request."""
 
     model: str | None
-    prefix_keys: tuple[str, ...] = ()
+    prompt: PromptKeys = field(default_factory=PromptKeys)
     exclude: frozenset[str] = frozenset()
     prompt_tokens: int = 0  # an estimate, from the body's size
     max_tokens: int = 0  # what it asks to generate, when it says
+    waited_s: float = 0.0  # how long it has chosen to wait for a busy backend already
+    pinnable: bool = False  # its endpoint honours `id_slot`
+
+    @property
+    def prefix_keys(self) -> tuple[str, ...]:
+        return self.prompt.keys
 
     def excluding(self, backend: str) -> RoutingRequest:
         return replace(self, exclude=self.exclude | {backend})
@@ -61,6 +81,16 @@ class Policy(Protocol):
     ) -> str | None:
         """The name of a candidate with a free slot, or None to leave the request queued."""
         ...
+
+
+@runtime_checkable
+class CostModel(Protocol):
+    """A policy that can say what each candidate would cost the request, in seconds of wait
+    before its first token; the scheduler's bounded reordering compares requests by it."""
+
+    def costs(
+        self, candidates: Sequence[BackendCandidate], request: RoutingRequest
+    ) -> list[float]: ...
 
 
 class RoundRobinPolicy:
@@ -116,34 +146,92 @@ class AffinityPolicy:
         return self._fallback(candidates, request)
 
 
+class CostPolicy:
+    """Where the request starts soonest; it may wait for a busy backend that holds its prompt."""
+
+    def __init__(self, max_cache_wait_s: float = 1.0) -> None:
+        self._max_cache_wait_s = max_cache_wait_s
+        self._least_busy = LeastBusyPolicy()
+
+    def costs(self, candidates: Sequence[BackendCandidate], request: RoutingRequest) -> list[float]:
+        """Each candidate's expected start, in seconds; its wait counts only while the request
+        may still wait (a busy backend it may not wait for costs infinity)."""
+        left = self._max_cache_wait_s - request.waited_s
+        return [
+            math.inf if c.free_slots <= 0 and c.wait_s > left else start_s(c) for c in candidates
+        ]
+
+    def __call__(
+        self, candidates: Sequence[BackendCandidate], request: RoutingRequest
+    ) -> str | None:
+        costs = self.costs(candidates, request)
+        free = [(cost, c) for cost, c in zip(costs, candidates, strict=True) if c.free_slots > 0]
+        if not free:
+            return None
+        best_free = min(cost for cost, _ in free)
+        if min(costs) < best_free:
+            return None  # a busy backend that holds the prompt will start it sooner: wait
+        # Equal starts (nothing to compute, or the same everywhere): the least busy of them,
+        # in rotation, so that equal backends share the work.
+        tied = [c for cost, c in free if cost <= best_free * (1 + _TIE) + _TIE_S]
+        return self._least_busy(tied, request)
+
+
+# Starts this close are the same start: estimates are not more precise than that.
+_TIE = 0.02
+_TIE_S = 0.002
+
+
+def start_s(candidate: BackendCandidate) -> float:
+    """Expected seconds until `candidate` sends the request's first token."""
+    c = candidate
+    uncached = max(0, c.prompt_tokens - c.cached_tokens)
+    return c.wait_s + uncached / max(c.prefill_tps, 1e-9) * (1 + _busy_share(c))
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    """What the configuration tells policies."""
+
+    max_cache_wait_s: float = 1.0
+    reorder_window_s: float = 0.5
+    reorder_max: int = 8
+
+
 @dataclass(frozen=True)
 class PolicySpec:
     """A policy as the configuration names it: how to build one, and what it does."""
 
-    build: Callable[[], Policy]
+    build: Callable[[RoutingSettings], Policy]
     summary: str  # for the CLI help and the README's table
 
 
 POLICIES: dict[str, PolicySpec] = {
+    "cost": PolicySpec(
+        lambda s: CostPolicy(max_cache_wait_s=s.max_cache_wait_s),
+        "where the request should start soonest: the wait for a slot plus the part of its "
+        "prompt the backend does not hold, at its measured prefill rate; it may wait for a "
+        "busy backend that holds its prompt, up to max_cache_wait_s",
+    ),
     "affinity": PolicySpec(
-        lambda: AffinityPolicy(fallback=RoundRobinPolicy()),
+        lambda s: AffinityPolicy(fallback=RoundRobinPolicy()),
         "a conversation's next turn goes to the backend that cached it, when it has a free "
         "slot, else round robin",
     ),
     "affinity-least-busy": PolicySpec(
-        lambda: AffinityPolicy(fallback=LeastBusyPolicy()),
+        lambda s: AffinityPolicy(fallback=LeastBusyPolicy()),
         "the same, else the backend with the smallest share of its slots busy",
     ),
-    "round-robin": PolicySpec(RoundRobinPolicy, "each backend in turn"),
+    "round-robin": PolicySpec(lambda s: RoundRobinPolicy(), "each backend in turn"),
     "least-busy": PolicySpec(
-        LeastBusyPolicy, "the backend with the smallest share of its slots busy"
+        lambda s: LeastBusyPolicy(), "the backend with the smallest share of its slots busy"
     ),
 }
 DEFAULT_POLICY = "affinity"
 
 
-def build_policy(name: str) -> Policy:
+def build_policy(name: str, settings: RoutingSettings | None = None) -> Policy:
     try:
-        return POLICIES[name].build()
+        return POLICIES[name].build(settings or RoutingSettings())
     except KeyError:
         raise ValueError(f"unknown routing policy {name!r}") from None

@@ -33,8 +33,9 @@ from .errors import (
 from .exchange import Exchange, ProxiedRequest
 from .middleware import ApiKeyMiddleware, RequestContextMiddleware, state
 from .monitor import build_router, snapshot
+from .pinning import PINNABLE_PATHS
 from .policies import RoutingRequest
-from .prefix_index import prefix_keys
+from .prefix_index import prompt_keys
 from .registry import Registry
 from .relay import RelayResponse
 from .validation import check_body
@@ -167,9 +168,11 @@ def _proxy_endpoint(balancer: Balancer, path: str) -> Any:
         key: ClientKey | None = context.get("client_key")
         routing = RoutingRequest(
             model=model,
-            prefix_keys=prefix_keys(payload),
+            prompt=prompt_keys(payload),
             prompt_tokens=len(body) // _BYTES_PER_TOKEN,
             max_tokens=_asked_tokens(payload),
+            # A client that names a slot itself keeps it: we pin only where we chose.
+            pinnable=path in PINNABLE_PATHS and "id_slot" not in payload,
         )
         proxied = ProxiedRequest(
             method="POST",

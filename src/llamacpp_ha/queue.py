@@ -17,10 +17,20 @@ if TYPE_CHECKING:
 class Lease:
     """One claimed slot on `backend`; `release()` is idempotent so every exit path may call it."""
 
-    def __init__(self, backend: BackendState, claim: Claim, queue_wait_s: float) -> None:
+    def __init__(
+        self,
+        backend: BackendState,
+        claim: Claim,
+        queue_wait_s: float,
+        predicted_depth: int = 0,
+        predicted_tokens: int = 0,
+    ) -> None:
         self.backend = backend
         self.claim = claim
         self.queue_wait_s = queue_wait_s
+        # What routing expected the backend to hold of the prompt: keys, and tokens.
+        self.predicted_depth = predicted_depth
+        self.predicted_tokens = predicted_tokens
         self.released = False
 
     @property
@@ -40,6 +50,11 @@ class QueueEntry:
     routing: RoutingRequest
     priority: int = 0
     enqueued_at: float = field(default_factory=time.monotonic)
+    # Reordering: how often a later request took a slot it could have had, and since when;
+    # and since when it has chosen to wait for a busy backend that holds its prompt.
+    passed: int = 0
+    passed_at: float | None = None
+    cache_wait_since: float | None = None
     # No default future: it must be created on the running loop by whoever enqueues.
     future: asyncio.Future[Lease] | None = None
 

@@ -32,6 +32,7 @@ from .probe import (
     parse_slots,
 )
 from .slot_ledger import SlotLedger, SlotTracker
+from .speeds import Speeds
 from .transport import Transport, reason
 
 __all__ = ["BackendState", "Health", "Registry"]
@@ -58,6 +59,7 @@ class BackendState:
     last_poll_at: float | None = None
     ssl: ssl.SSLContext | bool = True
     changed_at: float = field(default_factory=time.monotonic)
+    speeds: Speeds = field(default_factory=Speeds)
 
     @property
     def name(self) -> str:

@@ -19,11 +19,19 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from .errors import NoCapacity, NoHealthyBackend, QueueFull, QueueTimeout
-from .policies import BackendCandidate, LeastBusyPolicy, Policy, RoutingRequest
-from .prefix_index import PrefixIndex
+from .pinning import SlotPins
+from .policies import (
+    BackendCandidate,
+    CostModel,
+    LeastBusyPolicy,
+    Policy,
+    RoutingRequest,
+    RoutingSettings,
+)
+from .prefix_index import PrefixIndex, PromptKeys
 from .queue import Lease, QueueEntry, RequestQueue
 from .registry import BackendState, Registry
 from .slot_ledger import Claim
@@ -36,8 +44,13 @@ log = logging.getLogger("llamacpp_ha.scheduler")
 class RoutingView:
     """The fleet as routing sees it during one drain; kept current as the drain claims slots."""
 
-    def __init__(self, backends: Sequence[BackendState], index: PrefixIndex) -> None:
+    def __init__(
+        self, backends: Sequence[BackendState], index: PrefixIndex, now: float | None = None
+    ) -> None:
         self._index = index
+        self._now = time.monotonic() if now is None else now
+        self._speeds = {b.name: b.speeds for b in backends}
+        self._ledgers = {b.name: b.slots for b in backends}
         self._seen = {
             b.name: BackendCandidate(
                 name=b.name,
@@ -46,9 +59,13 @@ class RoutingView:
                 in_flight=b.slots.in_flight,
                 in_flight_tokens=b.slots.in_flight_tokens,
                 n_ctx=b.n_ctx,
+                prefill_tps=b.speeds.prefill_tps,
             )
             for b in backends
         }
+        self._frees: dict[str, list[float]] = {}  # per busy backend: when its slots free
+        self._waiting: dict[str, int] = {}  # requests that chose to wait for it, this drain
+        self._held: dict[PromptKeys, dict[str, int]] = {}
 
     def has_room(self, backends: Sequence[BackendState]) -> bool:
         return any(self._seen[b.name].free_slots > 0 for b in backends)
@@ -56,12 +73,49 @@ class RoutingView:
     def candidates(
         self, backends: Sequence[BackendState], routing: RoutingRequest
     ) -> list[BackendCandidate]:
-        held = self._index.match(routing.prefix_keys) if routing.prefix_keys else {}
-        seen = [self._seen[b.name] for b in _fitting(backends, routing)]
-        return [replace(c, prefix_match=held.get(c.name, 0)) for c in seen]
+        prompt = routing.prompt
+        held = self._held.get(prompt)
+        if held is None:
+            held = self._held[prompt] = self._index.match(prompt.keys) if prompt.keys else {}
+        out = []
+        for b in _fitting(backends, routing):
+            seen = self._seen[b.name]
+            per_byte = self._speeds[b.name].tokens_per_byte
+            depth = held.get(b.name, 0)
+            tokens = round(prompt.size * per_byte) if prompt.size else routing.prompt_tokens
+            out.append(
+                replace(
+                    seen,
+                    prefix_match=depth,
+                    cached_tokens=min(tokens, round(prompt.ends[depth - 1] * per_byte))
+                    if depth
+                    else 0,
+                    prompt_tokens=tokens,
+                    wait_s=0.0 if seen.free_slots > 0 else self._wait_s(b.name),
+                )
+            )
+        return out
 
     def has_room_for(self, backends: Sequence[BackendState], routing: RoutingRequest) -> bool:
         return self.has_room(_fitting(backends, routing))
+
+    def _wait_s(self, backend: str) -> float:
+        """Until a slot frees on `backend` for the next request that waits for it: the slots
+        free in the order their requests should end; requests already waiting go first."""
+        frees = self._frees.get(backend)
+        speeds = self._speeds[backend]
+        typical = speeds.expected_s(0, 0)
+        if frees is None:
+            ledger = self._ledgers[backend]
+            frees = sorted(c.remaining_s(self._now) for c in ledger.claims)
+            frees += [typical] * ledger.external_busy  # not ours: how long, we cannot know
+            self._frees[backend] = frees = frees or [typical]
+        ahead = self._waiting.get(backend, 0)
+        rounds, position = divmod(ahead, len(frees))
+        return frees[position] + rounds * typical
+
+    def waits_for(self, backend: str) -> None:
+        self._waiting[backend] = self._waiting.get(backend, 0) + 1
 
     def claimed(self, claim: Claim) -> None:
         seen = self._seen[claim.backend]
@@ -71,6 +125,45 @@ class RoutingView:
             in_flight=seen.in_flight + 1,
             in_flight_tokens=seen.in_flight_tokens + claim.tokens,
         )
+        self._frees.pop(claim.backend, None)
+
+
+@dataclass
+class RoutingStats:
+    """What reordering and waiting for a cached backend cost, for /stats and the monitor."""
+
+    reordered: int = 0  # times a later request took a slot the one ahead could have had
+    max_reorder_delay_s: float = 0.0  # the most a request waited after it was first passed
+    cache_waits: int = 0  # requests that waited for a busy backend holding their prompt
+    max_cache_wait_s: float = 0.0
+    pinned: int = 0  # requests sent with id_slot
+
+
+@dataclass
+class _Decision:
+    """Where one request would go now, with what routing saw of each candidate."""
+
+    entry: QueueEntry
+    routing: RoutingRequest
+    eligible: list[BackendState]
+    candidates: list[BackendCandidate]
+    choice: str | None
+    costs: list[float] | None = None
+
+    def gain(self, backend: str) -> float:
+        """How much sooner the request starts on `backend` than anywhere else (0 unknown)."""
+        if self.costs is None:
+            return 0.0
+        here = math.inf
+        elsewhere = math.inf
+        for c, cost in zip(self.candidates, self.costs, strict=True):
+            if c.name == backend:
+                here = cost
+            else:
+                elsewhere = min(elsewhere, cost)
+        if math.isinf(here) or math.isinf(elsewhere):
+            return 0.0
+        return elsewhere - here
 
 
 class Scheduler:
@@ -83,20 +176,27 @@ class Scheduler:
         policy: Policy,
         index: PrefixIndex,
         max_queue: int,
+        settings: RoutingSettings | None = None,
     ) -> None:
         self._queue = queue
         self._registry = registry
         self.policy = policy
         self._index = index
         self.max_queue = max_queue
+        self.settings = settings or RoutingSettings()
+        self.pins = SlotPins()
+        self.stats = RoutingStats()
         # Overrules a policy that fails: it always answers, and only with a free candidate.
         self._fallback = LeastBusyPolicy()
         self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
 
     async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -182,13 +282,16 @@ class Scheduler:
             self._queue.wakeup.set()
 
     def _drain(self) -> None:
+        now = time.monotonic()
         view: RoutingView | None = None
         # Most queued requests share a model and exclude nothing: compute each distinct
         # eligibility once per drain, not once per entry.
         eligible_for: dict[tuple[str | None, frozenset[str]], list[BackendState]] = {}
-        for entry in self._queue:
-            assert entry.future is not None
-            if entry.future.done():  # cancelled by its waiter; it removes itself
+        entries = [e for e in self._queue if e.future is not None and not e.future.done()]
+        done: set[QueueEntry] = set()
+        wake_at: float | None = None
+        for position, entry in enumerate(entries):
+            if entry in done:
                 continue
             key = (entry.routing.model, entry.routing.exclude)
             if key not in eligible_for:
@@ -198,33 +301,149 @@ class Scheduler:
                 # Every backend that could serve it is down: fail now rather than let it wait
                 # out its timeout for a capacity that is not coming back soon.
                 self._queue.remove(entry)
+                assert entry.future is not None
                 entry.future.set_exception(_no_backend(entry.routing))
                 continue
             if view is None:
-                view = RoutingView(self._registry.backends, self._index)
-            lease = self._place(entry, eligible, view)
-            if lease is not None:
-                self._queue.remove(entry)
-                entry.future.set_result(lease)
+                view = RoutingView(self._registry.backends, self._index, now)
+            while True:
+                decision = self._decide(entry, eligible, view, now)
+                if decision is None or decision.choice is None:
+                    break
+                taker = self._better_taker(decision, entries[position + 1 :], done, view, now)
+                if taker is None:
+                    self._place(decision, view, now)
+                    break
+                # A request just behind gains more from this backend: it takes the slot, and
+                # this one is considered again (another backend, or the next slot to free).
+                self._place(taker, view, now)
+                done.add(taker.entry)
+                if entry.passed_at is None:
+                    entry.passed_at = now
+                entry.passed += 1
+                self.stats.reordered += 1
+            if decision is not None and decision.choice is None and entry.cache_wait_since:
+                until = entry.cache_wait_since + self.settings.max_cache_wait_s
+                wake_at = until if wake_at is None else min(wake_at, until)
+        self._wake_at(wake_at)
 
-    def _place(
-        self, entry: QueueEntry, eligible: list[BackendState], view: RoutingView
-    ) -> Lease | None:
+    def _decide(
+        self,
+        entry: QueueEntry,
+        eligible: list[BackendState],
+        view: RoutingView,
+        now: float,
+        *,
+        looking: bool = False,
+    ) -> _Decision | None:
+        """The policy's choice for `entry`, or None when no backend it may use has room.
+        `looking`: only to compare (reordering); a choice to wait is not recorded."""
         routing = entry.routing
         if not view.has_room_for(eligible, routing):
             return None
+        if entry.cache_wait_since is not None:
+            routing = replace(routing, waited_s=now - entry.cache_wait_since)
         candidates = view.candidates(eligible, routing)
         choice = self._choose(candidates, routing)
-        if choice is None:
+        decision = _Decision(entry, routing, eligible, candidates, choice)
+        if isinstance(self.policy, CostModel):
+            decision.costs = self.policy.costs(candidates, routing)
+        if choice is None and decision.costs is not None and not looking:
+            # It waits, by choice, for a busy backend that holds its prompt; those behind it
+            # that wait for the same backend come after it.
+            best = min(range(len(candidates)), key=decision.costs.__getitem__)
+            view.waits_for(candidates[best].name)
+            if entry.cache_wait_since is None:
+                entry.cache_wait_since = now
+        return decision
+
+    def _better_taker(
+        self,
+        decision: _Decision,
+        behind: list[QueueEntry],
+        done: set[QueueEntry],
+        view: RoutingView,
+        now: float,
+    ) -> _Decision | None:
+        """Bounded reordering: a request in the window behind `decision.entry` that gains more
+        from the chosen backend, and would take it; None to keep strict order."""
+        entry, backend = decision.entry, decision.choice
+        settings = self.settings
+        if decision.costs is None or backend is None or entry.passed >= settings.reorder_max:
             return None
-        backend = next(b for b in eligible if b.name == choice)
+        mine = decision.gain(backend)
+        best: _Decision | None = None
+        best_gain = mine + _REORDER_MARGIN_S
+        looked = 0
+        for other in behind:
+            if looked >= settings.reorder_max:
+                break
+            if other.priority != entry.priority:
+                break  # priority classes are strict
+            if other.enqueued_at > entry.enqueued_at + settings.reorder_window_s:
+                break
+            if other in done:
+                continue
+            looked += 1
+            eligible = [b for b in decision.eligible if b.name not in other.routing.exclude]
+            if other.routing.model != entry.routing.model or not eligible:
+                continue
+            theirs = self._decide(other, eligible, view, now, looking=True)
+            if theirs is None or theirs.choice != backend:
+                continue  # it would not take this backend now
+            gain = theirs.gain(backend)
+            if gain > best_gain:
+                best, best_gain = theirs, gain
+        return best
+
+    def _place(self, decision: _Decision, view: RoutingView, now: float) -> None:
+        entry, routing, choice = decision.entry, decision.routing, decision.choice
+        backend = next(b for b in decision.eligible if b.name == choice)
+        chosen = next(c for c in decision.candidates if c.name == choice)
+        slot_id = None
+        if routing.pinnable:
+            slot_id = self.pins.choose(backend.name, backend.slots, routing.prompt.keys)
+        expected_s = backend.speeds.expected_s(
+            max(0, chosen.prompt_tokens - chosen.cached_tokens), routing.max_tokens
+        )
         # Choosing and claiming happen with no await in between: on one event loop nothing
         # else can take this slot, so select-and-claim is atomic.
-        claim = backend.slots.try_claim(tokens=routing.prompt_tokens)
+        claim = backend.slots.try_claim(slot_id, routing.prompt_tokens, expected_s)
         if claim is None:
             raise RuntimeError(f"{choice} was chosen with a free slot and had none")
+        if slot_id is None:
+            self.pins.placed_unpinned(backend.name)
+        else:
+            self.stats.pinned += 1
         view.claimed(claim)
-        return Lease(backend, claim, queue_wait_s=time.monotonic() - entry.enqueued_at)
+        if entry.passed_at is not None:
+            delay = now - entry.passed_at
+            self.stats.max_reorder_delay_s = max(self.stats.max_reorder_delay_s, delay)
+        if entry.cache_wait_since is not None:
+            self.stats.cache_waits += 1
+            waited = now - entry.cache_wait_since
+            self.stats.max_cache_wait_s = max(self.stats.max_cache_wait_s, waited)
+        self._queue.remove(entry)
+        assert entry.future is not None
+        entry.future.set_result(
+            Lease(
+                backend,
+                claim,
+                queue_wait_s=now - entry.enqueued_at,
+                predicted_depth=chosen.prefix_match,
+                predicted_tokens=chosen.cached_tokens,
+            )
+        )
+
+    def _wake_at(self, when: float | None) -> None:
+        """Drain again when a request stops waiting for its cached backend, if nothing else
+        (a slot freed, a new request) has woken the drain by then."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if when is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(when + 0.001, self._queue.wakeup.set)
 
     def _choose(self, candidates: list[BackendCandidate], routing: RoutingRequest) -> str | None:
         try:
@@ -242,6 +461,10 @@ class Scheduler:
             choice,
         )
         return self._fallback(candidates, routing)
+
+
+# A later request takes the slot only if it gains this much more than the one ahead of it.
+_REORDER_MARGIN_S = 0.005
 
 
 def _fitting(backends: Sequence[BackendState], routing: RoutingRequest) -> Sequence[BackendState]:

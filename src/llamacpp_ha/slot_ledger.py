@@ -10,8 +10,9 @@ llama-server picks the slot and the claim says `None`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -22,6 +23,11 @@ class Claim:
     backend: str
     slot_id: int | None = None
     tokens: int = 0  # the request's estimated prompt tokens
+    expected_s: float = 0.0  # how long it should hold the slot (routing's estimate)
+    started_at: float = field(default_factory=time.monotonic)
+
+    def remaining_s(self, now: float) -> float:
+        return max(0.0, self.started_at + self.expected_s - now)
 
 
 class SlotLedger(Protocol):
@@ -45,7 +51,12 @@ class SlotLedger(Protocol):
     @property
     def free(self) -> int: ...
 
-    def try_claim(self, slot_id: int | None = None, tokens: int = 0) -> Claim | None:
+    @property
+    def claims(self) -> frozenset[Claim]: ...
+
+    def try_claim(
+        self, slot_id: int | None = None, tokens: int = 0, expected_s: float = 0.0
+    ) -> Claim | None:
         """A claim on a free slot (that one, if `slot_id` is given), or None."""
         ...
 
@@ -92,14 +103,20 @@ class SlotTracker:
     def in_flight_tokens(self) -> int:
         return sum(c.tokens for c in self._claims)
 
-    def try_claim(self, slot_id: int | None = None, tokens: int = 0) -> Claim | None:
+    @property
+    def claims(self) -> frozenset[Claim]:
+        return frozenset(self._claims)
+
+    def try_claim(
+        self, slot_id: int | None = None, tokens: int = 0, expected_s: float = 0.0
+    ) -> Claim | None:
         if self.free <= 0:
             return None
         if slot_id is not None and (
             not 0 <= slot_id < self.total or any(c.slot_id == slot_id for c in self._claims)
         ):
             return None
-        claim = Claim(self.backend, slot_id, tokens)
+        claim = Claim(self.backend, slot_id, tokens, expected_s)
         self._claims.add(claim)
         return claim
 

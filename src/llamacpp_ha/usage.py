@@ -16,6 +16,11 @@ class Usage:
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     completion_tokens: int | None = None
+    # From `timings` only: the prompt tokens computed (not reused) and how long each phase took.
+    computed_tokens: int | None = None
+    prompt_ms: float | None = None
+    predicted_ms: float | None = None
+    slot: int | None = None  # the slot that served it, when the answer says (`/completion`)
 
     @property
     def cache_hit_ratio(self) -> float | None:
@@ -28,15 +33,25 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _ms(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return None
+
+
 def from_answer(answer: Any) -> Usage:
     """Counts in one JSON answer (or one SSE event's JSON)."""
     usage = Usage()
     if not isinstance(answer, dict):
         return usage
+    usage.slot = _int(answer.get("id_slot"))
     timings = answer.get("timings")
     if isinstance(timings, dict):
         cached, computed = _int(timings.get("cache_n")), _int(timings.get("prompt_n"))
         usage.cached_tokens = cached
+        usage.computed_tokens = computed
+        usage.prompt_ms = _ms(timings.get("prompt_ms"))
+        usage.predicted_ms = _ms(timings.get("predicted_ms"))
         if cached is not None and computed is not None:
             usage.prompt_tokens = cached + computed
         usage.completion_tokens = _int(timings.get("predicted_n"))
