@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import unittest
-
 from typing import Any
 
 from llamacpp_ha.prefix_index import BLOCK_BYTES, MIN_CAPACITY_TOKENS, CacheIndex, prompt_keys
