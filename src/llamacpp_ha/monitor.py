@@ -15,8 +15,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .exchange_result import ExchangeResult
+from .feedback import Feedback, PredictionCounts
 from .queue import RequestQueue
 from .registry import Registry
+from .scheduler import RoutingStats
 
 _WINDOW = 1024
 _BACKEND_WINDOW = 100
@@ -115,8 +117,28 @@ def _percentiles(values: deque[float]) -> dict[str, float | None]:
     return {"p50": round(cuts[9], 1), "p95": round(cuts[18], 1)}
 
 
-def snapshot(stats: ProxyStats, registry: Registry, queue: RequestQueue) -> dict[str, Any]:
+def snapshot(
+    stats: ProxyStats,
+    registry: Registry,
+    queue: RequestQueue,
+    routing: RoutingStats | None = None,
+    feedback: Feedback | None = None,
+) -> dict[str, Any]:
     """The monitor's data: no prompt, no key, no raw `/slots` payload."""
+    counts = feedback.counts if feedback is not None else {}
+
+    def cache_of(name: str) -> dict[str, Any]:
+        held, estimate = feedback.index.capacity(name) if feedback is not None else (0, 0)
+        predictions = counts.get(name)
+        return {
+            "prediction_accuracy": predictions.accuracy if predictions else None,
+            "predictions": predictions.total if predictions else 0,
+            "predicted_over": predictions.over if predictions else 0,
+            "predicted_under": predictions.under if predictions else 0,
+            "indexed_tokens": held,
+            "capacity_tokens": estimate,
+        }
+
     return {
         "uptime_s": round(time.monotonic() - stats.started_at, 1),
         "backends": [
@@ -133,11 +155,15 @@ def snapshot(stats: ProxyStats, registry: Registry, queue: RequestQueue) -> dict
                 "failed": stats.backend(b.name).failed,
                 "ttfb_ms_p50": _percentiles(stats.backend(b.name).ttfb_ms)["p50"],
                 "cache_hit_rate": stats.backend(b.name).cache_hit_rate(),
+                "prefill_tps": round(b.speeds.prefill_tps),
+                "decode_tps": round(b.speeds.decode_tps, 1),
+                **cache_of(b.name),
                 "last_error": b.last_error,
             }
             for b in registry.backends
         ],
         "queue": {"depth": len(queue), "oldest_wait_s": round(queue.oldest_wait_s(), 3)},
+        "routing": _routing(routing, counts),
         "recent_errors": stats.recent_errors(),
         "requests": {
             "in_flight": stats.in_flight,
@@ -153,6 +179,21 @@ def snapshot(stats: ProxyStats, registry: Registry, queue: RequestQueue) -> dict
             "total": _percentiles(stats.total_ms),
             "queue_wait": _percentiles(stats.queue_wait_ms),
         },
+    }
+
+
+def _routing(routing: RoutingStats | None, counts: dict[str, PredictionCounts]) -> dict[str, Any]:
+    agree = sum(c.agree for c in counts.values())
+    total = sum(c.total for c in counts.values())
+    r = routing or RoutingStats()
+    return {
+        "prediction_accuracy": round(agree / total, 3) if total else None,
+        "predictions": total,
+        "reordered": r.reordered,
+        "max_reorder_delay_s": round(r.max_reorder_delay_s, 3),
+        "cache_waits": r.cache_waits,
+        "max_cache_wait_s": round(r.max_cache_wait_s, 3),
+        "pinned": r.pinned,
     }
 
 

@@ -186,7 +186,12 @@ def start_s(candidate: BackendCandidate) -> float:
     """Expected seconds until `candidate` sends the request's first token."""
     c = candidate
     uncached = max(0, c.prompt_tokens - c.cached_tokens)
-    return c.wait_s + uncached / max(c.prefill_tps, 1e-9) * (1 + _busy_share(c))
+    # Computing the prompt stalls every stream decoding there as long as it takes: its cost
+    # is borne by the request and by each of them (LMetric's prefill tokens x batch size).
+    busy = c.total_slots - max(c.free_slots, 0)
+    if c.free_slots <= 0:
+        busy -= 1  # it starts once one of them has finished
+    return c.wait_s + uncached / max(c.prefill_tps, 1e-9) * (1 + max(busy, 0))
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,13 @@ def create_app(config: ProxyConfig) -> FastAPI:
     app.include_router(
         build_router(
             balancer.stats,
-            lambda: snapshot(balancer.stats, balancer.registry, balancer.queue),
+            lambda: snapshot(
+                balancer.stats,
+                balancer.registry,
+                balancer.queue,
+                balancer.scheduler.stats,
+                balancer.feedback,
+            ),
             balancer.metrics.registry,
         )
     )

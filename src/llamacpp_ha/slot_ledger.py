@@ -27,7 +27,10 @@ class Claim:
     started_at: float = field(default_factory=time.monotonic)
 
     def remaining_s(self, now: float) -> float:
-        return max(0.0, self.started_at + self.expected_s - now)
+        """How long it should still hold the slot. One that has outrun its estimate is not
+        about to end for that: it is taken to need half its estimate again."""
+        left = self.started_at + self.expected_s - now
+        return left if left > 0 else self.expected_s / 2
 
 
 class SlotLedger(Protocol):
