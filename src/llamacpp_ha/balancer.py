@@ -105,7 +105,7 @@ class Balancer:
             max_queue=config.max_queue,
             settings=_routing_settings(config),
         )
-        self.feedback = Feedback(self.index, self.scheduler.pins)
+        self.feedback = Feedback(self.index)
         self.transport = Transport()
         self.timeouts = _timeouts(config)
         self.limits = _limits(config)

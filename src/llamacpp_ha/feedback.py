@@ -5,14 +5,13 @@ reused (`cache_n`) against what the prefix index predicted, how fast it computed
 what the prompt was in its tokens. This module feeds those back: the prediction's outcome is
 counted (agree, over, under: the index's own accuracy), an over-prediction corrects the index,
 the backend's speeds are learned, and the prompt is recorded as held by the backend (and by
-its slot, when the slot is known).
+the slot its cache shadow gave it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .pinning import SlotPins
 from .policies import RoutingRequest
 from .prefix_index import CacheIndex
 from .queue import Lease
@@ -49,7 +48,6 @@ class Feedback:
     """Applies one answer's outcome to the index, the pins and the backend's speeds."""
 
     index: CacheIndex
-    pins: SlotPins
     counts: dict[str, PredictionCounts] = field(default_factory=dict)
 
     def capacity_changed(self, backend: BackendState) -> None:
@@ -69,9 +67,9 @@ class Feedback:
         outcome = self._judge(backend.name, routing, lease, usage)
         tokens = usage.prompt_tokens or round(prompt.size * backend.speeds.tokens_per_byte)
         self.index.record(backend.name, prompt.keys, tokens)
-        slot = lease.claim.slot_id if lease.claim.slot_id is not None else usage.slot
-        if slot is not None:
-            self.pins.computed(backend.name, slot, prompt.keys)
+        slot = lease.claim.lands_on
+        if slot is not None and lease.cached_prompt is not None and usage.completion_tokens:
+            backend.caches.answered(slot, lease.cached_prompt, usage.completion_tokens)
         return outcome
 
     def _judge(
@@ -101,4 +99,3 @@ class Feedback:
 
     def forget_backend(self, name: str) -> None:
         self.index.forget_backend(name)
-        self.pins.forget_backend(name)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .policies import RoutingRequest
     from .registry import BackendState
+    from .server_cache import CachedPrompt
     from .slot_ledger import Claim
 
 
@@ -28,9 +29,11 @@ class Lease:
         self.backend = backend
         self.claim = claim
         self.queue_wait_s = queue_wait_s
-        # What routing expected the backend to hold of the prompt: keys, and tokens.
+        # What routing expected the backend to hold of the prompt: keys, and tokens; and the
+        # prompt as the backend's cache shadow holds it.
         self.predicted_depth = predicted_depth
         self.predicted_tokens = predicted_tokens
+        self.cached_prompt: CachedPrompt | None = None
         self.released = False
 
     @property
@@ -40,6 +43,8 @@ class Lease:
     async def release(self) -> None:
         if not self.released:
             self.released = True
+            if self.claim.lands_on is not None:
+                self.backend.caches.release(self.claim.lands_on, time.monotonic())
             await self.backend.slots.release(self.claim)
 
 

@@ -31,6 +31,7 @@ from .probe import (
     parse_props,
     parse_slots,
 )
+from .server_cache import ServerCaches
 from .slot_ledger import SlotLedger, SlotTracker
 from .speeds import Speeds
 from .transport import Transport, reason
@@ -60,6 +61,15 @@ class BackendState:
     ssl: ssl.SSLContext | bool = True
     changed_at: float = field(default_factory=time.monotonic)
     speeds: Speeds = field(default_factory=Speeds)
+    _caches: ServerCaches | None = None
+
+    @property
+    def caches(self) -> ServerCaches:
+        """The shadow of its prompt caches, new whenever its number of slots changes."""
+        caches = self._caches
+        if caches is None or len(caches.slots) != self.slots.total:
+            caches = self._caches = ServerCaches(self.slots.total, self.config.host_cache_tokens)
+        return caches
 
     @property
     def name(self) -> str:

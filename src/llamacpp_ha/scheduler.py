@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from .errors import NoCapacity, NoHealthyBackend, QueueFull, QueueTimeout
-from .pinning import SlotPins
+from .pinning import choose_slot
 from .policies import (
     BackendCandidate,
     CostModel,
@@ -34,6 +34,7 @@ from .policies import (
 from .prefix_index import PrefixIndex, PromptKeys
 from .queue import Lease, QueueEntry, RequestQueue
 from .registry import BackendState, Registry
+from .server_cache import CachedPrompt
 from .slot_ledger import Claim
 
 __all__ = ["Lease", "RoutingView", "Scheduler"]
@@ -50,6 +51,7 @@ class RoutingView:
         self._index = index
         self._now = time.monotonic() if now is None else now
         self._speeds = {b.name: b.speeds for b in backends}
+        self._caches = {b.name: b.caches for b in backends}
         self._ledgers = {b.name: b.slots for b in backends}
         self._seen = {
             b.name: BackendCandidate(
@@ -66,6 +68,7 @@ class RoutingView:
         self._frees: dict[str, list[float]] = {}  # per busy backend: when its slots free
         self._waiting: dict[str, int] = {}  # requests that chose to wait for it, this drain
         self._held: dict[PromptKeys, dict[str, int]] = {}
+        self._prompts: dict[tuple[int, str], CachedPrompt] = {}
 
     def has_room(self, backends: Sequence[BackendState]) -> bool:
         return any(self._seen[b.name].free_slots > 0 for b in backends)
@@ -83,18 +86,39 @@ class RoutingView:
             per_byte = self._speeds[b.name].tokens_per_byte
             depth = held.get(b.name, 0)
             tokens = round(prompt.size * per_byte) if prompt.size else routing.prompt_tokens
+            cached = 0
+            if depth:
+                # What llama-server's own rules make of what it holds: its cache shadow.
+                shadow = self._caches[b.name]
+                cprompt = self.cached_prompt(routing, b.name, per_byte, tokens)
+                prediction = shadow.predict(cprompt) if seen.free_slots > 0 else None
+                cached = prediction.reused if prediction else shadow.best_held(cprompt)
             out.append(
                 replace(
                     seen,
                     prefix_match=depth,
-                    cached_tokens=min(tokens, round(prompt.ends[depth - 1] * per_byte))
-                    if depth
-                    else 0,
+                    cached_tokens=cached,
                     prompt_tokens=tokens,
                     wait_s=0.0 if seen.free_slots > 0 else self._wait_s(b.name),
                 )
             )
         return out
+
+    def cached_prompt(
+        self, routing: RoutingRequest, backend: str, per_byte: float | None = None, tokens: int = 0
+    ) -> CachedPrompt:
+        """The request's prompt in `backend`'s tokens, as its cache shadow takes it."""
+        key = (id(routing.prompt), backend)
+        found = self._prompts.get(key)
+        if found is None:
+            prompt = routing.prompt
+            if per_byte is None:
+                per_byte = self._speeds[backend].tokens_per_byte
+                tokens = round(prompt.size * per_byte) if prompt.size else routing.prompt_tokens
+            found = self._prompts[key] = CachedPrompt(
+                prompt.keys, tuple(round(end * per_byte) for end in prompt.ends), tokens
+            )
+        return found
 
     def has_room_for(self, backends: Sequence[BackendState], routing: RoutingRequest) -> bool:
         return self.has_room(_fitting(backends, routing))
@@ -184,7 +208,6 @@ class Scheduler:
         self._index = index
         self.max_queue = max_queue
         self.settings = settings or RoutingSettings()
-        self.pins = SlotPins()
         self.stats = RoutingStats()
         # Overrules a policy that fails: it always answers, and only with a free candidate.
         self._fallback = LeastBusyPolicy()
@@ -400,20 +423,26 @@ class Scheduler:
         entry, routing, choice = decision.entry, decision.routing, decision.choice
         backend = next(b for b in decision.eligible if b.name == choice)
         chosen = next(c for c in decision.candidates if c.name == choice)
-        slot_id = None
-        if routing.pinnable:
-            slot_id = self.pins.choose(backend.name, backend.slots, routing.prompt.keys)
+        cprompt = view.cached_prompt(routing, backend.name)
+        shadow = backend.caches
+        slot_id = choose_slot(shadow, backend.slots, cprompt) if routing.pinnable else None
+        prediction = shadow.predict(cprompt, slot_id)
         expected_s = backend.speeds.expected_s(
             max(0, chosen.prompt_tokens - chosen.cached_tokens), routing.max_tokens
         )
         # Choosing and claiming happen with no await in between: on one event loop nothing
         # else can take this slot, so select-and-claim is atomic.
-        claim = backend.slots.try_claim(slot_id, routing.prompt_tokens, expected_s)
+        claim = backend.slots.try_claim(
+            slot_id,
+            routing.prompt_tokens,
+            expected_s,
+            lands_on=prediction.slot if prediction is not None else None,
+        )
         if claim is None:
             raise RuntimeError(f"{choice} was chosen with a free slot and had none")
-        if slot_id is None:
-            self.pins.placed_unpinned(backend.name)
-        else:
+        if prediction is not None:
+            shadow.launch(cprompt, slot_id)
+        if slot_id is not None:
             self.stats.pinned += 1
         view.claimed(claim)
         if entry.passed_at is not None:
@@ -425,15 +454,15 @@ class Scheduler:
             self.stats.max_cache_wait_s = max(self.stats.max_cache_wait_s, waited)
         self._queue.remove(entry)
         assert entry.future is not None
-        entry.future.set_result(
-            Lease(
-                backend,
-                claim,
-                queue_wait_s=now - entry.enqueued_at,
-                predicted_depth=chosen.prefix_match,
-                predicted_tokens=chosen.cached_tokens,
-            )
+        lease = Lease(
+            backend,
+            claim,
+            queue_wait_s=now - entry.enqueued_at,
+            predicted_depth=chosen.prefix_match,
+            predicted_tokens=prediction.reused if prediction is not None else chosen.cached_tokens,
         )
+        lease.cached_prompt = cprompt
+        entry.future.set_result(lease)
 
     def _wake_at(self, when: float | None) -> None:
         """Drain again when a request stops waiting for its cached backend, if nothing else

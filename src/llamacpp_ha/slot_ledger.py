@@ -24,6 +24,7 @@ class Claim:
     slot_id: int | None = None
     tokens: int = 0  # the request's estimated prompt tokens
     expected_s: float = 0.0  # how long it should hold the slot (routing's estimate)
+    lands_on: int | None = None  # the slot llama-server should give it, pinned or not
     started_at: float = field(default_factory=time.monotonic)
 
     def remaining_s(self, now: float) -> float:
@@ -58,7 +59,11 @@ class SlotLedger(Protocol):
     def claims(self) -> frozenset[Claim]: ...
 
     def try_claim(
-        self, slot_id: int | None = None, tokens: int = 0, expected_s: float = 0.0
+        self,
+        slot_id: int | None = None,
+        tokens: int = 0,
+        expected_s: float = 0.0,
+        lands_on: int | None = None,
     ) -> Claim | None:
         """A claim on a free slot (that one, if `slot_id` is given), or None."""
         ...
@@ -111,7 +116,11 @@ class SlotTracker:
         return frozenset(self._claims)
 
     def try_claim(
-        self, slot_id: int | None = None, tokens: int = 0, expected_s: float = 0.0
+        self,
+        slot_id: int | None = None,
+        tokens: int = 0,
+        expected_s: float = 0.0,
+        lands_on: int | None = None,
     ) -> Claim | None:
         if self.free <= 0:
             return None
@@ -119,7 +128,7 @@ class SlotTracker:
             not 0 <= slot_id < self.total or any(c.slot_id == slot_id for c in self._claims)
         ):
             return None
-        claim = Claim(self.backend, slot_id, tokens, expected_s)
+        claim = Claim(self.backend, slot_id, tokens, expected_s, lands_on)
         self._claims.add(claim)
         return claim
 

@@ -1,0 +1,195 @@
+"""A shadow of one llama-server's prompt caches, kept by llama-server's own rules.
+
+What a backend will reuse of a prompt depends on more than what it holds: llama-server gives a
+task the idle slot most similar to its prompt, and looks in its host cache (`--cache-ram`) only
+when it picked the slot as least recently used, or when the slot it picked shares less than half
+of its own content with the prompt. So a conversation whose state sits in the host cache still
+misses if another conversation with the same system prompt idles in a slot: that slot is picked,
+the host cache is not consulted, and only the system prompt is reused.
+
+`ServerCaches` replays every task we send a backend through those rules (the pinned llama.cpp
+sources, `server-context.cpp` `get_available_slot()` and `server-task.cpp`
+`server_prompt_cache::load()/alloc()`, also modelled by the simulator's `prompt_cache.py`), over
+prefix keys instead of tokens: each slot and each saved state is the keys of its prompt with
+their token counts. `predict()` says, without changing anything, which slot a prompt would get
+and how many tokens it would reuse; `launch()` applies it when the request is sent, and
+`release()` when it ends. It assumes llama-server's defaults with an explicit `-np`: similarity
+0.1, idle slots saved to the host cache at each new task, no unified KV cache. Traffic that
+reaches the backend around us makes it drift; each launch overwrites a slot with what was sent,
+so it heals as the backend works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SIMILARITY = 0.1  # --slot-prompt-similarity
+F_KEEP_SAVE = 0.5  # below it, the picked slot's state is saved and the host cache consulted
+F_KEEP_RESTORE_MIN = 0.25  # a saved state is restored only if it keeps this share of itself
+# Keys cover the prompt's text; its length in tokens adds the template's few: a state that
+# shares all but this many tokens of another contains it.
+_TEMPLATE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class CachedPrompt:
+    """A prompt as keys, with the tokens covered up to each key and its length in tokens."""
+
+    keys: tuple[str, ...] = ()
+    tokens_at: tuple[int, ...] = ()
+    length: int = 0
+
+    def shared(self, other: CachedPrompt) -> int:
+        """Tokens of the longest common prefix (keys are cumulative: equal at n, equal below)."""
+        lo, hi = 0, min(len(self.keys), len(other.keys))
+        while lo < hi:  # the largest depth whose keys are equal
+            mid = (lo + hi + 1) // 2
+            if self.keys[mid - 1] == other.keys[mid - 1]:
+                lo = mid
+            else:
+                hi = mid - 1
+        return min(self.tokens_at[lo - 1], other.tokens_at[lo - 1]) if lo else 0
+
+
+@dataclass(eq=False)
+class _Slot:
+    id: int
+    prompt: CachedPrompt = field(default_factory=CachedPrompt)
+    busy: bool = False
+    last_used: float = -1.0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    slot: int  # the slot the task will get
+    reused: int  # prompt tokens it will take from the cache
+    restores: CachedPrompt | None = None  # the saved state it restores, if any
+
+
+class ServerCaches:
+    """One backend's slots and host cache, as llama-server keeps them."""
+
+    def __init__(self, n_slots: int, host_tokens: int) -> None:
+        self.slots = [_Slot(i) for i in range(n_slots)]
+        self.host_tokens = host_tokens
+        self.saved: list[CachedPrompt] = []  # oldest first
+
+    def predict(self, prompt: CachedPrompt, id_slot: int | None = None) -> Prediction | None:
+        """Where `prompt` would go and what it would reuse; None when no slot is idle."""
+        chosen = self._choose(prompt, id_slot)
+        if chosen is None:
+            return None
+        slot, consult = chosen
+        reused = slot.prompt.shared(prompt)
+        restores = self._best_saved(slot, prompt) if consult else None
+        if restores is not None:
+            reused = restores.shared(prompt)
+        # llama-server evaluates at least the prompt's last token.
+        return Prediction(slot.id, min(reused, max(prompt.length - 1, 0)), restores)
+
+    def launch(self, prompt: CachedPrompt, id_slot: int | None = None) -> Prediction | None:
+        """The task is sent: apply what `predict()` says to the shadow."""
+        chosen = self._choose(prompt, id_slot)
+        if chosen is None:
+            return None
+        slot, consult = chosen
+        prediction = self.predict(prompt, id_slot)
+        assert prediction is not None
+        if consult:
+            self._save(slot.prompt)
+            if prediction.restores is not None and prediction.restores in self.saved:
+                self.saved.remove(prediction.restores)  # moved into the slot, not copied
+        slot.prompt = prompt
+        slot.busy = True
+        for other in self.slots:  # --cache-idle-slots: every idle slot is saved
+            if not other.busy:
+                self._save(other.prompt)
+        return prediction
+
+    def release(self, slot_id: int, now: float) -> None:
+        if 0 <= slot_id < len(self.slots):
+            slot = self.slots[slot_id]
+            slot.busy = False
+            slot.last_used = now
+
+    def answered(self, slot_id: int, prompt: CachedPrompt, generated: int) -> None:
+        """The answer's tokens stay in the slot after the prompt, if it still holds it."""
+        if 0 <= slot_id < len(self.slots):
+            slot = self.slots[slot_id]
+            if slot.prompt is prompt and generated > 0:
+                slot.prompt = CachedPrompt(prompt.keys, prompt.tokens_at, prompt.length + generated)
+
+    def best_held(self, prompt: CachedPrompt) -> int:
+        """Tokens of `prompt` held anywhere here (a slot, busy or not, or a saved state that
+        would be restored): what a busy backend may offer once a slot frees."""
+        held = max((s.prompt.shared(prompt) for s in self.slots), default=0)
+        for state in self.saved:
+            shared = state.shared(prompt)
+            if shared >= F_KEEP_RESTORE_MIN * state.length:
+                held = max(held, shared)
+        return min(held, max(prompt.length - 1, 0))
+
+    def _choose(self, prompt: CachedPrompt, id_slot: int | None) -> tuple[_Slot, bool] | None:
+        """`get_available_slot()`: the slot, and whether the host cache is consulted."""
+        named = self.slots[id_slot] if id_slot is not None and id_slot < len(self.slots) else None
+        if named is not None and named.busy:
+            return None
+        best: _Slot | None = named
+        best_sim = 0.0
+        if prompt.length:
+            for slot in self.slots:
+                if named is not None and slot is not named:
+                    continue
+                if slot.busy or not slot.prompt.length:
+                    continue
+                f_sim = slot.prompt.shared(prompt) / prompt.length
+                if f_sim > best_sim and f_sim > SIMILARITY:
+                    best, best_sim = slot, f_sim
+        if best is not None:
+            length = best.prompt.length
+            keeps = best_sim * prompt.length / length if length else 0.0
+            return best, keeps < F_KEEP_SAVE
+        lru: _Slot | None = None
+        for slot in self.slots:
+            if not slot.busy and (lru is None or slot.last_used <= lru.last_used):
+                lru = slot
+        return None if lru is None else (lru, True)
+
+    def _best_saved(self, slot: _Slot, prompt: CachedPrompt) -> CachedPrompt | None:
+        """`server_prompt_cache::load()`: the saved state that beats the slot's own."""
+        own = slot.prompt.shared(prompt)
+        keep_best = own / slot.prompt.length if slot.prompt.length else -1.0
+        sim_best = own / prompt.length if prompt.length else 0.0
+        found = None
+        for state in self.saved:
+            shared = state.shared(prompt)
+            keep = shared / state.length
+            sim = shared / prompt.length if prompt.length else 0.0
+            if keep < F_KEEP_RESTORE_MIN:
+                continue
+            if keep_best < keep and sim_best < sim:
+                keep_best, sim_best, found = keep, sim, state
+        return found
+
+    def _save(self, prompt: CachedPrompt) -> None:
+        """`server_prompt_cache::alloc()`: not again if a saved state contains it; drop the
+        saved states it contains; the oldest go first to make room."""
+        if not prompt.length or prompt.length > self.host_tokens:
+            return
+
+        def contains(big: CachedPrompt, small: CachedPrompt) -> bool:
+            return (
+                big.length >= small.length and big.shared(small) >= small.length - _TEMPLATE_TOKENS
+            )
+
+        if any(contains(s, prompt) for s in self.saved):
+            return
+        self.saved = [s for s in self.saved if not _contains(prompt, s)]
+        used = sum(s.length for s in self.saved)
+        while self.saved and used + prompt.length > self.host_tokens:
+            used -= self.saved.pop(0).length
+        self.saved.append(prompt)
+
+
+def _contains(big: CachedPrompt, small: CachedPrompt) -> bool:
+    return big.length >= small.length and big.shared(small) >= small.length - _TEMPLATE_TOKENS
