@@ -225,7 +225,7 @@ class ProxySocketTest(unittest.IsolatedAsyncioTestCase):
                     homes.setdefault(n, set()).add(index)
             self.assertEqual(len(homes), 6)
             for n, backends in homes.items():
-                self.assertEqual(len(backends), 1, f"conversation {n} moved: {backends}")
+                self.assertEqual(len(backends), 1, f"conversation {n} moved: {backends} {homes}")
             self.assertGreater(
                 len({next(iter(b)) for b in homes.values()}), 1
             )  # and it still spreads

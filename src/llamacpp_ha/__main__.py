@@ -24,14 +24,14 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "--max-sessions": ("max_sessions", "prompt prefixes remembered at most (default 100000)"),
     "--max-cache-wait": (
         "max_cache_wait_s",
-        "seconds a request may wait for a busy backend that holds its prompt (default 1)",
+        "seconds a request may wait for a busy backend that holds its prompt (default 0.5)",
     ),
     "--reorder-window": (
         "reorder_window_s",
         "a freed slot may go to a request that arrived up to this many seconds after the "
         "first in line (default 0.5)",
     ),
-    "--reorder-max": ("reorder_max", "times the first in line may be passed over (default 8)"),
+    "--reorder-max": ("reorder_max", "times the first in line may be passed over (default 4)"),
     "--connect-timeout": ("connect_timeout_s", "seconds to connect to a backend (default 5)"),
     "--first-byte-timeout": (
         "first_byte_timeout_s",

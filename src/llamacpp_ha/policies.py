@@ -149,16 +149,21 @@ class AffinityPolicy:
 class CostPolicy:
     """Where the request starts soonest; it may wait for a busy backend that holds its prompt."""
 
-    def __init__(self, max_cache_wait_s: float = 1.0) -> None:
+    def __init__(self, max_cache_wait_s: float = 0.5) -> None:
         self._max_cache_wait_s = max_cache_wait_s
         self._least_busy = LeastBusyPolicy()
 
     def costs(self, candidates: Sequence[BackendCandidate], request: RoutingRequest) -> list[float]:
-        """Each candidate's expected start, in seconds; its wait counts only while the request
-        may still wait (a busy backend it may not wait for costs infinity)."""
+        """Each candidate's expected start, in seconds. A busy backend counts only while the
+        request may still wait, and only if it holds more of the prompt than every free one:
+        waiting is for a cache, never for a shorter queue (infinity otherwise)."""
         left = self._max_cache_wait_s - request.waited_s
+        free_best = max((c.cached_tokens for c in candidates if c.free_slots > 0), default=0)
         return [
-            math.inf if c.free_slots <= 0 and c.wait_s > left else start_s(c) for c in candidates
+            start_s(c)
+            if c.free_slots > 0 or (c.wait_s <= left and c.cached_tokens > free_best)
+            else math.inf
+            for c in candidates
         ]
 
     def __call__(
@@ -171,12 +176,18 @@ class CostPolicy:
         best_free = min(cost for cost, _ in free)
         if min(costs) < best_free:
             return None  # a busy backend that holds the prompt will start it sooner: wait
-        # Equal starts (nothing to compute, or the same everywhere): the least busy of them,
-        # in rotation, so that equal backends share the work.
-        tied = [c for cost, c in free if cost <= best_free * (1 + _TIE) + _TIE_S]
-        return self._least_busy(tied, request)
+        if max(c.cached_tokens for _, c in free) < _WORTH_TOKENS:
+            tied = [c for _, c in free]  # nothing worth keeping: only how busy they are counts
+        else:
+            tied = [c for cost, c in free if cost <= best_free * (1 + _TIE) + _TIE_S]
+        # Among equal starts, those that hold a good part of the prompt (a short conversation's own
+        # backend), then the least busy of them, in rotation, so equal backends share the work.
+        holders = [c for c in tied if c.cached_tokens * 4 >= c.prompt_tokens > 0]
+        return self._least_busy(holders or tied, request)
 
 
+# Fewer cached tokens than this do not make one backend better than another.
+_WORTH_TOKENS = 32
 # Starts this close are the same start: estimates are not more precise than that.
 _TIE = 0.02
 _TIE_S = 0.002
@@ -198,9 +209,9 @@ def start_s(candidate: BackendCandidate) -> float:
 class RoutingSettings:
     """What the configuration tells policies."""
 
-    max_cache_wait_s: float = 1.0
+    max_cache_wait_s: float = 0.5
     reorder_window_s: float = 0.5
-    reorder_max: int = 8
+    reorder_max: int = 4
 
 
 @dataclass(frozen=True)
@@ -232,7 +243,7 @@ POLICIES: dict[str, PolicySpec] = {
         lambda s: LeastBusyPolicy(), "the backend with the smallest share of its slots busy"
     ),
 }
-DEFAULT_POLICY = "affinity"
+DEFAULT_POLICY = "cost"
 
 
 def build_policy(name: str, settings: RoutingSettings | None = None) -> Policy:

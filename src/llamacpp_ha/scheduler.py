@@ -394,6 +394,10 @@ class Scheduler:
         settings = self.settings
         if decision.costs is None or backend is None or entry.passed >= settings.reorder_max:
             return None
+        # The worst extra wait is bounded: once passed over for half the window, it is next
+        # (the other half covers the wait for the slot it then gets).
+        if entry.passed_at is not None and now - entry.passed_at >= settings.reorder_window_s / 2:
+            return None
         mine = decision.gain(backend)
         best: _Decision | None = None
         best_gain = mine + _REORDER_MARGIN_S
