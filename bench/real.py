@@ -27,11 +27,13 @@ import contextlib
 import ctypes
 import dataclasses
 import importlib.util
+import itertools
 import json
 import math
 import os
 import platform
 import re
+import selectors
 import shlex
 import signal
 import statistics
@@ -52,7 +54,10 @@ from bench import procs
 from bench import workloads as wl
 from bench.contenders import Contender, Running, roster
 from bench.run import SEED, machine_info
+from llamacpp_sim import SimConfig
+from llamacpp_sim.profiles import Profile
 from llamacpp_sim.prompt_cache import StateSize, common_prefix_len
+from llamacpp_sim.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO / "scripts" / "build-llama-server.sh"
@@ -72,6 +77,9 @@ HOST_CACHE_PROMPTS = 4
 CTX_STEP = 256
 METRICS_POLL_S = 0.25
 DRAIN_S = 90.0
+# The mirror (the simulator shaped like this fleet) runs this much faster than the real servers.
+MIRROR_TIME_SCALE = 2.0
+MIRROR_REPETITIONS = 3
 
 # 50 conversations of the trace (157 requests; bench/run.py's 40 are among them: the same seed,
 # name and sampler). The tiny model's tokenizer is byte-level (about 4.8 tokens for one of the
@@ -154,6 +162,16 @@ def median_range(values: Sequence[float]) -> tuple[float, float, float]:
 def ranking(hit_rates: dict[str, float]) -> list[str]:
     """Keys from the highest hit rate to the lowest."""
     return sorted(hit_rates, key=lambda k: -hit_rates[k])
+
+
+def unsettled(order: Sequence[str], ranges: dict[str, tuple[float, float, float]]) -> list[str]:
+    """Neighbours in ``order`` whose (median, min, max) ranges overlap: the repetitions do not
+    settle which of the two is ahead."""
+    return [
+        f"{a} / {b}"
+        for a, b in itertools.pairwise(order)
+        if ranges[a][1] <= ranges[b][2] and ranges[b][1] <= ranges[a][2]
+    ]
 
 
 # -- the binary and the model ----------------------------------------------------------------
@@ -415,7 +433,7 @@ async def _poll_metrics(
 
 
 async def replay(
-    running: Running, workload: wl.Workload, urls: list[str]
+    running: Running, workload: wl.Workload, urls: list[str], time_scale: float = 1.0
 ) -> tuple[list[Reply], dict[str, Any]]:
     replies: list[Reply] = []
     live = [0, 0]  # in flight now, the most at once
@@ -432,7 +450,7 @@ async def replay(
         t0 = time.monotonic() + 0.1
 
         async def session(first: int, s: wl.Session) -> None:
-            await asyncio.sleep(max(0.0, t0 + s.start_s - time.monotonic()))
+            await asyncio.sleep(max(0.0, t0 + s.start_s / time_scale - time.monotonic()))
             for i, turn in enumerate(s.turns):
                 reply = Reply(first + i, s.key, turn.max_tokens)
                 replies.append(reply)
@@ -445,7 +463,7 @@ async def replay(
             asyncio.create_task(session(first, s))
             for first, s in zip(firsts, workload.sessions, strict=False)
         ]
-        _, pending = await asyncio.wait(tasks, timeout=workload.span_s + DRAIN_S)
+        _, pending = await asyncio.wait(tasks, timeout=workload.span_s / time_scale + DRAIN_S)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -458,7 +476,13 @@ async def replay(
             r.error = "unfinished at the end of the run"
     counters = {
         name: [a.get(name, 0.0) - b.get(name, 0.0) for a, b in zip(after, before, strict=True)]
-        for name in ("prompt_tokens_total", "prompt_tokens_cached_total", "tokens_predicted_total")
+        for name in (
+            "prompt_tokens_total",
+            "prompt_tokens_cached_total",
+            "tokens_predicted_total",
+            "prompt_seconds_total",
+            "tokens_predicted_seconds_total",
+        )
     }
     return replies, {"wall_s": wall, "max_in_flight": live[1], "peaks": peaks, **counters}
 
@@ -552,30 +576,167 @@ def figures(
 def run_one(
     contender: Contender,
     repetition: int,
-    spec: ServerSpec,
+    spec: ServerSpec | Mirror,
     workload: wl.Workload,
     lengths: Sequence[int],
     log_dir: Path,
 ) -> RunFigures | str:
-    run_dir = log_dir / f"{contender.key}--{repetition}"
     started = time.monotonic()
-    servers = start_servers(spec, N_SERVERS, run_dir, "llama-server-")
     try:
-        urls = [s.url for s in servers]
+        if isinstance(spec, Mirror):
+            run_dir = log_dir / f"mirror--{contender.key}--{repetition}"
+            child, urls = start_mirror(spec, run_dir)
+            children = [child]
+            time_scale = spec.time_scale
+        else:
+            run_dir = log_dir / f"{contender.key}--{repetition}"
+            servers = start_servers(spec, N_SERVERS, run_dir, "llama-server-")
+            children = [s.child for s in servers]
+            urls = [s.url for s in servers]
+            time_scale = 1.0
+    except (RuntimeError, OSError) as exc:
+        return f"the backends did not start: {exc}"
+    try:
         try:
-            running = contender.start(urls, [spec.slots] * len(urls), run_dir, None)
+            running = contender.start(urls, [SLOTS] * len(urls), run_dir, None)
         except (RuntimeError, OSError) as exc:
             return f"could not start: {exc}"
         try:
-            replies, counters = asyncio.run(replay(running, workload, urls))
+            replies, counters = asyncio.run(replay(running, workload, urls, time_scale))
         finally:
             running.stop()
     finally:
-        for s in servers:
-            s.stop()
+        for c in children:
+            c.stop()
     result = figures(contender.key, repetition, replies, counters, lengths)
+    result.extra = {
+        k: round(sum(counters[k]), 3)
+        for k in ("prompt_seconds_total", "tokens_predicted_seconds_total")
+    }
     result.seconds = round(time.monotonic() - started, 1)
     return result
+
+
+# -- the simulator, configured like this fleet -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """Simulated backends shaped like the real fleet: as many, with as many slots, a host cache
+    that holds as many of the workload's states, the tiny model's speeds on this machine. The
+    simulator's tokens are words (about ``tokens_per_word`` of the tiny model's tokens each), so
+    its lengths, speeds and cache are converted by that ratio."""
+
+    profile: Profile
+    ctx_per_slot: int
+    cache_ram_tokens: int
+    time_scale: float
+    tokens_per_word: float
+    calibration: dict[str, float]
+
+    def configs(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "slots": SLOTS,
+                "n_ctx": self.ctx_per_slot,
+                "cache_ram_tokens": self.cache_ram_tokens,
+                "time_scale": self.time_scale,
+                "model": ALIAS,
+                "name": f"mirror-{i}",
+            }
+            for i in range(N_SERVERS)
+        ]
+
+
+def mirror_of(
+    spec: ServerSpec,
+    state: StateSize,
+    real_lengths: Sequence[int],
+    sim_lengths: Sequence[int],
+    outputs: Sequence[int],
+    calibration: dict[str, float],
+) -> Mirror:
+    per_word = sum(real_lengths) / sum(sim_lengths)
+    # A finished request's state is its prompt and its output: the same number of them fit.
+    real_state = statistics.fmean(real_lengths) + statistics.fmean(outputs)
+    sim_state = statistics.fmean(sim_lengths) + statistics.fmean(outputs)
+    real_tokens = spec.cache_ram_mib * MIB / (state.of(2) - state.of(1))
+    longest = max(n + o for n, o in zip(sim_lengths, outputs, strict=True))
+    profile = Profile(
+        "tiny-mirror",
+        prompt_tps=calibration["prompt_per_second"] / per_word,
+        decode_tps=calibration["predicted_per_second"],
+        n_batch=max(64, round(2048 / per_word)),
+        kv_bytes_per_token=round((state.of(2) - state.of(1)) * per_word) - 12,
+        n_layer=state.n_layer,
+    )
+    return Mirror(
+        profile=profile,
+        ctx_per_slot=slot_ctx(longest, 1 << 20),
+        cache_ram_tokens=round(real_tokens * sim_state / real_state),
+        time_scale=MIRROR_TIME_SCALE,
+        tokens_per_word=per_word,
+        calibration=calibration,
+    )
+
+
+def measured_speeds(runs: Sequence[RunFigures]) -> dict[str, float]:
+    """The tiny model's speeds on this machine under this benchmark's load: the real servers'
+    own prompt and generation counters over all the runs (tokens per second of a request)."""
+    prompt_s = sum(r.extra["prompt_seconds_total"] for r in runs)
+    predicted_s = sum(r.extra["tokens_predicted_seconds_total"] for r in runs)
+    return {
+        "prompt_per_second": sum(r.computed for r in runs) / prompt_s,
+        "predicted_per_second": sum(sum(r.predicted_per_server) for r in runs) / predicted_s,
+    }
+
+
+_LISTENING = re.compile(r"backend (\S+) listening on (\S+)")
+
+
+def start_mirror(mirror: Mirror, log_dir: Path) -> tuple[procs.Child, list[str]]:
+    """The mirror's backends in a child process (this script with --serve-mirror)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / "mirror.log"
+    payload = json.dumps({"profile": asdict(mirror.profile), "configs": mirror.configs()})
+    command = [sys.executable, str(Path(__file__).resolve()), "--serve-mirror", payload]
+    with open(log_path, "wb") as log:
+        popen = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            bufsize=0,  # unbuffered: a readline() never takes more than its line from the pipe
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    child = procs.adopt("mirror", popen, log_path)
+    assert popen.stdout is not None
+    urls: list[str] = []
+    deadline = time.monotonic() + 30.0
+    with selectors.DefaultSelector() as selector:
+        selector.register(popen.stdout, selectors.EVENT_READ)
+        while len(urls) < N_SERVERS:
+            if time.monotonic() > deadline or not selector.select(deadline - time.monotonic()):
+                child.stop()
+                raise RuntimeError(f"the mirror did not listen:\n{child.log_tail()}")
+            line = popen.stdout.readline().decode("utf-8", "replace")
+            if not line:
+                child.stop()
+                raise RuntimeError(f"the mirror exited:\n{child.log_tail()}")
+            found = _LISTENING.search(line)
+            if found:
+                urls.append(found.group(2))
+    return child, urls
+
+
+def serve_mirror(payload: str) -> int:
+    from llamacpp_sim.__main__ import serve
+
+    data = json.loads(payload)
+    profile = Profile(**data["profile"])
+    configs = [SimConfig(profile=profile, **c) for c in data["configs"]]
+    return asyncio.run(serve(configs))
 
 
 # -- the simulator's ranking -----------------------------------------------------------------
@@ -635,7 +796,7 @@ def _mr(t: tuple[float, float, float] | None, fmt: str) -> str:
     return f"{med:,.0f} [{lo:,.0f}-{hi:,.0f}]"
 
 
-def verdict(real: list[str], sim: list[str]) -> tuple[bool, str]:
+def verdict(real: list[str], sim: list[str], what: str = "the simulator's") -> tuple[bool, str]:
     both = [k for k in real if k in sim]
     real_order = [k for k in real if k in both]
     sim_order = [k for k in sim if k in both]
@@ -648,32 +809,64 @@ def verdict(real: list[str], sim: list[str]) -> tuple[bool, str]:
     ]
     if same:
         text = (
-            "The hit-rate ranking on the real servers **matches** the simulator's: "
+            f"The hit-rate ranking on the real servers **matches** {what}: "
             + " > ".join(real_order)
             + "."
         )
     else:
         text = (
-            "The hit-rate ranking on the real servers **does not match** the simulator's: "
+            f"The hit-rate ranking on the real servers **does not match** {what}: "
             f"real {' > '.join(real_order)}; simulator {' > '.join(sim_order)} "
             f"(pairs in the other order: {', '.join(flips)})."
         )
     return same, text
 
 
-def write_report(out: Path, context: dict[str, Any], runs: list[RunFigures]) -> None:
+def _run_rows(runs: list[RunFigures]) -> list[str]:
+    lines = [
+        "| contender | rep | hit rate | timings | computed | cached | completed | failed "
+        "| deferred max (per server) | output tokens per server | in flight max | s |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|:-:|:-:|--:|--:|",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r.contender} | {r.repetition} | "
+            f"{_pct(r.hit_rate) if r.hit_rate is not None else 'n/a'} | "
+            f"{_pct(r.client_hit_rate) if r.client_hit_rate is not None else 'n/a'} | "
+            f"{r.computed:,} | {r.cached:,} | {r.completed} | {r.failed} | "
+            f"{'/'.join(map(str, r.deferred_max_per_server))} | "
+            f"{'/'.join(map(str, r.predicted_per_server))} | {r.max_in_flight} | {r.seconds:g} |"
+        )
+    return lines
+
+
+def write_report(
+    out: Path, context: dict[str, Any], runs: list[RunFigures], mirror_runs: list[RunFigures]
+) -> None:
     keys: list[str] = context["contenders"]
     labels: dict[str, str] = context["labels"]
     summary = summarize(runs, keys)
     real_rates = {k: v["hit_rate"][0] for k, v in summary.items() if v["hit_rate"] is not None}
-    sim_rates: dict[str, float] = context.get("simulator", {}).get("hit_rates", {})
     real_rank = ranking(real_rates)
-    sim_rank = ranking(sim_rates)
-    same, sentence = verdict(real_rank, sim_rank) if sim_rates else (False, "")
-    context["ranking"] = {"real": real_rank, "simulator": sim_rank, "matches": same}
+    comparisons: dict[str, dict[str, Any]] = context.get("comparisons", {})
+    sentences: dict[str, str] = {}
+    for name, comp in comparisons.items():
+        rank = ranking(comp["hit_rates"])
+        what = "the simulator's" if name != "mirror" else "that of the simulator shaped like it"
+        comp["ranking"] = rank
+        comp["matches"], sentences[name] = verdict(real_rank, rank, what)
+    context["ranking"] = real_rank
     context["summary"] = summary
     (out / "results.json").write_text(
-        json.dumps({"context": context, "runs": [asdict(r) for r in runs]}, indent=2) + "\n"
+        json.dumps(
+            {
+                "context": context,
+                "runs": [asdict(r) for r in runs],
+                "mirror_runs": [asdict(r) for r in mirror_runs],
+            },
+            indent=2,
+        )
+        + "\n"
     )
     w = context["workload"]
     s = context["servers"]
@@ -753,43 +946,66 @@ def write_report(out: Path, context: dict[str, Any], runs: list[RunFigures]) -> 
         "responses.",
         "",
     ]
-    sim = context.get("simulator")
-    if sim:
+    if comparisons:
         lines += [
             "## Against the simulator",
             "",
-            sim["source"],
+            "Hit rates (the backends' counters) of the same contenders:",
             "",
-            "| contender | real (median) | simulator |",
-            "|---|--:|--:|",
+        ]
+        lines += [f"- *{c['title']}*: {c['source']}." for c in comparisons.values()]
+        lines += [
+            "",
+            "| contender | real (median) | "
+            + " | ".join(c["title"] for c in comparisons.values())
+            + " |",
+            "|---|--:|" + "--:|" * len(comparisons),
         ]
         for key in real_rank:
-            sim_v = sim_rates.get(key)
-            lines.append(
-                f"| {labels[key]} | {_pct(real_rates[key])} | "
-                f"{_pct(sim_v) if sim_v is not None else 'n/a'} |"
-            )
-        lines += ["", sentence, ""]
-    lines += [
-        "## Every run",
-        "",
-        "| contender | rep | hit rate | timings | computed | cached | completed | failed "
-        "| deferred max (per server) | output tokens per server | in flight max | s |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|:-:|:-:|--:|--:|",
-    ]
-    for r in runs:
-        lines.append(
-            f"| {r.contender} | {r.repetition} | "
-            f"{_pct(r.hit_rate) if r.hit_rate is not None else 'n/a'} | "
-            f"{_pct(r.client_hit_rate) if r.client_hit_rate is not None else 'n/a'} | "
-            f"{r.computed:,} | {r.cached:,} | {r.completed} | {r.failed} | "
-            f"{'/'.join(map(str, r.deferred_max_per_server))} | "
-            f"{'/'.join(map(str, r.predicted_per_server))} | {r.max_in_flight} | {r.seconds:g} |"
+            cells = [
+                _pct(c["hit_rates"][key]) if key in c["hit_rates"] else "n/a"
+                for c in comparisons.values()
+            ]
+            lines.append(f"| {labels[key]} | {_pct(real_rates[key])} | {' | '.join(cells)} |")
+        lines += [""]
+        for name, comp in comparisons.items():
+            lines += [f"Against the {comp['title']}: {sentences[name]}", ""]
+        close = unsettled(
+            real_rank, {k: v["hit_rate"] for k, v in summary.items() if v["hit_rate"]}
         )
-    errors = sorted({e for r in runs for e in r.errors})
-    if errors or context["failures"]:
+        context["unsettled"] = close
+        if close:
+            lines += [
+                "On the real servers, the hit-rate ranges of these neighbours in the ranking "
+                f"overlap, so {context['repetitions']} repetitions do not settle their order: "
+                + ", ".join(close)
+                + ".",
+                "",
+            ]
+    lines += ["## Every run", "", *_run_rows(runs)]
+    if mirror_runs:
+        m = context["mirror"]
+        p = m["profile"]
+        lines += [
+            "",
+            "### The simulator shaped like this fleet",
+            "",
+            f"Profile `{p['name']}`: {p['prompt_tps']:,.0f} words/s prefill and "
+            f"{p['decode_tps']:,.0f} tokens/s decode (the tiny model's "
+            f"{m['calibration']['prompt_per_second']:,.0f} and "
+            f"{m['calibration']['predicted_per_second']:,.0f} tokens/s per request in the real "
+            "runs, by the servers' own counters, at "
+            f"{m['tokens_per_word']:.2f} tokens per word), batch {p['n_batch']}; per backend: "
+            + ", ".join(f"{k} {v}" for k, v in m["configs"][0].items() if k != "name")
+            + ". Each backend's other settings are llama-server's defaults, as in `make bench`.",
+            "",
+            *_run_rows(mirror_runs),
+        ]
+    errors = sorted({" ".join(e.split()) for r in [*runs, *mirror_runs] for e in r.errors})
+    if errors or context["failures"] or context["unavailable"]:
         lines += ["", "Errors:", ""]
-        lines += [f"- {k}: {v}" for k, v in context["failures"].items()]
+        lines += [f"- {k}: unavailable: {v}" for k, v in context["unavailable"].items()]
+        lines += [f"- {k}: {' '.join(v.split())}" for k, v in context["failures"].items()]
         lines += [f"- {e}" for e in errors]
     lines += ["", "Raw numbers: `results.json` beside this file; logs under `logs/`.", ""]
     (out / "RESULTS.md").write_text("\n".join(lines))
@@ -809,6 +1025,14 @@ def contender_keys() -> list[str]:
     return list(dict.fromkeys(keys))
 
 
+def _line(r: RunFigures) -> str:
+    return (
+        f"hit {_pct(r.hit_rate or 0)} (timings {_pct(r.client_hit_rate or 0)}), "
+        f"computed {r.computed:,}, {r.completed}/{r.requests} ok, deferred max "
+        f"{r.deferred_max}, in flight max {r.max_in_flight} [{r.seconds:g} s]"
+    )
+
+
 def _quantile(values: Sequence[int], q: float) -> int:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
@@ -820,6 +1044,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--repetitions", type=int, default=REPETITIONS)
     parser.add_argument("--span", type=float, default=SCALE.span_s, help="replay span, s")
+    parser.add_argument(
+        "--mirror-repetitions",
+        type=int,
+        default=MIRROR_REPETITIONS,
+        help="runs of each contender on the simulator shaped like this fleet (0: none)",
+    )
+    parser.add_argument("--serve-mirror", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--contenders", default=None, help="comma-separated keys")
     parser.add_argument(
         "--simulator",
@@ -828,11 +1059,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the ranking to compare with: bench/run.py now (default), or bench/results/",
     )
     args = parser.parse_args(argv)
+    if args.serve_mirror is not None:
+        return serve_mirror(args.serve_mirror)
     started = time.monotonic()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     log_dir = out.resolve() / "logs"
-    (out / ".gitignore").write_text("logs/\nsim/logs/\n")
+    (out / ".gitignore").write_text("logs/\nsim/logs/\nsim/*.png\n")
 
     keys = args.contenders.split(",") if args.contenders else contender_keys()
     everyone = {c.key: c for c in roster()}
@@ -937,43 +1170,90 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {contender.key} #{rep}: {result}", flush=True)
                 continue
             runs.append(result)
-            print(
-                f"  {contender.key:<16} #{rep} hit {_pct(result.hit_rate or 0)} "
-                f"(timings {_pct(result.client_hit_rate or 0)}), computed {result.computed:,}, "
-                f"{result.completed}/{result.requests} ok, deferred max {result.deferred_max}, "
-                f"in flight max {result.max_in_flight} [{result.seconds:g} s]",
-                flush=True,
-            )
+            print(f"  {contender.key:<16} #{rep} {_line(result)}", flush=True)
+
+    mirror_runs: list[RunFigures] = []
+    if args.mirror_repetitions > 0 and runs:
+        calibration = measured_speeds(runs)
+        tok = Tokenizer()
+        sim_lengths = [len(tok.tokenize(t, add_bos=True)) for t in texts]
+        mirror = mirror_of(spec, state, lengths, sim_lengths, outputs, calibration)
+        context["mirror"] = {
+            "profile": asdict(mirror.profile),
+            "configs": mirror.configs(),
+            "tokens_per_word": mirror.tokens_per_word,
+            "calibration": calibration,
+            "repetitions": args.mirror_repetitions,
+        }
+        print(
+            f"bench-real: the simulator shaped like this fleet ({mirror.tokens_per_word:.2f} "
+            f"tokens per word; {mirror.profile.prompt_tps:,.0f} words/s prefill, "
+            f"{mirror.profile.decode_tps:,.0f} tokens/s decode, host cache "
+            f"{mirror.cache_ram_tokens:,} words, time scale {mirror.time_scale:g})",
+            flush=True,
+        )
+        for rep in range(1, args.mirror_repetitions + 1):
+            for contender in usable:
+                result = run_one(contender, rep, mirror, workload, sim_lengths, log_dir)
+                if isinstance(result, str):
+                    context["failures"][f"mirror/{contender.key}/{rep}"] = result
+                    print(f"  mirror {contender.key} #{rep}: {result}", flush=True)
+                    continue
+                mirror_runs.append(result)
+                print(f"  mirror {contender.key:<16} #{rep} {_line(result)}", flush=True)
 
     sim_keys = [c.key for c in usable]
+    comparisons: dict[str, dict[str, Any]] = {}
     if args.simulator == "run":
         print("bench-real: the simulator's harness on its mooncake workload", flush=True)
         rates, command = simulator_hit_rates(sim_keys, out / "sim")
-        context["simulator"] = {
+        comparisons["harness"] = {
+            "title": "simulator, `make bench`'s harness (run now)",
             "hit_rates": rates,
             "command": command,
             "source": (
-                "The simulator's ranking: `bench/run.py` run now, by this command, for the same "
-                "contenders on its own `mooncake` workload (simulated fleet of `make bench`, one "
-                f"run each; its report is `sim/RESULTS.md`): `{command}`."
+                "`bench/run.py` run now for the same contenders on its own `mooncake` workload "
+                "and simulated fleet (those of `make bench`: 40 of these 50 conversations, "
+                "4 backends of 4, 4, 2 and 2 slots of the `gpu-8b` profile, 8 GiB of host "
+                f"cache each; one run each; its report is `sim/RESULTS.md`): `{command}`"
             ),
         }
-    elif args.simulator == "committed":
-        data = json.loads((REPO / "bench" / "results" / "results.json").read_text())
-        rates = {
-            r["contender"]: float(r["hit_rate"])
-            for r in data["runs"]
-            if r["workload"] == "mooncake" and r["contender"] in sim_keys and r.get("hit_rate")
+    committed = REPO / "bench" / "results" / "results.json"
+    if committed.exists():
+        data = json.loads(committed.read_text())
+        comparisons["committed"] = {
+            "title": "simulator, committed `bench/results/`",
+            "hit_rates": {
+                r["contender"]: float(r["hit_rate"])
+                for r in data["runs"]
+                if r["workload"] == "mooncake" and r["contender"] in sim_keys and r.get("hit_rate")
+            },
+            "source": "the `mooncake` rows of the committed `bench/results/results.json` "
+            "(`make bench`, the same harness as above at the commit that wrote it)",
         }
-        context["simulator"] = {
-            "hit_rates": rates,
-            "source": "The simulator's ranking: the `mooncake` rows of the committed "
-            "`bench/results/results.json` (`make bench`).",
+    if mirror_runs:
+        comparisons["mirror"] = {
+            "title": "simulator shaped like this fleet",
+            "hit_rates": {
+                k: v["hit_rate"][0]
+                for k, v in summarize(mirror_runs, sim_keys).items()
+                if v["hit_rate"] is not None
+            },
+            "source": (
+                "the simulator (`llamacpp_sim`) shaped like the real fleet, the same 157 "
+                f"requests: {N_SERVERS} backends of {SLOTS} slots, a host cache that holds as "
+                "many of the workload's states as `--cache-ram` does here, the tiny model's "
+                "speeds in the real runs (the servers' own `prompt_seconds_total` and "
+                "`tokens_predicted_seconds_total`), its tokens the "
+                f"workload's words (1 word = {mirror.tokens_per_word:.2f} of the tiny model's "
+                f"tokens); {args.mirror_repetitions} run(s) each, median"
+            ),
         }
+    context["comparisons"] = comparisons
     context["runtime_s"] = time.monotonic() - started
     context["finished"] = time.strftime("%Y-%m-%d %H:%M %Z")
     procs.stop_all()
-    write_report(out, context, runs)
+    write_report(out, context, runs, mirror_runs)
     print(f"bench-real: wrote {out / 'RESULTS.md'} in {context['runtime_s']:.0f} s", flush=True)
     return 0 if runs and not context["failures"] else 1
 

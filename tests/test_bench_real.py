@@ -18,6 +18,7 @@ from bench.real import (
     ranking,
     slot_ctx,
     states_held,
+    unsettled,
     verdict,
 )
 
@@ -95,3 +96,8 @@ class VerdictTest(unittest.TestCase):
         self.assertFalse(same)
         self.assertIn("b / c", text)
         self.assertNotIn("c / a", text)
+
+    def test_overlapping_ranges_leave_an_order_unsettled(self) -> None:
+        ranges = {"a": (0.46, 0.36, 0.47), "b": (0.43, 0.38, 0.46), "c": (0.22, 0.21, 0.25)}
+        self.assertEqual(unsettled(["a", "b", "c"], ranges), ["a / b"])
+        self.assertEqual(unsettled(["a", "c"], ranges), [])
