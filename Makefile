@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv test unit unit-py313 e2e check demo run bench bench-smoke soak clean
+.PHONY: venv test unit unit-py313 e2e check demo run bench bench-smoke bench-real soak clean
 
 venv: $(STAMP)
 
@@ -58,6 +58,13 @@ bench: $(STAMP)
 ## a tiny run of the same harness (direct and llamacpp-ha only), part of `make test`
 bench-smoke: $(STAMP)
 	$(BIN)/python bench/run.py --smoke --out test-output/bench-smoke
+
+## the Mooncake sample on 3 real llama-server processes (the e2e suite's tiny model): hit rates
+## and prompt tokens computed from llama-server's own counters, against the simulator's ranking
+bench-real: $(STAMP)
+	bench/setup.sh
+	scripts/build-llama-server.sh
+	bench/.venv/bin/python bench/real.py --out bench/results-real
 
 ## minutes of rotating backend faults under load; prints what became of every request
 soak: $(STAMP)
