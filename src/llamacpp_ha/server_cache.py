@@ -26,9 +26,6 @@ from dataclasses import dataclass, field
 SIMILARITY = 0.1  # --slot-prompt-similarity
 F_KEEP_SAVE = 0.5  # below it, the picked slot's state is saved and the host cache consulted
 F_KEEP_RESTORE_MIN = 0.25  # a saved state is restored only if it keeps this share of itself
-# Keys cover the prompt's text; its length in tokens adds the template's few: a state that
-# shares all but this many tokens of another contains it.
-_TEMPLATE_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -81,7 +78,8 @@ class ServerCaches:
             return None
         slot, consult = chosen
         reused = slot.prompt.shared(prompt)
-        restores = self._best_saved(slot, prompt) if consult else None
+        # The slot's own state is saved first, which may push out the oldest saved ones.
+        restores = self._best_saved(slot, prompt, self._saving(slot.prompt)) if consult else None
         if restores is not None:
             reused = restores.shared(prompt)
         # llama-server evaluates at least the prompt's last token.
@@ -96,14 +94,14 @@ class ServerCaches:
         prediction = self.predict(prompt, id_slot)
         assert prediction is not None
         if consult:
-            self._save(slot.prompt)
+            self.saved = self._saving(slot.prompt)
             if prediction.restores is not None and prediction.restores in self.saved:
                 self.saved.remove(prediction.restores)  # moved into the slot, not copied
         slot.prompt = prompt
         slot.busy = True
         for other in self.slots:  # --cache-idle-slots: every idle slot is saved
             if not other.busy:
-                self._save(other.prompt)
+                self.saved = self._saving(other.prompt)
         return prediction
 
     def release(self, slot_id: int, now: float) -> None:
@@ -155,13 +153,15 @@ class ServerCaches:
                 lru = slot
         return None if lru is None else (lru, True)
 
-    def _best_saved(self, slot: _Slot, prompt: CachedPrompt) -> CachedPrompt | None:
+    def _best_saved(
+        self, slot: _Slot, prompt: CachedPrompt, saved: list[CachedPrompt]
+    ) -> CachedPrompt | None:
         """`server_prompt_cache::load()`: the saved state that beats the slot's own."""
         own = slot.prompt.shared(prompt)
         keep_best = own / slot.prompt.length if slot.prompt.length else -1.0
         sim_best = own / prompt.length if prompt.length else 0.0
         found = None
-        for state in self.saved:
+        for state in saved:
             shared = state.shared(prompt)
             keep = shared / state.length
             sim = shared / prompt.length if prompt.length else 0.0
@@ -171,25 +171,25 @@ class ServerCaches:
                 keep_best, sim_best, found = keep, sim, state
         return found
 
-    def _save(self, prompt: CachedPrompt) -> None:
-        """`server_prompt_cache::alloc()`: not again if a saved state contains it; drop the
-        saved states it contains; the oldest go first to make room."""
+    def _saving(self, prompt: CachedPrompt) -> list[CachedPrompt]:
+        """The saved states once `prompt` is saved (`server_prompt_cache::alloc()`): not again
+        if a saved state contains it; the saved states it contains dropped; the oldest go
+        first to make room."""
+        saved = self.saved
         if not prompt.length or prompt.length > self.host_tokens:
-            return
-
-        def contains(big: CachedPrompt, small: CachedPrompt) -> bool:
-            return (
-                big.length >= small.length and big.shared(small) >= small.length - _TEMPLATE_TOKENS
-            )
-
-        if any(contains(s, prompt) for s in self.saved):
-            return
-        self.saved = [s for s in self.saved if not _contains(prompt, s)]
-        used = sum(s.length for s in self.saved)
-        while self.saved and used + prompt.length > self.host_tokens:
-            used -= self.saved.pop(0).length
-        self.saved.append(prompt)
+            return saved
+        if any(_contains(s, prompt) for s in saved):
+            return saved
+        kept = [s for s in saved if not _contains(prompt, s)]
+        used = sum(s.length for s in kept)
+        while kept and used + prompt.length > self.host_tokens:
+            used -= kept.pop(0).length
+        return [*kept, prompt]
 
 
 def _contains(big: CachedPrompt, small: CachedPrompt) -> bool:
-    return big.length >= small.length and big.shared(small) >= small.length - _TEMPLATE_TOKENS
+    """Whether `big` holds all of `small`: every key of it (its text; the template's few
+    tokens past the last key are not known, and are taken to match)."""
+    if big.length < small.length or len(big.keys) < len(small.keys):
+        return False
+    return not small.keys or big.keys[len(small.keys) - 1] == small.keys[-1]
