@@ -156,7 +156,8 @@ class ServerCachesTest(unittest.TestCase):
             p = prompt(*conversations[c])
             tokens = [hash(k) % 100_000 for k in p.keys for _ in range(BLOCK)]
             ours, theirs = shadow.launch(p), model.launch(tokens)
-            assert ours is not None and theirs is not None
+            assert ours is not None
+            assert theirs is not None
             model.slots[theirs.slot_id].tokens = list(tokens)  # the engine's part: the prompt
             busy.append((ours.slot, theirs.slot_id))
             launched += 1
