@@ -115,6 +115,17 @@ class ServerCachesTest(unittest.TestCase):
         self.assertLessEqual(sum(s.length for s in caches.saved), 50)
         self.assertEqual(caches.saved[-1], prompt("p8", "x"))  # the newest kept
 
+    def test_a_restore_that_did_not_happen_shrinks_the_host_cache(self) -> None:
+        caches = ServerCaches(n_slots=1, host_tokens=1000)
+        for i in range(5):
+            launched = caches.launch(prompt(f"p{i}", "x"))
+            assert launched is not None
+            caches.release(launched.slot, i)
+        caches.lost(prompt("p1", "x"), floor=10)
+        # The two saved after it are what the real one holds at most.
+        self.assertEqual(caches.host_tokens, 40)
+        self.assertEqual(caches.saved, [prompt("p2", "x"), prompt("p3", "x")])
+
     def test_the_answer_grows_the_slot(self) -> None:
         p = prompt("a", "b")
         launched = self.caches.launch(p)

@@ -67,6 +67,8 @@ class Feedback:
         outcome = self._judge(backend.name, routing, lease, usage)
         tokens = usage.prompt_tokens or round(prompt.size * backend.speeds.tokens_per_byte)
         self.index.record(backend.name, prompt.keys, tokens)
+        if outcome == "over" and lease.restores is not None:
+            backend.caches.lost(lease.restores, floor=usage.prompt_tokens or 0)
         slot = lease.claim.lands_on
         if slot is not None and lease.cached_prompt is not None and usage.completion_tokens:
             backend.caches.answered(slot, lease.cached_prompt, usage.completion_tokens)

@@ -34,6 +34,7 @@ class Lease:
         self.predicted_depth = predicted_depth
         self.predicted_tokens = predicted_tokens
         self.cached_prompt: CachedPrompt | None = None
+        self.restores: CachedPrompt | None = None  # the saved state the shadow expects back
         self.released = False
 
     @property

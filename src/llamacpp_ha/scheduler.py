@@ -466,6 +466,7 @@ class Scheduler:
             predicted_tokens=prediction.reused if prediction is not None else chosen.cached_tokens,
         )
         lease.cached_prompt = cprompt
+        lease.restores = prediction.restores if prediction is not None else None
         entry.future.set_result(lease)
 
     def _wake_at(self, when: float | None) -> None:

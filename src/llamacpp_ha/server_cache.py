@@ -110,6 +110,19 @@ class ServerCaches:
             slot.busy = False
             slot.last_used = now
 
+    def lost(self, state: CachedPrompt, floor: int) -> None:
+        """A restore of `state` was predicted and did not happen: the host cache had already
+        let it go, so it holds less than what was saved after it. Shrink to that (not below
+        `floor`)."""
+        if state not in self.saved:
+            return
+        newer = self.saved[self.saved.index(state) + 1 :]
+        self.host_tokens = max(floor, min(self.host_tokens, sum(s.length for s in newer)))
+        self.saved.remove(state)
+        used = sum(s.length for s in self.saved)
+        while self.saved and used > self.host_tokens:
+            used -= self.saved.pop(0).length
+
     def answered(self, slot_id: int, prompt: CachedPrompt, generated: int) -> None:
         """The answer's tokens stay in the slot after the prompt, if it still holds it."""
         if 0 <= slot_id < len(self.slots):
