@@ -11,9 +11,10 @@ from llamacpp_ha.policies import (
     Policy,
     RoundRobinPolicy,
     RoutingRequest,
+    RoutingSettings,
     build_policy,
 )
-from llamacpp_ha.prefix_index import CacheIndex, PrefixIndex, PromptKeys
+from llamacpp_ha.prefix_index import CacheIndex, PrefixIndex, PromptKeys, prompt_keys
 from llamacpp_ha.queue import RequestQueue
 from llamacpp_ha.registry import Health, Registry
 from llamacpp_ha.scheduler import Lease, Scheduler
@@ -341,3 +342,138 @@ class ContextFitTest(SchedulerFixture):
         huge = RoutingRequest(model=None, prompt_tokens=20_000)
         lease = await asyncio.wait_for(scheduler.acquire(huge, timeout_s=1), 1)
         self.assertEqual(lease.backend.name, "large")
+
+
+def conversation(name: str, turns: int = 1, system_bytes: int = 16_000) -> RoutingRequest:
+    """A chat request with a long system prompt of its own and `turns` user messages."""
+    messages = [{"role": "system", "content": name * (system_bytes // len(name))}]
+    messages += [{"role": "user", "content": f"question {t}"} for t in range(turns)]
+    prompt = prompt_keys({"model": "m", "messages": messages})
+    return RoutingRequest(model=None, prompt=prompt, prompt_tokens=prompt.size // 4, pinnable=True)
+
+
+class CostSchedulingTest(SchedulerFixture):
+    """The cost policy's scheduling: reordering, waiting for a cached backend, pinning."""
+
+    def cost(self, **settings: float) -> Policy:
+        self.settings = RoutingSettings(**settings)  # type: ignore[arg-type]
+        return build_policy("cost", self.settings)
+
+    def build_cost(
+        self, *specs: tuple[str, int, tuple[str, ...]], **settings: float
+    ) -> tuple[Scheduler, Registry, RequestQueue]:
+        scheduler, registry, queue = self.build(*specs, policy=self.cost(**settings))
+        scheduler.settings = self.settings
+        return scheduler, registry, queue
+
+    async def served(self, scheduler: Scheduler, routing: RoutingRequest) -> Lease:
+        """One request through the scheduler, recorded as computed where it ran."""
+        lease = await scheduler.acquire(routing, timeout_s=5)
+        self.sessions.record(lease.backend_name, routing.prompt.keys, routing.prompt_tokens)
+        await lease.release()
+        return lease
+
+    async def test_a_freed_slot_goes_to_the_request_behind_that_gains_more(self) -> None:
+        scheduler, registry, queue = self.build_cost(
+            ("a", 1, ("m",)), ("b", 1, ("m",)), reorder_window_s=5, reorder_max=4
+        )
+        x_first = await self.served(scheduler, conversation("x"))
+        held = {b: await self.acquire(scheduler) for b in ("a", "b")}
+        assert {lease.backend_name for lease in held.values()} == {"a", "b"}
+        head = asyncio.create_task(scheduler.acquire(conversation("h"), timeout_s=5))
+        behind = asyncio.create_task(scheduler.acquire(conversation("x", 2), timeout_s=5))
+        await wait_until(lambda: len(queue) == 2)
+        holder = next(
+            lease for lease in held.values() if lease.backend_name == x_first.backend_name
+        )
+        await holder.release()
+        lease = await asyncio.wait_for(behind, 2)
+        self.assertEqual(lease.backend_name, x_first.backend_name)  # where its prompt is
+        self.assertFalse(head.done())  # passed over once, for the next slot
+        self.assertEqual(scheduler.stats.reordered, 1)
+        for other in held.values():
+            await other.release()
+        self.assertNotEqual((await asyncio.wait_for(head, 2)).backend_name, lease.backend_name)
+        self.assertGreater(scheduler.stats.max_reorder_delay_s, 0)
+        self.assertLess(scheduler.stats.max_reorder_delay_s, 5)
+
+    async def test_strict_order_when_the_window_is_closed(self) -> None:
+        scheduler, _, queue = self.build_cost(("a", 1, ("m",)), ("b", 1, ("m",)), reorder_max=0)
+        x_first = await self.served(scheduler, conversation("x"))
+        held = [await self.acquire(scheduler) for _ in range(2)]
+        head = asyncio.create_task(scheduler.acquire(conversation("h"), timeout_s=5))
+        behind = asyncio.create_task(scheduler.acquire(conversation("x", 2), timeout_s=5))
+        await wait_until(lambda: len(queue) == 2)
+        await next(h for h in held if h.backend_name == x_first.backend_name).release()
+        await asyncio.wait_for(head, 2)
+        self.assertFalse(behind.done())
+        self.assertEqual(scheduler.stats.reordered, 0)
+        for lease in held:
+            await lease.release()
+        await asyncio.wait_for(behind, 2)
+
+    async def test_a_long_cached_prompt_waits_for_its_busy_backend(self) -> None:
+        scheduler, registry, queue = self.build_cost(
+            ("a", 1, ("m",)), ("b", 1, ("m",)), max_cache_wait_s=30
+        )
+        for backend in registry.backends:  # slow prefill, quick answers: a miss costs most
+            backend.speeds.prefill_tps, backend.speeds.decode_tps = 100.0, 1e6
+        home = (await self.served(scheduler, conversation("x"))).backend_name
+        # A short request (it should end at once) occupies its home; the other stays free.
+        busy = await self.acquire(scheduler)
+        if busy.backend_name != home:
+            blocker = await self.acquire(scheduler)
+            await busy.release()
+            busy = blocker
+        self.assertEqual(busy.backend_name, home)
+        follow_up = asyncio.create_task(scheduler.acquire(conversation("x", 2), timeout_s=5))
+        await wait_until(lambda: len(queue) == 1)
+        self.assertEqual(registry.get("b" if home == "a" else "a").slots.free, 1)
+        self.assertFalse(follow_up.done())  # it waits although another backend is free
+        await busy.release()
+        self.assertEqual((await asyncio.wait_for(follow_up, 2)).backend_name, home)
+        self.assertEqual(scheduler.stats.cache_waits, 1)
+
+    async def test_it_waits_no_longer_than_max_cache_wait(self) -> None:
+        scheduler, registry, queue = self.build_cost(
+            ("a", 1, ("m",)), ("b", 1, ("m",)), max_cache_wait_s=0.2
+        )
+        for backend in registry.backends:
+            backend.speeds.prefill_tps, backend.speeds.decode_tps = 100.0, 1e6
+        home = (await self.served(scheduler, conversation("x"))).backend_name
+        busy = await self.acquire(scheduler)
+        if busy.backend_name != home:
+            blocker = await self.acquire(scheduler)
+            await busy.release()
+            busy = blocker
+        lease = await asyncio.wait_for(scheduler.acquire(conversation("x", 2), timeout_s=5), 3)
+        self.assertNotEqual(lease.backend_name, home)  # it gave up waiting: the free one
+        self.assertGreaterEqual(scheduler.stats.max_cache_wait_s, 0.2)
+        await busy.release()
+
+    async def test_a_follow_up_is_pinned_to_the_idle_slot_that_holds_it(self) -> None:
+        scheduler, registry, _ = self.build_cost(("a", 2, ("m",)))
+        first = await self.served(scheduler, conversation("x"))
+        self.assertIsNone(first.claim.slot_id)  # nothing known yet: llama-server chooses
+        other = await self.served(scheduler, conversation("y"))
+        lease = await scheduler.acquire(conversation("x", 2), timeout_s=1)
+        self.assertEqual(lease.claim.slot_id, first.claim.lands_on)
+        self.assertNotEqual(lease.claim.slot_id, other.claim.lands_on)
+        self.assertEqual(scheduler.stats.pinned, 1)
+        await lease.release()
+
+    async def test_never_pinned_to_a_busy_slot_or_beside_outside_traffic(self) -> None:
+        scheduler, registry, _ = self.build_cost(("a", 2, ("m",)))
+        first = await self.served(scheduler, conversation("x"))
+        holder = await scheduler.acquire(conversation("x", 2), timeout_s=1)  # pinned, busy
+        self.assertEqual(holder.claim.slot_id, first.claim.lands_on)
+        lease = await scheduler.acquire(conversation("x", 3), timeout_s=1)
+        self.assertIsNone(lease.claim.slot_id)  # its slot is busy: llama-server chooses
+        await lease.release()
+        await holder.release()
+        backend = registry.get("a")
+        backend.slots.observe(total=2, busy_on_backend=1)  # a request that went around us
+        lease = await scheduler.acquire(conversation("x", 4), timeout_s=1)
+        self.assertIsNone(lease.claim.slot_id)
+        await lease.release()
+        self.assertEqual(scheduler.stats.pinned, 1)

@@ -29,7 +29,7 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "--reorder-window": (
         "reorder_window_s",
         "a freed slot may go to a request that arrived up to this many seconds after the "
-        "first in line (default 0.5)",
+        "first in line (default 1)",
     ),
     "--reorder-max": ("reorder_max", "times the first in line may be passed over (default 4)"),
     "--connect-timeout": ("connect_timeout_s", "seconds to connect to a backend (default 5)"),

@@ -175,7 +175,7 @@ class ProxyConfig(BaseSettings):
     session_ttl_s: float = Field(default=900.0, gt=0, json_schema_extra=LIVE)
     max_sessions: int = Field(default=100_000, gt=0, json_schema_extra=LIVE)
     max_cache_wait_s: float = Field(default=0.5, ge=0, json_schema_extra=LIVE)
-    reorder_window_s: float = Field(default=0.5, ge=0, json_schema_extra=LIVE)
+    reorder_window_s: float = Field(default=1.0, ge=0, json_schema_extra=LIVE)
     reorder_max: int = Field(default=4, ge=0, json_schema_extra=LIVE)
     connect_timeout_s: float = Field(default=5.0, gt=0, json_schema_extra=LIVE)
     first_byte_timeout_s: float = Field(default=600.0, gt=0, json_schema_extra=LIVE)

@@ -85,12 +85,16 @@ class Policy(Protocol):
 
 @runtime_checkable
 class CostModel(Protocol):
-    """A policy that can say what each candidate would cost the request, in seconds of wait
-    before its first token; the scheduler's bounded reordering compares requests by it."""
+    """A policy that can say when the request would start on each candidate, in seconds; the
+    scheduler's bounded reordering compares requests by it."""
 
-    def costs(
-        self, candidates: Sequence[BackendCandidate], request: RoutingRequest
-    ) -> list[float]: ...
+    def costs(self, candidates: Sequence[BackendCandidate], request: RoutingRequest) -> list[float]:
+        """What the policy weighs: infinity where it would neither send nor wait."""
+        ...
+
+    def starts(self, candidates: Sequence[BackendCandidate]) -> list[float]:
+        """The expected start on each, a busy one after its wait: what it gains where."""
+        ...
 
 
 class RoundRobinPolicy:
@@ -166,6 +170,9 @@ class CostPolicy:
             for c in candidates
         ]
 
+    def starts(self, candidates: Sequence[BackendCandidate]) -> list[float]:
+        return [start_s(c) for c in candidates]
+
     def __call__(
         self, candidates: Sequence[BackendCandidate], request: RoutingRequest
     ) -> str | None:
@@ -210,7 +217,7 @@ class RoutingSettings:
     """What the configuration tells policies."""
 
     max_cache_wait_s: float = 0.5
-    reorder_window_s: float = 0.5
+    reorder_window_s: float = 1.0
     reorder_max: int = 4
 
 

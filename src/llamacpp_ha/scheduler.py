@@ -173,14 +173,15 @@ class _Decision:
     candidates: list[BackendCandidate]
     choice: str | None
     costs: list[float] | None = None
+    starts: list[float] | None = None
 
     def gain(self, backend: str) -> float:
         """How much sooner the request starts on `backend` than anywhere else (0 unknown)."""
-        if self.costs is None:
+        if self.starts is None:
             return 0.0
         here = math.inf
         elsewhere = math.inf
-        for c, cost in zip(self.candidates, self.costs, strict=True):
+        for c, cost in zip(self.candidates, self.starts, strict=True):
             if c.name == backend:
                 here = cost
             else:
@@ -371,6 +372,7 @@ class Scheduler:
         decision = _Decision(entry, routing, eligible, candidates, choice)
         if isinstance(self.policy, CostModel):
             decision.costs = self.policy.costs(candidates, routing)
+            decision.starts = self.policy.starts(candidates)
         if choice is None and decision.costs is not None and not looking:
             # It waits, by choice, for a busy backend that holds its prompt; those behind it
             # that wait for the same backend come after it.
