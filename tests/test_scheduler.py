@@ -374,7 +374,7 @@ class CostSchedulingTest(SchedulerFixture):
         return lease
 
     async def test_a_freed_slot_goes_to_the_request_behind_that_gains_more(self) -> None:
-        scheduler, registry, queue = self.build_cost(
+        scheduler, _, queue = self.build_cost(
             ("a", 1, ("m",)), ("b", 1, ("m",)), reorder_window_s=5, reorder_max=4
         )
         x_first = await self.served(scheduler, conversation("x"))
@@ -435,7 +435,7 @@ class CostSchedulingTest(SchedulerFixture):
         self.assertEqual(scheduler.stats.cache_waits, 1)
 
     async def test_it_waits_no_longer_than_max_cache_wait(self) -> None:
-        scheduler, registry, queue = self.build_cost(
+        scheduler, registry, _ = self.build_cost(
             ("a", 1, ("m",)), ("b", 1, ("m",)), max_cache_wait_s=0.2
         )
         for backend in registry.backends:
@@ -452,7 +452,7 @@ class CostSchedulingTest(SchedulerFixture):
         await busy.release()
 
     async def test_a_follow_up_is_pinned_to_the_idle_slot_that_holds_it(self) -> None:
-        scheduler, registry, _ = self.build_cost(("a", 2, ("m",)))
+        scheduler, _, _ = self.build_cost(("a", 2, ("m",)))
         first = await self.served(scheduler, conversation("x"))
         self.assertIsNone(first.claim.slot_id)  # nothing known yet: llama-server chooses
         other = await self.served(scheduler, conversation("y"))
