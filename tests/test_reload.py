@@ -109,6 +109,7 @@ LIVE = {
     "max_cache_wait_s": Live(0.25, lambda b: b.scheduler.settings.max_cache_wait_s),
     "reorder_window_s": Live(0.125, lambda b: b.scheduler.settings.reorder_window_s),
     "reorder_max": Live(2, lambda b: b.scheduler.settings.reorder_max),
+    "pin_slots": Live(True, lambda b: b.scheduler.settings.pin_slots),
     "connect_timeout_s": Live(1.5, lambda b: b.timeouts.connect_s),
     "first_byte_timeout_s": Live(7.0, lambda b: b.timeouts.first_byte_s),
     "idle_timeout_s": Live(8.0, lambda b: b.timeouts.idle_s),

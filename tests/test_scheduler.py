@@ -355,12 +355,19 @@ def conversation(name: str, turns: int = 1, system_bytes: int = 16_000) -> Routi
 class CostSchedulingTest(SchedulerFixture):
     """The cost policy's scheduling: reordering, waiting for a cached backend, pinning."""
 
-    def cost(self, **settings: float) -> Policy:
+    async def test_no_pin_unless_asked(self) -> None:
+        scheduler, _, _ = self.build_cost(("a", 2, ("m",)))
+        await self.served(scheduler, conversation("x"))
+        lease = await scheduler.acquire(conversation("x", 2), timeout_s=1)
+        self.assertIsNone(lease.claim.slot_id)
+        await lease.release()
+
+    def cost(self, **settings: float | bool) -> Policy:
         self.settings = RoutingSettings(**settings)  # type: ignore[arg-type]
         return build_policy("cost", self.settings)
 
     def build_cost(
-        self, *specs: tuple[str, int, tuple[str, ...]], **settings: float
+        self, *specs: tuple[str, int, tuple[str, ...]], **settings: float | bool
     ) -> tuple[Scheduler, Registry, RequestQueue]:
         scheduler, registry, queue = self.build(*specs, policy=self.cost(**settings))
         scheduler.settings = self.settings
@@ -452,7 +459,7 @@ class CostSchedulingTest(SchedulerFixture):
         await busy.release()
 
     async def test_a_follow_up_is_pinned_to_the_idle_slot_that_holds_it(self) -> None:
-        scheduler, _, _ = self.build_cost(("a", 2, ("m",)))
+        scheduler, _, _ = self.build_cost(("a", 2, ("m",)), pin_slots=True)
         first = await self.served(scheduler, conversation("x"))
         self.assertIsNone(first.claim.slot_id)  # nothing known yet: llama-server chooses
         other = await self.served(scheduler, conversation("y"))
@@ -463,7 +470,7 @@ class CostSchedulingTest(SchedulerFixture):
         await lease.release()
 
     async def test_never_pinned_to_a_busy_slot_or_beside_outside_traffic(self) -> None:
-        scheduler, registry, _ = self.build_cost(("a", 2, ("m",)))
+        scheduler, registry, _ = self.build_cost(("a", 2, ("m",)), pin_slots=True)
         first = await self.served(scheduler, conversation("x"))
         holder = await scheduler.acquire(conversation("x", 2), timeout_s=1)  # pinned, busy
         self.assertEqual(holder.claim.slot_id, first.claim.lands_on)

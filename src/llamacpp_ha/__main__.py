@@ -32,6 +32,11 @@ _FLAGS: dict[str, tuple[str, str]] = {
         "first in line (default 1)",
     ),
     "--reorder-max": ("reorder_max", "times the first in line may be passed over (default 4)"),
+    "--pin-slots": (
+        "pin_slots",
+        "true: send id_slot where it is safe and reuses as much as llama-server's choice "
+        "(default false)",
+    ),
     "--connect-timeout": ("connect_timeout_s", "seconds to connect to a backend (default 5)"),
     "--first-byte-timeout": (
         "first_byte_timeout_s",

@@ -72,6 +72,7 @@ def _routing_settings(config: ProxyConfig) -> RoutingSettings:
         max_cache_wait_s=config.max_cache_wait_s,
         reorder_window_s=config.reorder_window_s,
         reorder_max=config.reorder_max,
+        pin_slots=config.pin_slots,
     )
 
 

@@ -177,6 +177,7 @@ class ProxyConfig(BaseSettings):
     max_cache_wait_s: float = Field(default=0.5, ge=0, json_schema_extra=LIVE)
     reorder_window_s: float = Field(default=1.0, ge=0, json_schema_extra=LIVE)
     reorder_max: int = Field(default=4, ge=0, json_schema_extra=LIVE)
+    pin_slots: bool = Field(default=False, json_schema_extra=LIVE)
     connect_timeout_s: float = Field(default=5.0, gt=0, json_schema_extra=LIVE)
     first_byte_timeout_s: float = Field(default=600.0, gt=0, json_schema_extra=LIVE)
     idle_timeout_s: float = Field(default=120.0, gt=0, json_schema_extra=LIVE)

@@ -66,6 +66,7 @@ class RoutingRequest:
     max_tokens: int = 0  # what it asks to generate, when it says
     waited_s: float = 0.0  # how long it has chosen to wait for a busy backend already
     pinnable: bool = False  # its endpoint honours `id_slot`
+    client_slot: int | None = None  # the `id_slot` the client named itself
 
     @property
     def prefix_keys(self) -> tuple[str, ...]:
@@ -219,6 +220,7 @@ class RoutingSettings:
     max_cache_wait_s: float = 0.5
     reorder_window_s: float = 1.0
     reorder_max: int = 4
+    pin_slots: bool = False
 
 
 @dataclass(frozen=True)

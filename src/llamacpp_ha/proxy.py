@@ -179,6 +179,7 @@ def _proxy_endpoint(balancer: Balancer, path: str) -> Any:
             max_tokens=_asked_tokens(payload),
             # A client that names a slot itself keeps it: we pin only where we chose.
             pinnable=path in PINNABLE_PATHS and "id_slot" not in payload,
+            client_slot=_client_slot(payload) if path in PINNABLE_PATHS else None,
         )
         proxied = ProxiedRequest(
             method="POST",
@@ -201,6 +202,11 @@ def _proxy_endpoint(balancer: Balancer, path: str) -> Any:
         return RelayResponse(Exchange(proxied, balancer))
 
     return proxy
+
+
+def _client_slot(payload: dict[str, Any]) -> int | None:
+    slot = payload.get("id_slot")
+    return slot if isinstance(slot, int) and not isinstance(slot, bool) and slot >= 0 else None
 
 
 async def _read_json_object(

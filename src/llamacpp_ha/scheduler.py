@@ -36,6 +36,7 @@ from .queue import Lease, QueueEntry, RequestQueue
 from .registry import BackendState, Registry
 from .server_cache import CachedPrompt
 from .slot_ledger import Claim
+from .speeds import Speeds
 
 __all__ = ["Lease", "RoutingView", "Scheduler"]
 
@@ -50,8 +51,12 @@ class RoutingView:
     ) -> None:
         self._index = index
         self._now = time.monotonic() if now is None else now
-        self._speeds = {b.name: b.speeds for b in backends}
+        # A backend not yet measured is taken to work like the measured ones, on average:
+        # a stand-in figure against a measured one would decide by the difference.
+        self._speeds = {b.name: _like_the_fleet(b.speeds, backends) for b in backends}
         self._caches = {b.name: b.caches for b in backends}
+        for name, shadow in self._caches.items():
+            shadow.track(self._speeds[name].tokens_per_byte)
         self._ledgers = {b.name: b.slots for b in backends}
         self._seen = {
             b.name: BackendCandidate(
@@ -61,7 +66,7 @@ class RoutingView:
                 in_flight=b.slots.in_flight,
                 in_flight_tokens=b.slots.in_flight_tokens,
                 n_ctx=b.n_ctx,
-                prefill_tps=b.speeds.prefill_tps,
+                prefill_tps=self._speeds[b.name].prefill_tps,
             )
             for b in backends
         }
@@ -431,8 +436,12 @@ class Scheduler:
         chosen = next(c for c in decision.candidates if c.name == choice)
         cprompt = view.cached_prompt(routing, backend.name)
         shadow = backend.caches
-        slot_id = choose_slot(shadow, backend.slots, cprompt) if routing.pinnable else None
-        prediction = shadow.predict(cprompt, slot_id)
+        slot_id = None
+        if routing.pinnable and self.settings.pin_slots:
+            slot_id = choose_slot(shadow, backend.slots, cprompt)
+        # A slot the client named is where llama-server puts it: so the shadow does too.
+        named = slot_id if slot_id is not None else routing.client_slot
+        prediction = shadow.predict(cprompt, named)
         expected_s = backend.speeds.expected_s(
             max(0, chosen.prompt_tokens - chosen.cached_tokens), routing.max_tokens
         )
@@ -447,7 +456,7 @@ class Scheduler:
         if claim is None:
             raise RuntimeError(f"{choice} was chosen with a free slot and had none")
         if prediction is not None:
-            shadow.launch(cprompt, slot_id)
+            shadow.launch(cprompt, named)
         if slot_id is not None:
             self.stats.pinned += 1
         view.claimed(claim)
@@ -501,6 +510,19 @@ class Scheduler:
 
 # A later request takes the slot only if it gains this much more than the one ahead of it.
 _REORDER_MARGIN_S = 0.005
+
+
+def _like_the_fleet(speeds: Speeds, backends: Sequence[BackendState]) -> Speeds:
+    """`speeds`, with the fleet's mean of a figure where it has not measured that one yet."""
+    missing = {"prefill_tps", "tokens_per_byte"} - speeds.measured
+    if not missing:
+        return speeds
+    filled = {}
+    for name in missing:
+        measured = [getattr(b.speeds, name) for b in backends if name in b.speeds.measured]
+        if measured:
+            filled[name] = sum(measured) / len(measured)
+    return replace(speeds, **filled) if filled else speeds
 
 
 def _fitting(backends: Sequence[BackendState], routing: RoutingRequest) -> Sequence[BackendState]:

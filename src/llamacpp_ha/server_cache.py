@@ -36,6 +36,11 @@ class CachedPrompt:
     tokens_at: tuple[int, ...] = ()
     length: int = 0
 
+    def scaled(self, factor: float) -> CachedPrompt:
+        return CachedPrompt(
+            self.keys, tuple(round(t * factor) for t in self.tokens_at), round(self.length * factor)
+        )
+
     def shared(self, other: CachedPrompt) -> int:
         """Tokens of the longest common prefix (keys are cumulative: equal at n, equal below)."""
         lo, hi = 0, min(len(self.keys), len(other.keys))
@@ -70,6 +75,22 @@ class ServerCaches:
         self.slots = [_Slot(i) for i in range(n_slots)]
         self.host_tokens = host_tokens
         self.saved: list[CachedPrompt] = []  # oldest first
+        # Tokens are counted from the text at the backend's measured tokens per byte; what is
+        # held was counted at the ratio of its day.
+        self.tokens_per_byte: float | None = None
+
+    def track(self, tokens_per_byte: float) -> None:
+        """Count what is held at the backend's current ratio when it has moved by over 5 %."""
+        old = self.tokens_per_byte
+        self.tokens_per_byte = tokens_per_byte
+        if old is None or abs(tokens_per_byte / old - 1) <= 0.05:
+            if old is not None:
+                self.tokens_per_byte = old
+            return
+        factor = tokens_per_byte / old
+        for slot in self.slots:
+            slot.prompt = slot.prompt.scaled(factor)
+        self.saved = [state.scaled(factor) for state in self.saved]
 
     def predict(self, prompt: CachedPrompt, id_slot: int | None = None) -> Prediction | None:
         """Where `prompt` would go and what it would reuse; None when no slot is idle."""
