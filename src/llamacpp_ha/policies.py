@@ -53,6 +53,10 @@ class BackendCandidate:
     prompt_tokens: int = 0  # this request's prompt, in this backend's tokens
     prefill_tps: float = 1000.0  # this backend's measured prefill rate
     wait_s: float = 0.0  # until a slot frees here (0 when one is free)
+    # A busy slot here that is computing (or holds) more of the prompt than a free slot would
+    # reuse: what it will hold, and when it should free.
+    later_cached_tokens: int = 0
+    later_wait_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -164,12 +168,15 @@ class CostPolicy:
         waiting is for a cache, never for a shorter queue (infinity otherwise)."""
         left = self._max_cache_wait_s - request.waited_s
         free_best = max((c.cached_tokens for c in candidates if c.free_slots > 0), default=0)
-        return [
-            start_s(c)
-            if c.free_slots > 0 or (c.wait_s <= left and c.cached_tokens > free_best)
-            else math.inf
-            for c in candidates
-        ]
+        costs = []
+        for c in candidates:
+            cost = start_s(c) if c.free_slots > 0 else math.inf
+            if c.free_slots <= 0 and c.wait_s <= left and c.cached_tokens > free_best:
+                cost = start_s(c)
+            if c.later_cached_tokens > free_best and c.later_wait_s <= left:
+                cost = min(cost, later_start_s(c))
+            costs.append(cost)
+        return costs
 
     def starts(self, candidates: Sequence[BackendCandidate]) -> list[float]:
         return [start_s(c) for c in candidates]
@@ -178,12 +185,12 @@ class CostPolicy:
         self, candidates: Sequence[BackendCandidate], request: RoutingRequest
     ) -> str | None:
         costs = self.costs(candidates, request)
-        free = [(cost, c) for cost, c in zip(costs, candidates, strict=True) if c.free_slots > 0]
+        free = [(start_s(c), c) for c in candidates if c.free_slots > 0]
         if not free:
             return None
         best_free = min(cost for cost, _ in free)
         if min(costs) < best_free:
-            return None  # a busy backend that holds the prompt will start it sooner: wait
+            return None  # a busy slot that holds the prompt will start it sooner: wait
         if max(c.cached_tokens for _, c in free) < _WORTH_TOKENS:
             tied = [c for _, c in free]  # nothing worth keeping: only how busy they are counts
         else:
@@ -211,6 +218,14 @@ def start_s(candidate: BackendCandidate) -> float:
     if c.free_slots <= 0:
         busy -= 1  # it starts once one of them has finished
     return c.wait_s + uncached / max(c.prefill_tps, 1e-9) * (1 + max(busy, 0))
+
+
+def later_start_s(candidate: BackendCandidate) -> float:
+    """The start on `candidate` once its busy slot holding more of the prompt has freed."""
+    c = candidate
+    uncached = max(0, c.prompt_tokens - c.later_cached_tokens)
+    busy = max(c.total_slots - max(c.free_slots, 0) - 1, 0)
+    return c.later_wait_s + uncached / max(c.prefill_tps, 1e-9) * (1 + busy)
 
 
 @dataclass(frozen=True)

@@ -91,18 +91,23 @@ class RoutingView:
             per_byte = self._speeds[b.name].tokens_per_byte
             depth = held.get(b.name, 0)
             tokens = round(prompt.size * per_byte) if prompt.size else routing.prompt_tokens
-            cached = 0
+            cached = later = 0
+            later_wait = 0.0
             if depth:
                 # What llama-server's own rules make of what it holds: its cache shadow.
                 shadow = self._caches[b.name]
                 cprompt = self.cached_prompt(routing, b.name, per_byte, tokens)
                 prediction = shadow.predict(cprompt) if seen.free_slots > 0 else None
                 cached = prediction.reused if prediction else shadow.best_held(cprompt)
+                if seen.free_slots > 0:
+                    later, later_wait = self._held_busy(b.name, cprompt)
             out.append(
                 replace(
                     seen,
                     prefix_match=depth,
                     cached_tokens=cached,
+                    later_cached_tokens=later,
+                    later_wait_s=later_wait,
                     prompt_tokens=tokens,
                     wait_s=0.0 if seen.free_slots > 0 else self._wait_s(b.name),
                 )
@@ -124,6 +129,23 @@ class RoutingView:
                 prompt.keys, tuple(round(end * per_byte) for end in prompt.ends), tokens
             )
         return found
+
+    def _held_busy(self, backend: str, prompt: CachedPrompt) -> tuple[int, float]:
+        """The most of `prompt` a busy slot of `backend` is computing or holds, and when that
+        slot should free (its request's remaining time)."""
+        shadow = self._caches[backend]
+        remaining = {
+            c.lands_on: c.remaining_s(self._now)
+            for c in self._ledgers[backend].claims
+            if c.lands_on is not None
+        }
+        best, wait = 0, 0.0
+        for slot in shadow.slots:
+            if slot.busy and slot.id in remaining:
+                shared = min(slot.prompt.shared(prompt), max(prompt.length - 1, 0))
+                if shared > best:
+                    best, wait = shared, remaining[slot.id]
+        return best, wait
 
     def has_room_for(self, backends: Sequence[BackendState], routing: RoutingRequest) -> bool:
         return self.has_room(_fitting(backends, routing))
@@ -457,6 +479,9 @@ class Scheduler:
             raise RuntimeError(f"{choice} was chosen with a free slot and had none")
         if prediction is not None:
             shadow.launch(cprompt, named)
+        # It will hold the prompt once computed: the next turn of a conversation that comes
+        # before this one ends should know where it is being computed.
+        self._index.record(backend.name, routing.prompt.keys, cprompt.length)
         if slot_id is not None:
             self.stats.pinned += 1
         view.claimed(claim)
