@@ -1,21 +1,37 @@
-"""The two regimes of the benchmark: a fleet, its time scale and the workloads sized for it.
+"""The two regimes of the benchmark: a fleet, its time scales and the workloads sized for it.
 
-- ``decode-bound``: Llama 3 8B on GPUs (the simulator's ``gpu-8b``, prefill 3,000 tokens/s):
-  a miss on a 1,000-token system prompt costs a third of a second, a reply of 150 tokens about
-  two seconds, so what a router's cache affinity saves is small next to decoding.
-- ``prefill-bound``: Llama 3 70B on GPUs (``gpu-70b``, prefill 600 tokens/s, 320 KiB of KV per
-  token) with prompts at close to their real sizes (the Mooncake trace at a quarter of its
-  token lengths instead of a sixteenth; 4,000-token system prompts; 3,000-token random
-  prompts): a miss costs seconds and stalls every other slot of its backend while it is
-  computed, which is what llama.cpp hardware does.
+- ``decode-bound``: Llama 3 8B on GPUs (the simulator's ``gpu-8b``: prefill 3,000 tokens/s,
+  decode 90 tokens/s, 128 KiB of KV per token): a miss on a 1,000-token system prompt costs a
+  third of a second, a 150-token reply about two seconds, so what cache affinity saves is small
+  next to decoding. The workloads of the earlier single-regime benchmark, sampled larger.
+- ``prefill-bound``: Llama 3 70B on GPUs (``gpu-70b``: prefill 600 tokens/s, decode 20
+  tokens/s, 320 KiB of KV per token) with prompts closer to their real sizes: the Mooncake
+  trace at a quarter of its token lengths instead of a sixteenth (prompts of ~2,900 tokens on
+  average, capped at 6,000), 4,000-token system prompts, 1,400-3,400-token random prompts. A
+  miss costs seconds and stalls every other slot of its backend while it is computed (a step's
+  batch carries the prompt's tokens), which is what llama.cpp hardware does.
 
-Both fleets have the same slots (4, 4, 2, 2) and ``--cache-ram`` 8192 MiB per backend, which
-holds about 65k tokens of the 8B model's KV but only about 26k of the 70B model's: a few
-Mooncake prompts or conversations per backend, so the host cache's capacity matters there (the
-capacity ceiling says by how much). Arrival rates put each fleet under comparable load: the
-medium chat at about half of what the fleet serves, the saturated chat a little over all of it.
-Each workload has at least 200 requests (the Mooncake sample is 160 conversations, four times
-the previous 40, over a four times longer span) so that p99 is not one request.
+Both fleets have the same slots (4, 4, 2, 2), n_ctx 8192 per slot and ``--cache-ram`` 8192 MiB
+per backend, llama-server's default: about 65k tokens of the 8B model's KV but only about 26k
+of the 70B model's, a handful of Mooncake prompts per backend. The capacity ceiling shows where
+that host cache binds: for the prefill-bound Mooncake sample the fleet's ceiling is 41-44% with
+8192 MiB against 47-55% with 16 times as much (the three repetitions' samples), so the host
+cache's capacity matters there; for the chat and burst workloads of either regime (three
+system prompts, 3-12k tokens) and the decode-bound Mooncake sample the ceiling is the same
+with 16 times the cache, and the gap to the infinite-cache ceiling is llama-server's rules and
+timing, not capacity.
+
+Arrival rates put each fleet under comparable load: the medium chat at about half of what the
+fleet serves, the saturated chat a little over all of it (~125% of the fleet's rate on cached
+turns), the Mooncake sample and the random prompts at about half to two thirds of the fleet
+(the 4-slot backends, which get twice the traffic of the 2-slot ones under any slot-weighted
+routing but compute prompts no faster, at the top of that), the bursts five times 40
+requests. Every workload has at least 200 requests per seed (the Mooncake sample is 160
+conversations, ~480-500 requests, four times the earlier 40 over a four times longer span), so
+p99 is not one request. Time scales keep every run at 10-25 s of wall time and a stream of at
+most a few thousand chunks a second: 8 for the decode-bound fleet (10 for its Mooncake
+sample), 32 for the prefill-bound one (96 for Mooncake, whose ~1,400 model seconds load the
+fleet like the others; 56 for random, 40 for the bursts).
 """
 
 from __future__ import annotations
@@ -101,23 +117,27 @@ REGIMES: dict[str, Regime] = {
             "decode-bound",
             "Decode-bound: an 8B model, misses are cheap",
             "gpu-8b backends (prefill 3,000 tokens/s, decode 90 tokens/s, 128 KiB of KV per "
-            "token: --cache-ram 8192 MiB holds ~65k tokens per backend); 1,000-token system "
-            "prompts, the Mooncake trace's lengths / 16",
+            "token: --cache-ram 8192 MiB holds ~65k tokens per backend, more than any workload "
+            "here needs); 1,000-token system prompts, 600-1,400-token random prompts, the "
+            "Mooncake trace's lengths / 16 (~900-token prompts)",
             FleetSpec(SLOTS, ("gpu-8b",) * len(SLOTS), 8.0),
             decode_bound_workloads,
             peers_once=True,
+            time_scales={"mooncake": 10.0},
         ),
         Regime(
             "prefill-bound",
             "Prefill-bound: a 70B model, misses cost seconds",
             "gpu-70b backends (prefill 600 tokens/s, decode 20 tokens/s, 320 KiB of KV per "
-            "token: --cache-ram 8192 MiB holds ~26k tokens per backend); 4,000-token system "
-            "prompts, 3,000-token random prompts, the Mooncake trace's lengths / 4",
+            "token: --cache-ram 8192 MiB holds ~26k tokens per backend, which bounds the "
+            "Mooncake sample's fleet ceiling: 41-44% against 47-55% with 16 times the cache); "
+            "4,000-token system prompts, 1,400-3,400-token random prompts, the Mooncake trace's "
+            "lengths / 4 (~2,900-token prompts)",
             FleetSpec(SLOTS, ("gpu-70b",) * len(SLOTS), 32.0),
             prefill_bound_workloads,
-            # Mooncake's 160 conversations of ~3,000-token prompts need ~1,400 model seconds
+            # Mooncake's 160 conversations of ~2,900-token prompts need ~1,400 model seconds
             # to load the fleet as much as the other workloads do, random's ~700.
-            time_scales={"mooncake": 80.0, "random": 56.0, "burst": 40.0},
+            time_scales={"mooncake": 96.0, "random": 56.0, "burst": 40.0},
         ),
     )
 }
