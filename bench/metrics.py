@@ -52,7 +52,7 @@ class RunResult:
     # The most requests any one backend held deferred (llama-server's
     # ``llamacpp:requests_deferred`` gauge, sampled every ~200 ms during the run).
     requests_deferred_max: int | None = None
-    # llamacpp-ha's own account (``/stats``, ``routing.*``), when its version reports it.
+    # llamacpp-ha's own account (``routing.*`` of ``/monitor/data``), when its version has it.
     max_reorder_delay_s: float | None = None
     max_cache_wait_s: float | None = None
 

@@ -102,8 +102,9 @@ def how_to_read() -> list[str]:
         "for a slot during the run (llama-server's `llamacpp:requests_deferred` gauge, sampled "
         "every 200 ms on every backend). reorder delay / cache wait max: the longest (s) "
         "llamacpp-ha held a request back to reorder it / to wait for a cache to free up, from "
-        "its `/stats` (`routing.max_reorder_delay_s`, `routing.max_cache_wait_s`; `-`: not "
-        "reported by this version; the peers have none). imbalance: the busiest backend's "
+        "its own account after the run (`routing.max_reorder_delay_s` and "
+        "`routing.max_cache_wait_s` of `/monitor/data`; `-`: not reported by this version; the "
+        "peers have none). imbalance: the busiest backend's "
         "requests per slot over the fleet's (1.00 = exactly proportional to slots). balancer "
         "CPU/req: the balancer process tree's CPU time during the run over the requests sent.",
     ]

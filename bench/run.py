@@ -87,27 +87,31 @@ class Measured:
 
 
 async def _routing_stats(base_url: str) -> dict[str, float | None]:
-    """llamacpp-ha's largest reordering delay and cache wait (``/stats``, ``routing.*``), when
-    the running version reports them; absent keys are absent from the result."""
+    """llamacpp-ha's largest reordering delay and cache wait (``routing.max_reorder_delay_s``,
+    ``routing.max_cache_wait_s``) from its ``/stats``, else its ``/monitor/data``, when the
+    running version reports them; absent keys are absent from the result."""
     found: dict[str, float | None] = {}
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
-            http.get(base_url + "/stats") as resp,
-        ):
-            if resp.status != 200:
-                return found
-            data = await resp.json(content_type=None)
-    except (aiohttp.ClientError, TimeoutError, ValueError):
-        return found
-    if not isinstance(data, dict):
-        return found
-    routing = data.get("routing")
-    routing = routing if isinstance(routing, dict) else {}
-    for key in ("max_reorder_delay_s", "max_cache_wait_s"):
-        value = routing.get(key, data.get(f"routing.{key}"))
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            found[key] = float(value)
+    for path in ("/stats", "/monitor/data"):
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+                http.get(base_url + path) as resp,
+            ):
+                if resp.status != 200:
+                    continue
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        routing = data.get("routing")
+        routing = routing if isinstance(routing, dict) else {}
+        for key in ("max_reorder_delay_s", "max_cache_wait_s"):
+            value = routing.get(key, data.get(f"routing.{key}"))
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                found[key] = float(value)
+        if found:
+            return found
     return found
 
 
