@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv test unit unit-py313 e2e check demo run bench bench-smoke bench-real soak clean
+.PHONY: venv test unit unit-py313 e2e check demo run bench bench-quick bench-smoke bench-real soak clean
 
 venv: $(STAMP)
 
@@ -50,10 +50,16 @@ demo: $(STAMP)
 run: $(STAMP)
 	$(BIN)/llamacpp-ha $(ARGS)
 
-## benchmarks: llamacpp-ha against direct, nginx, HAProxy, SGLang's router and LiteLLM
+## benchmarks: llamacpp-ha against direct, nginx, HAProxy, SGLang's router and LiteLLM, in two
+## regimes (decode-bound, prefill-bound), 3 repetitions of every routing contender (< 60 min)
 bench: $(STAMP)
 	bench/setup.sh
 	bench/.venv/bin/python bench/run.py --out bench/results
+
+## the routing contenders only, one repetition, both regimes, no overhead section (~15 min)
+bench-quick: $(STAMP)
+	bench/setup.sh
+	bench/.venv/bin/python bench/run.py --quick --out test-output/bench-quick
 
 ## a tiny run of the same harness (direct and llamacpp-ha only), part of `make test`
 bench-smoke: $(STAMP)

@@ -10,6 +10,7 @@ source that is the same for every contender.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,3 +132,30 @@ def delta(after: list[BackendCounters], before: list[BackendCounters]) -> list[B
         )
         for a, b in zip(after, before, strict=True)
     ]
+
+
+async def read_deferred(session: aiohttp.ClientSession, url: str) -> int | None:
+    """llama-server's ``llamacpp:requests_deferred`` gauge: requests waiting for a free slot."""
+    async with session.get(url + "/metrics") as resp:
+        for m in _METRIC.finditer(await resp.text()):
+            if m.group(1) == "requests_deferred":
+                return int(float(m.group(2)))
+    return None
+
+
+async def watch_deferred(urls: list[str], stop: asyncio.Event, period_s: float = 0.2) -> int | None:
+    """The most requests any one backend held deferred, sampled every ``period_s`` until
+    ``stop`` is set (None when no backend reports the gauge)."""
+    peak: int | None = None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        while True:
+            values = await asyncio.gather(
+                *(read_deferred(http, u) for u in urls), return_exceptions=True
+            )
+            for v in values:
+                if isinstance(v, int):
+                    peak = v if peak is None else max(peak, v)
+            if stop.is_set():
+                return peak
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), period_s)

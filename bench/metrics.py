@@ -46,6 +46,15 @@ class RunResult:
     tasks_per_backend: list[int]
     balancer_cpu_s: float | None
     errors: list[str] = field(default_factory=list)
+    regime: str = ""
+    rep: int = 0
+    seed: int = 0
+    # The most requests any one backend held deferred (llama-server's
+    # ``llamacpp:requests_deferred`` gauge, sampled every ~200 ms during the run).
+    requests_deferred_max: int | None = None
+    # llamacpp-ha's own account (``routing.*`` of ``/monitor/data``), when its version has it.
+    max_reorder_delay_s: float | None = None
+    max_cache_wait_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

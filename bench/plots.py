@@ -1,4 +1,10 @@
-"""PNG plots of a full run (matplotlib lives in bench/.venv only, so the smoke run skips this)."""
+"""PNG plots of a full run (matplotlib lives in bench/.venv only, so the smoke run skips this).
+
+Per regime: time to first token and cache hit rate by workload and contender (medians over the
+repetitions, the bars' whiskers their range) and, for the first repetition, the distribution
+of time to first token on the saturated chat and the Mooncake trace; then the overhead
+section's relay delays.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import matplotlib.pyplot as plt
 from bench.client import Outcome
 from bench.metrics import RunResult
 from bench.overhead import RELAY_LIMIT_MS, OverheadResult
+from bench.summary import Aggregate, Spread, aggregate
 
 _COLORS = {
     "direct": "#888888",
@@ -21,6 +28,7 @@ _COLORS = {
     "ha-affinity-least-busy": "#ff7f0e",
     "ha-least-busy": "#ffbb78",
     "ha-round-robin": "#ff9896",
+    "ha-cost": "#e377c2",
     "nginx-rr": "#2ca02c",
     "nginx-lc": "#98df8a",
     "haproxy": "#1f77b4",
@@ -34,61 +42,89 @@ def _color(key: str) -> str:
     return _COLORS.get(key, "#333333")
 
 
-def _ttft_bars(out: Path, results: list[RunResult], context: dict[str, Any]) -> str:
-    names = [w["name"] for w in context["workloads"]]
+def _bars(
+    ax: Any, rows: list[Aggregate], values: list[Spread | None], scale: float, alpha: float
+) -> None:
+    xs = list(range(len(rows)))
+    mid = [(v.median if v else 0.0) * scale for v in values]
+    low = [m - (v.lo * scale if v else m) for m, v in zip(mid, values, strict=True)]
+    high = [(v.hi * scale if v else m) - m for m, v in zip(mid, values, strict=True)]
+    ax.bar(
+        xs,
+        mid,
+        color=[_color(r.contender) for r in rows],
+        alpha=alpha,
+        yerr=[low, high],
+        ecolor="black",
+        capsize=2,
+        error_kw={"lw": 0.8, "alpha": 0.7},
+    )
+
+
+def _names(regime: dict[str, Any]) -> list[str]:
+    return [w["name"] for w in regime["workloads"]]
+
+
+def _ttft_bars(out: Path, rows: list[Aggregate], regime: dict[str, Any]) -> str:
+    names = _names(regime)
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.6), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
-        mine = [r for r in results if r.workload == name]
-        xs = range(len(mine))
-        p50 = [r.ttft_ms["p50"] or 0 for r in mine]
-        p99 = [r.ttft_ms["p99"] or 0 for r in mine]
-        ax.bar(xs, p99, color=[_color(r.contender) for r in mine], alpha=0.35, label="p99")
-        ax.bar(xs, p50, color=[_color(r.contender) for r in mine], label="p50")
-        ax.set_xticks(list(xs), [r.contender for r in mine], rotation=60, ha="right", fontsize=8)
+        mine = [r for r in rows if r.workload == name]
+        _bars(ax, mine, [r.ttft_p99_ms for r in mine], 1.0, 0.35)
+        _bars(ax, mine, [r.ttft_p50_ms for r in mine], 1.0, 1.0)
+        ax.set_xticks(
+            list(range(len(mine))), [r.contender for r in mine], rotation=60, ha="right", fontsize=8
+        )
         ax.set_yscale("log")
         ax.set_title(name, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("time to first token, ms (wall; solid p50, light p99)")
-    fig.suptitle(f"Time to first token by workload (time scale {context['time_scale']:g})")
+    fig.suptitle(
+        f"{regime['name']}: time to first token by workload (wall clock at each workload's "
+        "time scale), medians and range over the runs"
+    )
     fig.tight_layout()
-    path = "ttft.png"
+    path = f"{regime['name']}-ttft.png"
     fig.savefig(out / path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _hit_bars(out: Path, results: list[RunResult], context: dict[str, Any]) -> str:
-    names = [w["name"] for w in context["workloads"]]
+def _hit_bars(out: Path, rows: list[Aggregate], regime: dict[str, Any]) -> str:
+    names = _names(regime)
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.4), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
-        mine = [r for r in results if r.workload == name]
-        xs = range(len(mine))
-        ax.bar(
-            xs,
-            [(r.hit_rate or 0) * 100 for r in mine],
-            color=[_color(r.contender) for r in mine],
-        )
-        ax.axhline(context["ceilings"][name] * 100, color="black", ls="--", lw=1)
-        ax.text(0, context["ceilings"][name] * 100 + 1, "ceiling, infinite caches", fontsize=8)
-        capacity = (context.get("capacity_ceilings") or {}).get(name)
+        mine = [r for r in rows if r.workload == name]
+        _bars(ax, mine, [r.hit_rate for r in mine], 100.0, 1.0)
+        infinite = Spread.of(regime["ceilings"].get(name) or [])
+        if infinite is not None:
+            ax.axhline(infinite.median * 100, color="black", ls="--", lw=1)
+            ax.text(0, infinite.median * 100 + 1, "ceiling, infinite caches", fontsize=8)
+        capacity = Spread.of((regime.get("capacity_ceilings") or {}).get(name) or [])
         if capacity is not None:
-            ax.axhline(capacity * 100, color="black", ls=":", lw=1)
-            ax.text(0, capacity * 100 + 1, "ceiling, the fleet's caches", fontsize=8)
-        ax.set_xticks(list(xs), [r.contender for r in mine], rotation=60, ha="right", fontsize=8)
+            ax.axhline(capacity.median * 100, color="black", ls=":", lw=1)
+            ax.text(0, capacity.median * 100 + 1, "ceiling, the fleet's caches", fontsize=8)
+        ax.set_xticks(
+            list(range(len(mine))), [r.contender for r in mine], rotation=60, ha="right", fontsize=8
+        )
         ax.set_ylim(0, 100)
         ax.set_title(name, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("prompt tokens served from cache, %")
-    fig.suptitle("Prompt cache hit rate (token-weighted, from the backends' counters)")
+    fig.suptitle(
+        f"{regime['name']}: prompt cache hit rate (token-weighted, from the backends' "
+        "counters), medians and range over the runs"
+    )
     fig.tight_layout()
-    path = "cache-hit.png"
+    path = f"{regime['name']}-cache-hit.png"
     fig.savefig(out / path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _ttft_cdf(out: Path, raw: dict[str, dict[str, list[Outcome]]], workload: str) -> str | None:
-    runs = raw.get(workload)
+def _ttft_cdf(
+    out: Path, regime: str, runs: dict[str, list[Outcome]] | None, workload: str
+) -> str | None:
     if not runs:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -101,11 +137,11 @@ def _ttft_cdf(out: Path, raw: dict[str, dict[str, list[Outcome]]], workload: str
     ax.set_xscale("log")
     ax.set_xlabel("time to first token, ms (wall)")
     ax.set_ylabel("share of requests")
-    ax.set_title(f"TTFT distribution, {workload}")
+    ax.set_title(f"TTFT distribution, {regime} / {workload} (first repetition)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = f"ttft-cdf-{workload}.png"
+    path = f"{regime}-ttft-cdf-{workload}.png"
     fig.savefig(out / path, dpi=110)
     plt.close(fig)
     return path
@@ -141,17 +177,20 @@ def _relay(out: Path, over: list[OverheadResult]) -> str | None:
 def draw(
     out: Path,
     results: list[RunResult],
-    raw: dict[str, dict[str, list[Outcome]]],
+    raw: dict[str, dict[str, dict[str, list[Outcome]]]],
     over: list[OverheadResult],
     context: dict[str, Any],
 ) -> list[str]:
     paths = []
-    if results:
-        paths += [_ttft_bars(out, results, context), _hit_bars(out, results, context)]
-    for name in ("chat-saturated", "mooncake"):
-        cdf = _ttft_cdf(out, raw, name)
-        if cdf:
-            paths.append(cdf)
+    rows = aggregate(results, context["labels"])
+    for regime in context["regimes"]:
+        mine = [r for r in rows if r.regime == regime["name"]]
+        if mine:
+            paths += [_ttft_bars(out, mine, regime), _hit_bars(out, mine, regime)]
+        for name in ("chat-saturated", "mooncake"):
+            cdf = _ttft_cdf(out, regime["name"], raw.get(regime["name"], {}).get(name), name)
+            if cdf:
+                paths.append(cdf)
     relay = _relay(out, over)
     if relay:
         paths.append(relay)

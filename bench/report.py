@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import datetime
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from bench.metrics import RunResult
 from bench.overhead import RELAY_LIMIT_MS, OverheadResult, carried_streams, generator_limit
+from bench.summary import (
+    GOALS,
+    MEANINGFUL_CEILING,
+    Aggregate,
+    Spread,
+    aggregate,
+    goal_check,
+)
 
 
 def _f(value: float | None, digits: int = 0, scale: float = 1.0) -> str:
@@ -37,58 +46,99 @@ def overhead_line(o: OverheadResult) -> str:
     )
 
 
-def _cpu_per_request(r: RunResult) -> str:
-    if r.balancer_cpu_s is None or not r.requests:
+def _spread(value: Spread | None, digits: int = 0, scale: float = 1.0) -> str:
+    """The median, and the range of the runs when they differ: ``17 [15-20]``."""
+    if value is None:
         return "n/a"
-    return f"{r.balancer_cpu_s / r.requests * 1000:.1f} ms"
+    median = _f(value.median, digits, scale)
+    if value.n < 2 or _f(value.lo, digits, scale) == _f(value.hi, digits, scale):
+        return median
+    return f"{median} [{_f(value.lo, digits, scale)}-{_f(value.hi, digits, scale)}]"
 
 
-def _failed(r: RunResult) -> str:
-    text = f"{r.failed}/{r.rejected}"
-    return f"**{text}**" if r.failed or r.rejected else text
+def _spread_pct(value: Spread | None) -> str:
+    if value is None:
+        return "n/a"
+    if value.n < 2 or _pct(value.lo) == _pct(value.hi):
+        return _pct(value.median)
+    return f"{_pct(value.median)} [{_pct(value.lo)}-{_pct(value.hi)}]"
+
+
+def _spread_or_dash(value: Spread | None, digits: int = 0, scale: float = 1.0) -> str:
+    return "-" if value is None else _spread(value, digits, scale)
+
+
+def _cpu_text(value: Spread | None) -> str:
+    return "n/a" if value is None else f"{_spread(value, 1)} ms"
+
+
+def _failed_agg(a: Aggregate) -> str:
+    text = f"{a.failed}/{a.rejected}"
+    return f"**{text}**" if a.failed or a.rejected else text
+
+
+def _ceiling_text(values: list[float] | None) -> str:
+    if not values:
+        return "n/a"
+    return _spread_pct(Spread.of(list(values)))
+
+
+def how_to_read() -> list[str]:
+    return [
+        "## How to read the tables",
+        "",
+        "Every figure is the median over the contender's runs, with their range `[min-max]` "
+        "when they differ (runs: how many repetitions, each with its own seed, so its own "
+        "sample of the workload, and a fresh fleet). TTFT and TPOT in wall-clock ms, e2e in "
+        "wall-clock s, at the time scale stated with each workload (the backends run that "
+        "many times faster than the profile's hardware; multiply backend-bound times by it for "
+        "the real-time equivalent). done/s and out tok/s: requests and output tokens per second "
+        "of the run's active time (throughput). failed/rejected: requests, summed over the "
+        "runs, that failed or never finished / refused with 429 or 503. cache hit: prompt "
+        "tokens served from the backends' caches over all prompt tokens (token-weighted), from "
+        "the backends' own counters. prompt tok computed: prompt tokens the backends computed "
+        "(not served from a cache); vs round robin: that over llamacpp-ha round robin's on the "
+        "same repetition's workload. deferred max: the most requests one backend held waiting "
+        "for a slot during the run (llama-server's `llamacpp:requests_deferred` gauge, sampled "
+        "every 200 ms on every backend). reorder delay / cache wait max: the longest (s) "
+        "llamacpp-ha held a request back to reorder it / to wait for a cache to free up, from "
+        "its own account after the run (`routing.max_reorder_delay_s` and "
+        "`routing.max_cache_wait_s` of `/monitor/data`; `-`: not reported by this version; the "
+        "peers have none). imbalance: the busiest backend's "
+        "requests per slot over the fleet's (1.00 = exactly proportional to slots). balancer "
+        "CPU/req: the balancer process tree's CPU time during the run over the requests sent.",
+    ]
 
 
 def workload_table(
-    results: list[RunResult],
-    ceiling: float,
-    capacity: float | None,
-    labels: dict[str, str],
-    time_scale: float,
+    rows: list[Aggregate],
+    ceilings: list[float] | None,
+    capacity: list[float] | None,
 ) -> list[str]:
-    direct = next((r for r in results if r.contender == "direct"), None)
     lines = [
-        f"Hit-rate ceilings of this workload: **{_pct(ceiling)}** with infinite caches (every "
-        f"repeated prefix cached forever), **{_pct(capacity)}** with the fleet's own (an "
-        "oracle router, the backends' slots and host caches, llama-server's rules).",
+        f"Hit-rate ceilings of this workload: **{_ceiling_text(ceilings)}** with infinite caches "
+        f"(every repeated prefix cached forever), **{_ceiling_text(capacity)}** with the fleet's "
+        "own (an oracle router, the backends' slots and host caches, llama-server's rules).",
         "",
-        "| contender | TTFT p50 | p90 | p99 | e2e p50 | e2e p99 | TPOT | done/s | out tok/s "
-        "| failed/rejected | cache hit | prompt tok computed | imbalance | balancer CPU/req |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|:-:|--:|--:|--:|--:|",
+        "| contender | runs | TTFT p50 | p90 | p99 | e2e p99 | TPOT | done/s | out tok/s "
+        "| failed/rejected | cache hit | prompt tok computed | vs round robin | deferred max "
+        "| reorder delay max | cache wait max | imbalance | balancer CPU/req |",
+        "|---|:-:|--:|--:|--:|--:|--:|--:|--:|:-:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for r in results:
-        name = labels.get(r.contender, r.contender)
-        if r.contender == "direct":
+    for a in rows:
+        name = a.label
+        if a.contender == "direct":
             name = "direct (no balancer; sessions pinned by the client)"
         lines.append(
-            f"| {name} | {_f(r.ttft_ms['p50'])} | {_f(r.ttft_ms['p90'])} | "
-            f"{_f(r.ttft_ms['p99'])} | {_f(r.e2e_s['p50'], 2)} | {_f(r.e2e_s['p99'], 2)} | "
-            f"{_f(r.tpot_ms, 1)} | {_f(r.req_per_s, 2)} | {_f(r.out_tok_per_s)} | "
-            f"{_failed(r)} | {_pct(r.hit_rate)} | {r.prompt_tokens_computed:,} | "
-            f"{_f(r.imbalance, 2)} | {_cpu_per_request(r)} |"
+            f"| {name} | {a.runs} | {_spread(a.ttft_p50_ms)} | {_spread(a.ttft_p90_ms)} | "
+            f"{_spread(a.ttft_p99_ms)} | {_spread(a.e2e_p99_s, 2)} | {_spread(a.tpot_ms, 1)} | "
+            f"{_spread(a.req_per_s, 2)} | {_spread(a.out_tok_per_s)} | {_failed_agg(a)} | "
+            f"{_spread_pct(a.hit_rate)} | {_spread(a.prompt_tokens_computed)} | "
+            f"{_spread(a.computed_vs_round_robin, 2)} | {_spread(a.requests_deferred_max)} | "
+            f"{_spread_or_dash(a.max_reorder_delay_s, 2)} | "
+            f"{_spread_or_dash(a.max_cache_wait_s, 2)} | {_spread(a.imbalance, 2)} | "
+            f"{_cpu_text(a.balancer_cpu_ms_per_request)} |"
         )
-    lines.append("")
-    lines.append(
-        f"TTFT and TPOT in wall-clock ms, e2e in wall-clock s, at time scale {time_scale:g} "
-        f"(the backends run {time_scale:g}x faster than the profile's hardware; multiply "
-        "backend-bound times by it for the real-time equivalent). failed/rejected: requests "
-        "that failed or never finished / refused with 429 or 503. cache hit: prompt tokens "
-        "served from the backends' caches over all prompt tokens, from the backends' own "
-        "counters. imbalance: the busiest backend's requests per slot over the fleet's "
-        "(1.00 = exactly proportional to slots). balancer CPU/req: the balancer process "
-        "tree's CPU time during the run over the requests sent."
-    )
-    if direct is not None:
-        lines.append("")
     return lines
 
 
@@ -163,34 +213,86 @@ def overhead_table(over: list[OverheadResult], labels: dict[str, str]) -> list[s
     return lines
 
 
-def summary_table(
-    results: list[RunResult], context: dict[str, Any], labels: dict[str, str]
-) -> list[str]:
-    names = [w["name"] for w in context["workloads"]]
+def summary_table(rows: list[Aggregate], regime: dict[str, Any]) -> list[str]:
+    names = [w["name"] for w in regime["workloads"]]
     lines = [
-        "Time to first token p50 / p99 (ms, wall clock) and prompt cache hit rate; **bold** "
-        "marks runs with failed or rejected requests.",
+        "Medians over the runs: time to first token p50 / p99 (ms, wall clock) · prompt cache "
+        "hit rate · prompt tokens computed over round robin's; **bold** marks contenders with "
+        "failed or rejected requests; (1) marks contenders that ran once.",
         "",
         "| contender | " + " | ".join(f"`{n}`" for n in names) + " |",
         "|---|" + "--:|" * len(names),
     ]
-    for key, label in labels.items():
+    contenders = list(dict.fromkeys(a.contender for a in rows))
+    for key in contenders:
         cells = []
+        label = next(a.label for a in rows if a.contender == key)
+        once = False
         for name in names:
-            r = next((x for x in results if x.contender == key and x.workload == name), None)
-            if r is None:
+            a = next((x for x in rows if x.contender == key and x.workload == name), None)
+            if a is None:
                 cells.append("n/a")
                 continue
-            cell = f"{_f(r.ttft_ms['p50'])} / {_f(r.ttft_ms['p99'])} · {_pct(r.hit_rate)}"
-            cells.append(f"**{cell}**" if r.failed or r.rejected else cell)
-        if any(c != "n/a" for c in cells):
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    ceilings = [f"{_pct(context['ceilings'][n])}" for n in names]
+            once = once or a.runs == 1
+            ratio = a.computed_vs_round_robin
+            cell = (
+                f"{_f(_median(a.ttft_p50_ms))} / {_f(_median(a.ttft_p99_ms))} · "
+                f"{_pct(_median(a.hit_rate))} · {_f(_median(ratio), 2)}x"
+                if ratio is not None
+                else f"{_f(_median(a.ttft_p50_ms))} / {_f(_median(a.ttft_p99_ms))} · "
+                f"{_pct(_median(a.hit_rate))}"
+            )
+            cells.append(f"**{cell}**" if a.failed or a.rejected else cell)
+        if once and regime.get("reps", 1) > 1:
+            label += " (1)"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    ceilings = [_ceiling_text(regime["ceilings"].get(n)) for n in names]
     lines.append("| *hit-rate ceiling, infinite caches* | " + " | ".join(ceilings) + " |")
-    capacity = context.get("capacity_ceilings") or {}
+    capacity = regime.get("capacity_ceilings") or {}
     if capacity:
-        cells = [_pct(capacity.get(n)) for n in names]
+        cells = [_ceiling_text(capacity.get(n)) for n in names]
         lines.append("| *hit-rate ceiling, the fleet's caches* | " + " | ".join(cells) + " |")
+    requests = [_requests_text(w["requests"]) for w in regime["workloads"]]
+    lines.append("| *requests per run* | " + " | ".join(requests) + " |")
+    scales = [f"{w.get('time_scale', regime['time_scale']):g}" for w in regime["workloads"]]
+    lines.append("| *time scale* | " + " | ".join(scales) + " |")
+    return lines
+
+
+def _median(value: Spread | None) -> float | None:
+    return None if value is None else value.median
+
+
+def _requests_text(counts: list[int] | int) -> str:
+    if isinstance(counts, int):
+        return str(counts)
+    if len(set(counts)) == 1:
+        return str(counts[0])
+    return f"{min(counts)}-{max(counts)}"
+
+
+def goal_table(rows: list[Aggregate], regime: dict[str, Any], default: str) -> list[str]:
+    verdicts = goal_check(rows, default, _capacity_medians(regime))
+    if not verdicts:
+        return [f"No run of the default policy (`{default}`) in this regime."]
+    lines = [
+        f"The default llamacpp-ha policy (`{default}`) against the goals of issue 13, medians "
+        "against medians in this regime; each cell is yes/no with its figures; `-` where the "
+        "goal does not apply or a contender it compares with did not run.",
+        "",
+        "| workload | " + " | ".join(title for _, title in GOALS) + " |",
+        "|---|" + ":-:|" * len(GOALS),
+    ]
+    for name, cells in verdicts.items():
+        lines.append(f"| `{name}` | " + " | ".join(cells[key].cell() for key, _ in GOALS) + " |")
+    lines += [
+        "",
+        "Throughput is output tokens per second. The hit-rate ceiling goal applies where the "
+        f"fleet's capacity ceiling is at least {MEANINGFUL_CEILING:.0%}; prompt tokens computed "
+        "against round robin (llamacpp-ha's) on the multi-turn and trace workloads (chat, "
+        'Mooncake); "within 3% of least busy" means no more than 3% above '
+        "`ha-least-busy`'s, on the random workload.",
+    ]
     return lines
 
 
@@ -259,11 +361,16 @@ CAVEATS = """\
   its API, `timings` included. The simulator does not model speculative decoding, context
   shift, SWA or recurrent models' checkpoints, or a GPU's memory beyond the KV cache; the
   results say how balancers differ on the same fleet, not how fast a GPU is.
-- **Time scale.** The backends run faster than real hardware by the time scale, so a run takes
-  seconds instead of minutes. This multiplies the rate of streamed chunks a balancer relays
-  per second by the same factor (a stress on the balancer's CPU that real hardware of this
-  size would not apply), while the balancer's own per-request costs are not scaled: added
-  latencies are measured in real time, in the overhead section, with no scaling at all.
+- **Time scale.** The backends run faster than real hardware by the workload's time scale,
+  so a run takes seconds instead of minutes. This multiplies the rate of streamed chunks a
+  balancer relays per second by the same factor (a stress on the balancer's CPU that real
+  hardware of this size would not apply), while the balancer's own per-request costs are not
+  scaled: added latencies are measured in real time, in the overhead section, with no scaling
+  at all. Each workload's time scale is chosen so that its run lasts 10-25 s of wall time
+  with a stream of a few thousand chunks a second at most, the same order in both regimes
+  (the 70B backends decode 4.5x slower than the 8B ones, so the prefill-bound regime's time
+  scales are larger). A balancer's own few milliseconds weigh more in a run of a larger time
+  scale; compare contenders within a workload, not workloads with each other.
 - **Where each figure comes from.** Latencies and token counts: the client, per request
   (first token = first streamed chunk carrying text). Cache hits, prompt tokens computed and
   requests per backend: the backends' own counters (`/metrics`, task ids in `/slots`) read
@@ -273,13 +380,17 @@ CAVEATS = """\
   its resident set from `/proc/<pid>/statm`. Overhead figures come from a separate stand-in
   backend that stamps every chunk with `CLOCK_MONOTONIC` when it writes it and has 1,024 free
   slots, so nothing queues and the only difference from `direct` is the balancer.
-- **Cold start every run.** A new fleet is started for every (workload, contender) pair, so no
-  contender inherits another's warm caches, and the balancer is started fresh in front of it.
-- **Small samples.** Each run is a few hundred requests at most: p99 is close to the maximum
-  and moves by tens of percent between runs; p50 and p90 are steadier, except at saturation,
-  where p50 too moved by 10-20% between full runs while this harness was built, and a policy
-  that piles load on one backend (SGLang's `cache_aware`) by a factor of 3. The seed fixes the
-  workload, not the scheduling noise of a shared machine: compare contenders within a run.
+- **Cold start every run.** A new fleet is started for every (regime, workload, repetition,
+  contender) run, so no contender inherits another's warm caches, and the balancer is started
+  fresh in front of it.
+- **Repetitions, and what they do not remove.** Every routing contender runs each workload
+  several times, each repetition with its own seed (its own sample of sessions, prompts and
+  arrival times) and a fresh fleet; a figure is the median of the runs, with their range. The
+  range is the spread of the workload's samples and of the scheduling noise of a shared
+  2-core machine together; with three runs it is a range, not a confidence interval. p99 of a
+  run of ~200 requests rests on its two or three slowest requests and still moves by tens of
+  percent between runs; p50 and p90 are steadier, except at saturation. The peers that do not
+  route (direct, nginx, SGLang's round robin, LiteLLM) ran once, decode-bound only.
 - **Turns wait for replies.** Sessions arrive open-loop (Poisson), but a session's next turn
   is sent a think time after the previous reply, as a person would; a slow balancer delays a
   session's later turns, which lowers its offered load a little. Single-request workloads
@@ -298,14 +409,83 @@ def rewrite(out: Path) -> None:
     write(out, results, over, data["context"])
 
 
+def regime_section(
+    rows: list[Aggregate], regime: dict[str, Any], default: str, plots: list[str]
+) -> list[str]:
+    name = regime["name"]
+    lines = [
+        "",
+        f"## Regime `{name}`: {regime['title']}",
+        "",
+        f"{regime['description']}.",
+        "",
+        f"- Fleet: {regime['fleet']} (`llamacpp-ha-sim`, one fresh fleet per run)",
+        f"- Repetitions: {regime['reps']} per routing contender (seeds {regime.get('seeds', '')})"
+        + (
+            "; the other contenders once"
+            if regime.get("peers_once")
+            else "; routing contenders only"
+        ),
+        "- Workloads (requests per run, by repetition; wall time of the schedule):",
+    ]
+    for w in regime["workloads"]:
+        counts = w["requests"] if isinstance(w["requests"], list) else [w["requests"]]
+        scale = w.get("time_scale", regime["time_scale"])
+        lines.append(
+            f"  - `{w['name']}`: {', '.join(str(c) for c in counts)} requests, "
+            f"{w.get('span_s', 0):.0f} model s at time scale {scale:g} = "
+            f"{w.get('wall_s', 0):.1f} s of wall time"
+        )
+    if not rows:
+        return lines
+    lines += ["", f"### Summary (`{name}`)", ""]
+    lines += summary_table(rows, regime)
+    for w in regime["workloads"]:
+        mine = [a for a in rows if a.workload == w["name"]]
+        lines += [
+            "",
+            f"### {w['title']} (`{name}` / `{w['name']}`)",
+            "",
+            w["description"] + " (the first repetition's sample). Time scale "
+            f"{w.get('time_scale', regime['time_scale']):g}.",
+            "",
+        ]
+        lines += workload_table(
+            mine,
+            regime["ceilings"].get(w["name"]),
+            (regime.get("capacity_ceilings") or {}).get(w["name"]),
+        )
+    lines += ["", f"### Goal check (`{name}`)", ""]
+    lines += goal_table(rows, regime, default)
+    mine_plots = [p for p in plots if p.startswith(f"{name}-")]
+    if mine_plots:
+        lines += ["", *(f"![{p}]({p})" for p in mine_plots)]
+    return lines
+
+
 def write(
     out: Path, results: list[RunResult], over: list[OverheadResult], context: dict[str, Any]
 ) -> None:
     labels: dict[str, str] = context["labels"]
+    rows = aggregate(results, labels)
+    default: str = context.get("default", "")
+    goals = {
+        regime["name"]: {
+            workload: {key: asdict(v) for key, v in cells.items()}
+            for workload, cells in goal_check(
+                [a for a in rows if a.regime == regime["name"]],
+                default,
+                _capacity_medians(regime),
+            ).items()
+        }
+        for regime in context["regimes"]
+    }
     (out / "results.json").write_text(
         json.dumps(
             {
                 "context": context,
+                "aggregates": [a.to_json() for a in rows],
+                "goal_check": goals,
                 "runs": [r.to_json() for r in results],
                 "overhead": [o.to_json() for o in over],
             },
@@ -314,6 +494,7 @@ def write(
         )
     )
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    regimes = context["regimes"]
     lines = [
         "# llamacpp-ha benchmark results",
         "",
@@ -323,8 +504,10 @@ def write(
         "## Setup",
         "",
         f"- Command: `{context['command']}`",
-        f"- Seed: {context['seed']}; time scale: {context['time_scale']:g}",
-        f"- Fleet: {context['fleet']} (`llamacpp-ha-sim`, one fresh fleet per run)",
+        f"- Seed: {context['seed']} (repetition r uses seed {context['seed']} + r); "
+        f"repetitions: {context.get('reps', 1)} per routing contender (every llamacpp-ha "
+        "policy, SGLang's cache_aware router, HAProxy)",
+        "- Regimes: " + "; ".join(f"`{r['name']}` (time scale {_scales_text(r)})" for r in regimes),
         f"- Machine: {context['machine']['cpu']}, {context['machine']['memory']}, "
         f"{context['machine']['os']}, Python {context['machine']['python']}",
         f"- CPU pinning: fleet and load generator on CPU {context['cpus']['fleet_and_client']}, "
@@ -332,30 +515,29 @@ def write(
         f"- Other processes on the machine (not this benchmark) used on average "
         f"{context['background_cores']:.2f} cores during the run",
         "",
-        "| contender | version | status |",
-        "|---|---|---|",
+        "| contender | version | runs | status |",
+        "|---|---|---|---|",
     ]
+    routing = set(context.get("routing", []))
+    reps = context.get("reps", 1)
     for key, label in labels.items():
         reason = context["unavailable"].get(key)
         status = f"unavailable: {reason}" if reason else "ran"
-        lines.append(f"| {label} | {context['versions'].get(key, '-')} | {status} |")
+        runs = f"{reps} per workload and regime" if key in routing else "1, decode-bound only"
+        if reps == 1 and key in routing:
+            runs = "1 per workload and regime"
+        lines.append(f"| {label} | {context['versions'].get(key, '-')} | {runs} | {status} |")
     if context["failures"]:
         lines += ["", "Runs that did not complete:", ""]
         lines += [f"- {k}: {' '.join(v.split())[:300]}" for k, v in context["failures"].items()]
+    plots = context.get("plots") or []
     if results:
-        lines += ["", "## Summary", ""]
-        lines += summary_table(results, context, labels)
-        lines += ["", CEILINGS]
-    for w in context["workloads"]:
-        mine = [r for r in results if r.workload == w["name"]]
-        lines += ["", f"## {w['title']} (`{w['name']}`)", "", w["description"] + ".", ""]
-        lines += workload_table(
-            mine,
-            context["ceilings"][w["name"]],
-            (context.get("capacity_ceilings") or {}).get(w["name"]),
-            labels,
-            context["time_scale"],
-        )
+        lines += ["", *how_to_read()]
+    for regime in regimes:
+        mine = [a for a in rows if a.regime == regime["name"]]
+        lines += regime_section(mine, regime, default, plots)
+    if results:
+        lines += ["", "## The two ceilings", "", CEILINGS]
     if over:
         lines += [
             "",
@@ -373,11 +555,30 @@ def write(
             "",
         ]
         lines += overhead_table(over, labels)
-    plots = context.get("plots") or []
-    if plots:
+    others = [p for p in plots if not any(p.startswith(f"{r['name']}-") for r in regimes)]
+    if others:
         lines += ["", "## Plots", ""]
-        lines += [f"![{p}]({p})" for p in plots]
+        lines += [f"![{p}]({p})" for p in others]
     policies = ", ".join(f"`--routing {p}`" for p in context.get("ha_policies", [])) or "none"
     lines += ["", CONFIGURATIONS.replace("HA_POLICIES", policies), CAVEATS]
     lines += ["", "Raw numbers of every run: `results.json` beside this file."]
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+
+
+def _scales_text(regime: dict[str, Any]) -> str:
+    """``32; mooncake 72, random 48``: the regime's time scale and the workloads' own."""
+    default = regime["time_scale"]
+    own = [
+        f"{w['name']} {w['time_scale']:g}"
+        for w in regime["workloads"]
+        if w.get("time_scale", default) != default
+    ]
+    return f"{default:g}" + (f"; {', '.join(own)}" if own else "")
+
+
+def _capacity_medians(regime: dict[str, Any]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for name, values in (regime.get("capacity_ceilings") or {}).items():
+        spread = Spread.of(list(values))
+        out[name] = None if spread is None else spread.median
+    return out

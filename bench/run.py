@@ -1,13 +1,20 @@
 """Benchmark llamacpp-ha against direct access and the balancers people use instead.
 
     bench/.venv/bin/python bench/run.py --out bench/results        (make bench)
+    bench/.venv/bin/python bench/run.py --quick --out test-output/bench-quick   (make bench-quick)
     .venv/bin/python bench/run.py --smoke --out test-output/bench-smoke   (make bench-smoke)
 
-For every workload and every contender: a fresh simulated fleet (cold caches), the contender
-started in front of it, the workload replayed open-loop, the backends' counters read before and
-after. Then the overhead measurements against a timestamping stand-in backend. Results go to
-``OUT/RESULTS.md``, ``OUT/results.json`` and, in the full run, PNG plots. The smoke run (direct
-and llamacpp-ha, tiny workloads) exits non-zero on any failure so the harness cannot rot.
+Two regimes (``bench/regimes.py``): decode-bound (an 8B model's fleet) and prefill-bound (a
+70B model's, prompts at close to real sizes). For every regime, workload, repetition and
+contender: a fresh simulated fleet (cold caches), the contender started in front of it, the
+workload replayed open-loop, the backends' counters read before and after and their deferred
+requests sampled during the run. The routing contenders (every llamacpp-ha policy, SGLang's
+cache_aware router, HAProxy) run ``--reps`` times in every regime, each repetition with its own
+seed (seed + rep, so its own sample of the workload) and a fresh fleet; the other peers run
+once, decode-bound only. Then the overhead measurements against a timestamping stand-in
+backend. Results go to ``OUT/RESULTS.md``, ``OUT/results.json`` and, in the full run, PNG
+plots. The smoke run (direct and llamacpp-ha, tiny workloads) exits non-zero on any failure so
+the harness cannot rot.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,37 +37,21 @@ import aiohttp
 from bench import ceiling, fleet, loadgen, metrics, overhead, procs, report
 from bench import workloads as wl
 from bench.contenders import Contender, Running, ha_default_policy, roster
+from bench.regimes import REGIMES, Regime, smoke_regime
 
 SEED = 20251127
-FULL_TIME_SCALE = 4.0
-SMOKE_TIME_SCALE = 20.0
+REPS = 3
 # llamacpp-ha runs with its default policy (ha-<default>) in the smoke and overhead runs.
 SMOKE_CONTENDERS = ("direct", "ha-default")
 OVERHEAD_CONTENDERS = ("direct", "ha-default", "nginx-lc", "haproxy", "sglang-ca", "litellm")
+# Besides every llamacpp-ha policy: the peers that route (by cache, by load) and are repeated
+# in every regime. The others (direct, nginx, SGLang's round robin, LiteLLM) run once,
+# decode-bound only.
+ROUTING_PEERS = ("sglang-ca", "haproxy")
 
 
-def full_workloads(seed: int) -> list[wl.Workload]:
-    # Sized for 15 minutes on 2 cores at time scale 4: about 12 s of wall time per run.
-    # The fleet serves ~6 chat requests per model second (12 slots, ~2 s a 150-token reply):
-    # chat-medium offers about half of that, chat-saturated a little more than all of it.
-    return [
-        wl.chat(seed, "chat-medium", sessions_per_s=0.8, span_s=24),
-        wl.chat(seed, "chat-saturated", sessions_per_s=2.2, span_s=22),
-        wl.mooncake(seed, "mooncake", wl.TraceScale(conversations=40, span_s=30)),
-        wl.random_prompts(seed, "random", rate_per_s=3.0, span_s=30),
-        wl.burst(seed, "burst", per_burst=36, n_bursts=2, gap_s=14),
-    ]
-
-
-def smoke_workloads(seed: int) -> list[wl.Workload]:
-    out = [
-        wl.chat(seed, "chat-smoke", sessions_per_s=1.5, span_s=3, system_tokens=200, turns=(2, 3)),
-        wl.random_prompts(seed, "random-smoke", rate_per_s=2.0, span_s=3, prompt_tokens=500),
-        wl.burst(seed, "burst-smoke", per_burst=8, n_bursts=1),
-    ]
-    if (wl.TRACE / wl.TRACE_FILE).exists():
-        out.append(wl.mooncake(seed, "mooncake-smoke", wl.TraceScale(conversations=3, span_s=3)))
-    return out
+def is_routing(contender: Contender) -> bool:
+    return contender.family == "llamacpp-ha" or contender.key in ROUTING_PEERS
 
 
 def cpu_split() -> tuple[str | None, str | None]:
@@ -85,30 +77,88 @@ async def _wait_idle(urls: list[str], timeout_s: float = 10.0) -> None:
             await asyncio.sleep(0.1)
 
 
+@dataclass
+class Measured:
+    outcomes: list[Any]
+    counters: list[fleet.BackendCounters]
+    cpu_s: float | None
+    deferred_max: int | None
+    routing: dict[str, float | None]
+
+
+async def _routing_stats(base_url: str) -> dict[str, float | None]:
+    """llamacpp-ha's largest reordering delay and cache wait (``routing.max_reorder_delay_s``,
+    ``routing.max_cache_wait_s``) from its ``/stats``, else its ``/monitor/data``, when the
+    running version reports them; absent keys are absent from the result."""
+    found: dict[str, float | None] = {}
+    for path in ("/stats", "/monitor/data"):
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+                http.get(base_url + path) as resp,
+            ):
+                if resp.status != 200:
+                    continue
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        routing = data.get("routing")
+        routing = routing if isinstance(routing, dict) else {}
+        for key in ("max_reorder_delay_s", "max_cache_wait_s"):
+            value = routing.get(key, data.get(f"routing.{key}"))
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                found[key] = float(value)
+        if found:
+            return found
+    return found
+
+
 async def _measure(
-    running: Running, workload: wl.Workload, fl: fleet.Fleet, deadline_s: float
-) -> tuple[list[Any], list[fleet.BackendCounters], float | None]:
+    running: Running,
+    workload: wl.Workload,
+    fl: fleet.Fleet,
+    deadline_s: float,
+    ha: bool,
+) -> Measured:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         before = await fleet.snapshot(http, fl.urls)
     pid = running.child.pid if running.child is not None else None
     cpu0 = procs.cpu_seconds(pid) if pid else None
-    outcomes, _ = await loadgen.replay(running, workload, fl.spec.time_scale, deadline_s)
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(fleet.watch_deferred(fl.urls, stop))
+    try:
+        outcomes, _ = await loadgen.replay(running, workload, fl.spec.time_scale, deadline_s)
+    finally:
+        stop.set()
+        deferred = await watcher
     cpu1 = procs.cpu_seconds(pid) if pid else None
     await _wait_idle(fl.urls)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         after = await fleet.snapshot(http, fl.urls)
+    routing = await _routing_stats(running.base_url) if ha and running.base_url else {}
     cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
-    return outcomes, fleet.delta(after, before), cpu
+    return Measured(outcomes, fleet.delta(after, before), cpu, deferred, routing)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One run: a contender on one repetition of a workload of a regime."""
+
+    regime: Regime
+    workload: wl.Workload
+    rep: int
+    seed: int
+    contender: Contender
 
 
 def run_one(
-    contender: Contender,
-    workload: wl.Workload,
-    spec: fleet.FleetSpec,
-    log_dir: Path,
-    cpus: tuple[str | None, str | None],
+    run: Planned, log_dir: Path, cpus: tuple[str | None, str | None]
 ) -> tuple[metrics.RunResult | None, list[Any], str | None]:
-    run_dir = log_dir / f"{workload.name}--{contender.key}"
+    workload, contender = run.workload, run.contender
+    spec = run.regime.spec_for(workload.name)
+    run_dir = log_dir / run.regime.name / f"{workload.name}--{contender.key}--rep{run.rep}"
     fl = fleet.start_fleet(spec, run_dir, "fleet", cpus[0])
     try:
         try:
@@ -118,21 +168,56 @@ def run_one(
         try:
             # A generous end: the schedule, then time for the slowest contender's queue to drain.
             deadline = workload.span_s / spec.time_scale + 40.0
-            outcomes, counters, cpu = asyncio.run(_measure(running, workload, fl, deadline))
+            ha = contender.family == "llamacpp-ha"
+            got = asyncio.run(_measure(running, workload, fl, deadline, ha))
         finally:
             running.stop()
         result = metrics.summarize(
             workload.name,
             contender.key,
             contender.label,
-            outcomes,
-            counters,
+            got.outcomes,
+            got.counters,
             list(spec.slots),
-            cpu,
+            got.cpu_s,
         )
-        return result, outcomes, None
+        result.regime, result.rep, result.seed = run.regime.name, run.rep, run.seed
+        result.requests_deferred_max = got.deferred_max
+        result.max_reorder_delay_s = got.routing.get("max_reorder_delay_s")
+        result.max_cache_wait_s = got.routing.get("max_cache_wait_s")
+        return result, got.outcomes, None
     finally:
         fl.stop()
+
+
+def plan(
+    regimes: list[Regime],
+    contenders: list[Contender],
+    reps: int,
+    seed: int,
+    wanted_workloads: set[str] | None,
+) -> tuple[list[Planned], dict[str, dict[int, list[wl.Workload]]]]:
+    """Every run in the order they are made: regime, workload, repetition, contender; and each
+    regime's workloads by repetition."""
+    runs: list[Planned] = []
+    by_rep: dict[str, dict[int, list[wl.Workload]]] = {}
+    for regime in regimes:
+        mine = [c for c in contenders if is_routing(c) or regime.peers_once]
+        samples = {}
+        for rep in range(reps):
+            chosen = regime.workloads(seed + rep)
+            if wanted_workloads is not None:
+                chosen = [w for w in chosen if w.name in wanted_workloads]
+            samples[rep] = chosen
+        by_rep[regime.name] = samples
+        for i in range(len(samples[0])):
+            for rep in range(reps):
+                for contender in mine:
+                    # The peers that do not route run once (the first repetition).
+                    if rep > 0 and not is_routing(contender):
+                        continue
+                    runs.append(Planned(regime, samples[rep][i], rep, seed + rep, contender))
+    return runs, by_rep
 
 
 def run_overhead(
@@ -181,12 +266,81 @@ def machine_info() -> dict[str, str]:
     }
 
 
+def _regime_context(
+    regime: Regime, samples: dict[int, list[wl.Workload]], reps: int, seed: int
+) -> dict[str, Any]:
+    """The regime's fleet and workloads, with each repetition's request count and ceilings
+    (the capacity ceiling is the regime's fleet's: its profile, slots and host caches)."""
+    workloads: list[dict[str, Any]] = []
+    ceilings: dict[str, list[float]] = {}
+    capacity: dict[str, list[float]] = {}
+    capacity_by: dict[str, list[str]] = {}
+    for i, first in enumerate(samples[0]):
+        per_rep = [samples[rep][i] for rep in range(reps)]
+        spec = regime.spec_for(first.name)
+        workloads.append(
+            {
+                "name": first.name,
+                "title": first.title,
+                "description": first.description,
+                "requests": [w.n_requests for w in per_rep],
+                "span_s": first.span_s,
+                "time_scale": spec.time_scale,
+                "wall_s": first.span_s / spec.time_scale,
+            }
+        )
+        for w in per_rep:
+            cap = ceiling.capacity_ceiling(w, spec.configs())
+            ceilings.setdefault(w.name, []).append(ceiling.hit_rate_ceiling(w))
+            capacity.setdefault(w.name, []).append(cap.hit_rate)
+            capacity_by.setdefault(w.name, []).append(f"{cap.router}, speed x{cap.speed:g}")
+        print(
+            f"bench: {regime.name}/{first.name}: {[w.n_requests for w in per_rep]} requests; "
+            f"hit-rate ceiling {'/'.join(f'{c:.1%}' for c in ceilings[first.name])} with "
+            f"infinite caches, {'/'.join(f'{c:.1%}' for c in capacity[first.name])} with the "
+            f"fleet's ({'; '.join(capacity_by[first.name])})",
+            flush=True,
+        )
+    return {
+        "name": regime.name,
+        "title": regime.title,
+        "description": regime.description,
+        "fleet": regime.spec.describe(),
+        "time_scale": regime.spec.time_scale,
+        "reps": reps,
+        "seeds": f"{seed}-{seed + reps - 1}" if reps > 1 else str(seed),
+        "peers_once": regime.peers_once,
+        "workloads": workloads,
+        "ceilings": ceilings,
+        "capacity_ceilings": capacity,
+        "capacity_ceilings_by": capacity_by,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny run: direct and llamacpp-ha")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 repetition, routing contenders only, no overhead section (make bench-quick)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--time-scale", type=float, default=None)
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help=f"repetitions of every routing contender (default {REPS}; --quick and --smoke 1)",
+    )
+    parser.add_argument(
+        "--regimes",
+        default=None,
+        help=f"comma-separated regimes (default all: {','.join(REGIMES)})",
+    )
+    parser.add_argument(
+        "--time-scale", type=float, default=None, help="override every regime's time scale"
+    )
     parser.add_argument("--contenders", default=None, help="comma-separated keys (default all)")
     parser.add_argument("--workloads", default=None, help="comma-separated names (default all)")
     parser.add_argument("--no-overhead", action="store_true", help="skip the overhead section")
@@ -206,19 +360,28 @@ def main(argv: list[str] | None = None) -> int:
         # The load generator shares the fleet's core(s), never the balancer's.
         os.sched_setaffinity(0, {int(c) for c in cpus[0].split(",")})
 
-    scale = args.time_scale or (SMOKE_TIME_SCALE if args.smoke else FULL_TIME_SCALE)
-    spec = (
-        fleet.FleetSpec((2, 2), ("gpu-8b", "gpu-8b"), scale)
-        if args.smoke
-        else fleet.FleetSpec((4, 4, 2, 2), ("gpu-8b",) * 4, scale)
-    )
-    workloads = smoke_workloads(args.seed) if args.smoke else full_workloads(args.seed)
-    if args.workloads:
-        wanted = set(args.workloads.split(","))
-        workloads = [w for w in workloads if w.name in wanted]
+    reps = args.reps if args.reps is not None else (1 if args.smoke or args.quick else REPS)
+    if reps < 1:
+        parser.error("--reps must be at least 1")
+    if args.smoke:
+        regimes = [smoke_regime()]
+    else:
+        names = args.regimes.split(",") if args.regimes else list(REGIMES)
+        unknown = [n for n in names if n not in REGIMES]
+        if unknown:
+            parser.error(f"unknown regimes {unknown}; known: {', '.join(REGIMES)}")
+        regimes = [REGIMES[n] for n in names]
+    if args.time_scale:
+        regimes = [r.with_time_scale(args.time_scale) for r in regimes]
     everyone = roster()
     default_ha = f"ha-{ha_default_policy()}"
-    keys = SMOKE_CONTENDERS if args.smoke else tuple(c.key for c in everyone)
+    keys: tuple[str, ...]
+    if args.smoke:
+        keys = SMOKE_CONTENDERS
+    elif args.quick:
+        keys = tuple(c.key for c in everyone if is_routing(c))
+    else:
+        keys = tuple(c.key for c in everyone)
     keys = tuple(default_ha if k == "ha-default" else k for k in keys)
     if args.contenders:
         keys = tuple(k for k in keys if k in args.contenders.split(","))
@@ -233,37 +396,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {key} unavailable: {reason}", flush=True)
     versions = {c.key: c.version() if c.key not in unavailable else "-" for c in contenders}
 
-    ceilings = {w.name: ceiling.hit_rate_ceiling(w) for w in workloads}
-    capacity = {w.name: ceiling.capacity_ceiling(w, spec.configs()) for w in workloads}
-    capacity_ceilings = {name: c.hit_rate for name, c in capacity.items()}
-    for name, c in capacity.items():
-        print(
-            f"bench: {name}: hit-rate ceiling {ceilings[name]:.1%} with infinite caches, "
-            f"{c.hit_rate:.1%} with the fleet's ({c.router}, speed x{c.speed:g})",
-            flush=True,
-        )
+    wanted = set(args.workloads.split(",")) if args.workloads else None
+    runs, samples = plan(regimes, usable, reps, args.seed, wanted)
+    regime_contexts = [_regime_context(r, samples[r.name], reps, args.seed) for r in regimes]
+    print(f"bench: {len(runs)} runs", flush=True)
+
     results: list[metrics.RunResult] = []
-    raw: dict[str, dict[str, list[Any]]] = {}
+    # Outcomes of the first repetition, for the plots: regime -> workload -> contender.
+    raw: dict[str, dict[str, dict[str, list[Any]]]] = {}
     failures: dict[str, str] = {}
-    for workload in workloads:
-        print(f"bench: {workload.name}: {workload.description}", flush=True)
-        for contender in usable:
-            t = time.monotonic()
-            result, outcomes, problem = run_one(contender, workload, spec, log_dir, cpus)
-            if problem is not None or result is None:
-                failures[f"{workload.name}/{contender.key}"] = problem or "no result"
-                print(f"  {contender.key}: {problem}", flush=True)
-                continue
-            results.append(result)
-            raw.setdefault(workload.name, {})[contender.key] = outcomes
+    current = None
+    for i, run in enumerate(runs):
+        here = (run.regime.name, run.workload.name, run.rep)
+        if here != current:
+            current = here
             print(
-                f"  {contender.key:<22} {report.run_line(result)} [{time.monotonic() - t:.1f} s]",
+                f"bench: {run.regime.name}/{run.workload.name} rep {run.rep} (seed {run.seed}): "
+                f"{run.workload.description}",
                 flush=True,
             )
+        t = time.monotonic()
+        result, outcomes, problem = run_one(run, log_dir, cpus)
+        where = f"{run.regime.name}/{run.workload.name}/{run.contender.key}/rep{run.rep}"
+        if problem is not None or result is None:
+            failures[where] = problem or "no result"
+            print(f"  {run.contender.key}: {problem}", flush=True)
+            continue
+        results.append(result)
+        if run.rep == 0:
+            raw.setdefault(run.regime.name, {}).setdefault(run.workload.name, {})[
+                run.contender.key
+            ] = outcomes
+        print(
+            f"  {run.contender.key:<22} {report.run_line(result)} "
+            f"[{time.monotonic() - t:.1f} s, {i + 1}/{len(runs)}, "
+            f"{(time.monotonic() - started) / 60:.1f} min]",
+            flush=True,
+        )
 
-    plan = overhead.OverheadPlan()
+    over_plan = overhead.OverheadPlan()
     if args.smoke:
-        plan = overhead.OverheadPlan(
+        over_plan = overhead.OverheadPlan(
             low_requests=10,
             high_concurrency=8,
             high_s=0.6,
@@ -277,42 +450,36 @@ def main(argv: list[str] | None = None) -> int:
             ramp_tick_ms=20.0,
         )
     over: list[overhead.OverheadResult] = []
-    if not args.no_overhead:
+    if not args.no_overhead and not args.quick:
         print("bench: overhead against the timestamping backend", flush=True)
-        wanted = {default_ha if k == "ha-default" else k for k in OVERHEAD_CONTENDERS}
-        chosen = [c for c in usable if c.key in wanted]
-        over, problems = run_overhead(chosen, plan, log_dir, cpus)
+        chosen_keys = {default_ha if k == "ha-default" else k for k in OVERHEAD_CONTENDERS}
+        chosen = [c for c in usable if c.key in chosen_keys]
+        over, problems = run_overhead(chosen, over_plan, log_dir, cpus)
         failures.update({f"overhead/{k}": v for k, v in problems.items()})
 
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    target = "make bench"
+    if args.smoke or args.quick:
+        target = "make bench-smoke" if args.smoke else "make bench-quick"
     context = {
         "smoke": args.smoke,
+        "quick": args.quick,
         "seed": args.seed,
+        "reps": reps,
         "command": command,
-        "make_target": "make bench-smoke" if args.smoke else "make bench",
-        "fleet": spec.describe(),
-        "time_scale": scale,
+        "make_target": target,
+        "regimes": regime_contexts,
         "machine": machine_info(),
         "cpus": {"fleet_and_client": cpus[0], "balancer": cpus[1]},
         "versions": versions,
         "unavailable": unavailable,
         "failures": failures,
-        "workloads": [
-            {
-                "name": w.name,
-                "title": w.title,
-                "description": w.description,
-                "requests": w.n_requests,
-            }
-            for w in workloads
-        ],
-        "ceilings": ceilings,
-        "capacity_ceilings": capacity_ceilings,
-        "capacity_ceilings_by": {n: f"{c.router}, speed x{c.speed:g}" for n, c in capacity.items()},
         "labels": {c.key: c.label for c in contenders},
+        "routing": [c.key for c in contenders if is_routing(c)],
+        "default": default_ha,
         "ha_policies": [c.key.removeprefix("ha-") for c in contenders if c.family == "llamacpp-ha"],
         "runtime_s": 0.0,
-        "open_streams": plan.open_streams,
+        "open_streams": over_plan.open_streams,
     }
     if not args.smoke:
         try:
@@ -329,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     context["background_cores"] = max(others, 0.0) / context["runtime_s"]
     report.write(out, results, over, context)
     print(f"bench: wrote {out / 'RESULTS.md'} in {context['runtime_s']:.0f} s", flush=True)
-    return _verdict(args.smoke, results, over, failures, len(workloads) * len(usable))
+    return _verdict(args.smoke, results, over, failures, len(runs))
 
 
 def _verdict(
@@ -349,6 +516,8 @@ def _verdict(
             problems.append(f"{r.workload}/{r.contender}: {r.completed}/{r.requests} ({r.errors})")
         if r.hit_rate is None:
             problems.append(f"{r.workload}/{r.contender}: no backend counters")
+        if r.requests_deferred_max is None:
+            problems.append(f"{r.workload}/{r.contender}: no requests_deferred from the backends")
     if not over:
         problems.append("no overhead results")
     for o in over:

@@ -122,14 +122,19 @@ def chat(
 
 
 def random_prompts(
-    seed: int, name: str, rate_per_s: float, span_s: float, prompt_tokens: int = 1000
+    seed: int,
+    name: str,
+    rate_per_s: float,
+    span_s: float,
+    prompt_tokens: int = 1000,
+    spread: int = 400,
 ) -> Workload:
     rng = random.Random(f"{seed}-{name}")
     sessions = tuple(
         Session(
             t,
             f"{name}-{i}",
-            (Turn(words(rng, _around(rng, prompt_tokens, 400)), _around(rng, 150, 30)),),
+            (Turn(words(rng, _around(rng, prompt_tokens, spread)), _around(rng, 150, 30)),),
         )
         for i, t in enumerate(_poisson_times(rng, rate_per_s, span_s))
     )
@@ -137,8 +142,8 @@ def random_prompts(
         name,
         "Random prompts, no shared prefix",
         f"{len(sessions)} single-turn requests, Poisson at {rate_per_s:g}/s over {span_s:g} s; "
-        f"prompts of {prompt_tokens - 400}-{prompt_tokens + 400} random tokens, no two sharing "
-        "a prefix; replies ~150 tokens",
+        f"prompts of {prompt_tokens - spread}-{prompt_tokens + spread} random tokens, no two "
+        "sharing a prefix; replies ~150 tokens",
         sessions,
     )
 
@@ -151,9 +156,10 @@ def burst(
     gap_s: float = 12.0,
     within_s: float = 0.5,
     n_system: int = 3,
+    system_tokens: int = 1000,
 ) -> Workload:
     rng = random.Random(f"{seed}-{name}")
-    systems = [words(random.Random(f"{seed}-system-{i}"), 1000) for i in range(n_system)]
+    systems = [words(random.Random(f"{seed}-system-{i}"), system_tokens) for i in range(n_system)]
     sessions = []
     for b in range(n_bursts):
         for i in range(per_burst):
@@ -164,8 +170,10 @@ def burst(
     return Workload(
         name,
         "Bursts",
-        f"{n_bursts} bursts of {per_burst} requests, each burst arriving within {within_s:g} s, "
-        f"{gap_s:g} s apart; first chat turns on {n_system} shared 1,000-token system prompts",
+        f"{n_bursts} burst{'s' if n_bursts > 1 else ''} of {per_burst} requests, each burst "
+        f"arriving within {within_s:g} s, "
+        f"{gap_s:g} s apart; first chat turns on {n_system} shared {system_tokens:,}-token system "
+        "prompts",
         tuple(sessions),
     )
 
