@@ -15,11 +15,13 @@ A policy is synchronous and pure with respect to the fleet: it sees frozen snaps
   cached, and a new conversation where its system prompt is, unless that would pile work on one
   backend while others idle.
 - `CostPolicy`: the backend where the request should start soonest. For each candidate,
-  `start = wait + uncached prompt tokens / prefill rate * (1 + busy share)`: the wait for a
-  slot (0 when one is free), then the part of the prompt the backend does not hold, at the rate
-  it has been measured to prefill, slowed by the streams already decoding there. A busy backend
-  wins only when its start beats every free one's and its wait is within `max_cache_wait_s`;
-  then the request stays queued for it. With nothing cached anywhere this is least busy.
+  `start = wait + uncached prompt tokens / prefill rate * (1 + streams decoding there)`: the
+  wait for a slot (0 when one is free), then the part of the prompt the backend will not reuse,
+  at the rate it has been measured to prefill, a cost borne by the request and by each stream
+  it stalls. A busy backend (or a busy slot computing more of the prompt) wins only when it
+  holds more of the prompt than every free one, its start beats theirs, and its wait is within
+  `max_cache_wait_s`; the request then stays queued for it. With fewer than 32 tokens cached
+  anywhere it is least busy (share of slots busy).
 
 Policies register by name in `POLICIES`; the configuration's `routing` values, the CLI help and
 the README's table come from it. A new policy is a function (or a class with `__call__`, when
