@@ -324,7 +324,11 @@ class Scheduler:
         try:
             self._drain()
         except Exception as exc:  # a bug must not leave the queue unattended
-            where = exc.__traceback__.tb_frame.f_code.co_name if exc.__traceback__ else "?"
+            # Where it was raised: the innermost frame (the outermost is this one).
+            tb = exc.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            where = f"{tb.tb_frame.f_code.co_name}:{tb.tb_lineno}" if tb is not None else "?"
             log.error(
                 "scheduler: the drain failed (%s in %s); it runs again at the next wake-up",
                 type(exc).__name__,
