@@ -1,11 +1,13 @@
 #!/bin/sh
-# System packages the tests need: Debian's chromium for the monitor page's browser test.
+# System packages the tests need: Debian's chromium for the monitor page's browser test, and
+# redis-server for the replicas' shared state.
 # Idempotent: a no-op when everything is present; otherwise one apt-get update, then install.
 set -eu
 
 missing=""
 # The browser test runs /usr/bin/chromium (Debian's package), not whatever is on PATH.
 [ -x /usr/bin/chromium ] || missing="$missing chromium"
+command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 
 if [ -z "$missing" ]; then
     exit 0

@@ -140,6 +140,10 @@ RESTART = {
     "max_connections": 100,
     "header_timeout_s": 3.0,
     "keepalive_timeout_s": 60.0,
+    "state_url": "redis://10.0.0.5:6379/0",
+    "lease_ttl_s": 30.0,
+    "replica_id": "host-a",
+    "workers": 4,
 }
 
 

@@ -76,6 +76,21 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "--log-format": ("log_format", "text (default) or json: one JSON object per line"),
     "--max-tokens-cap": ("max_tokens_cap", "reject requests asking for more tokens (400)"),
     "--max-header-size": ("max_header_size", "largest request head in bytes (default 32768)"),
+    "--state-url": (
+        "state_url",
+        "redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... or unix:///PATH: share slots, "
+        "routing, limits and operations with the other replicas using it (default: none)",
+    ),
+    "--lease-ttl": (
+        "lease_ttl_s",
+        "seconds a dead replica's slots stay held in shared state (default 10)",
+    ),
+    "--replica-id": ("replica_id", "this replica's name in shared state (default HOST-PID)"),
+    "--workers": (
+        "workers",
+        "worker processes on this machine, sharing the port and the state (default 1; "
+        "more needs --state-url)",
+    ),
     "--max-connections": (
         "max_connections",
         "client connections open at once; one more gets 503 (default 4096)",

@@ -80,15 +80,13 @@ def build_admin_router(balancer: Balancer) -> APIRouter:
 
     @router.post("/backends/{name}/drain")
     async def drain(name: str) -> JSONResponse:
-        backend = find(name)
-        balancer.registry.set_draining(backend, True)
-        return JSONResponse(describe(backend))
+        find(name)
+        return JSONResponse(describe(balancer.set_draining(name, True)))
 
     @router.post("/backends/{name}/undrain")
     async def undrain(name: str) -> JSONResponse:
-        backend = find(name)
-        balancer.registry.set_draining(backend, False)
-        return JSONResponse(describe(backend))
+        find(name)
+        return JSONResponse(describe(balancer.set_draining(name, False)))
 
     @router.post("/reload")
     async def reload() -> JSONResponse:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from . import logs
 from .attempts import RetryBudget
@@ -22,7 +23,7 @@ from .errors import ShuttingDown, UpstreamError
 from .exchange import ExchangeLimits, LiveExchanges
 from .feedback import Feedback
 from .keyring import Keyring
-from .limits import KeyLimits
+from .limits import FleetKeyLimits, KeyLimits
 from .loop_lag import LoopLag
 from .metrics import Metrics
 from .middleware import HeaderRules
@@ -33,7 +34,9 @@ from .queue import Lease, RequestQueue
 from .recorder import Recorder
 from .registry import BackendState, Registry
 from .reload import plan_reload
+from .replicas import Replicas, default_replica_id
 from .scheduler import Scheduler
+from .state_store import StateStore
 from .transport import Timeouts, Transport
 from .usage import Usage
 
@@ -84,7 +87,7 @@ class Balancer:
         self.stats = ProxyStats()
         self.keyring = Keyring(config)
         self.header_rules = HeaderRules(config)
-        self.key_limits = KeyLimits()
+        self.key_limits: KeyLimits = KeyLimits()
         self.queue = RequestQueue()
         self.index = CacheIndex(config.session_ttl_s, config.max_sessions)
         self.lag = LoopLag()
@@ -114,6 +117,20 @@ class Balancer:
         self.metrics = Metrics(self.registry, self.queue, self.scheduler.stats)
         self.recorder = Recorder(self.stats, self.metrics, self.registry)
         self.live = LiveExchanges()
+        # Several replicas: slots, routing, key limits and operations shared through Redis.
+        self.replicas: Replicas | None = None
+        if config.state_url is not None:
+            self.replicas = Replicas(
+                StateStore(config.state_url),
+                config.replica_id or default_replica_id(),
+                config.lease_ttl_s,
+                self.registry,
+                self.index,
+                wakeup=self.queue.wakeup.set,
+                apply_op=self._apply_op,
+            )
+            self.scheduler.confirm = self.replicas.confirm
+            self.key_limits = FleetKeyLimits(self.replicas)
         self.admitting = True
         self._removals: set[asyncio.Task[None]] = set()
         # Where reload reads the configuration again; set by the command line.
@@ -124,12 +141,16 @@ class Balancer:
         self.lag.start()
         self.registry.start(self.transport)
         self.scheduler.start()
+        if self.replicas is not None:
+            await self.replicas.start()
 
     async def aclose(self) -> None:
         for task in self._removals:
             task.cancel()
         await asyncio.gather(*self._removals, return_exceptions=True)
         await self.scheduler.aclose()
+        if self.replicas is not None:
+            await self.replicas.aclose()
         await self.registry.aclose()
         await self.lag.aclose()
         await self.transport.aclose()
@@ -154,15 +175,50 @@ class Balancer:
 
     # Changing the fleet ----------------------------------------------------------------
 
-    def add_backend(self, config: BackendConfig) -> BackendState:
+    def add_backend(self, config: BackendConfig, *, announce: bool = True) -> BackendState:
         backend = self.registry.add(config)
         self._set_backends([*self.config.backends, config])
+        if announce:
+            self._announce("add", config.model_dump(mode="json"))
         return backend
 
-    def remove_backend(self, name: str) -> None:
+    def remove_backend(self, name: str, *, announce: bool = True) -> None:
         """Start draining `name`; it leaves once its requests in flight have finished."""
         self._drain_and_remove(name)
         self._set_backends([b for b in self.config.backends if b.name != name])
+        if announce:
+            self._announce("remove", name)
+
+    def set_draining(self, name: str, draining: bool, *, announce: bool = True) -> BackendState:
+        backend = self.registry.get(name)
+        self.registry.set_draining(backend, draining)
+        if announce:
+            self._announce("drain" if draining else "undrain", name)
+        return backend
+
+    def _announce(self, op: str, arg: object) -> None:
+        if self.replicas is not None:
+            self.replicas.announce(op, arg)
+
+    def _apply_op(self, op: str, arg: Any) -> None:
+        """An operation another replica applied (replicas.py): the same here, not announced."""
+        try:
+            if op == "add":
+                config = BackendConfig.model_validate(arg)
+                if all(b.name != config.name for b in self.registry.backends):
+                    self.add_backend(config, announce=False)
+            elif op == "remove":
+                self.remove_backend(str(arg), announce=False)
+            elif op in ("drain", "undrain"):
+                self.set_draining(str(arg), op == "drain", announce=False)
+            elif op == "reload":
+                self.reload_from_source(announce=False)
+            else:
+                return
+        except (KeyError, ValueError, ConfigError) as exc:
+            log.warning("another replica's %s (%s) does not apply here: %s", op, arg, exc)
+            return
+        log.warning("applied another replica's %s %s", op, "" if arg is None else arg)
 
     def _set_backends(self, backends: list[BackendConfig]) -> None:
         # The configuration in force includes the fleet's changes through /admin/, so that a
@@ -178,7 +234,7 @@ class Balancer:
         task.add_done_callback(self._removals.discard)
         self.feedback.forget_backend(name)
 
-    def reload_from_source(self) -> list[str]:
+    def reload_from_source(self, *, announce: bool = True) -> list[str]:
         """Read the configuration again (file, environment, flags) and apply it.
 
         Raises ConfigError, leaving everything as it was, when the new configuration is invalid.
@@ -191,6 +247,8 @@ class Balancer:
             log.error("reload rejected, keeping the running configuration: %s", exc)
             raise
         restart_needed = self.reload(new)
+        if announce:
+            self._announce("reload", None)
         log.warning(
             "configuration reloaded: %d backends%s",
             len(new.backends),
@@ -251,5 +309,10 @@ class Balancer:
         if usage is None:
             return
         outcome = self.feedback.answered(backend, routing, lease, usage)
+        if self.replicas is not None:
+            tokens = usage.prompt_tokens or round(
+                routing.prompt.size * backend.speeds.tokens_per_byte
+            )
+            self.replicas.answered(lease, routing.prompt.keys, tokens, usage.completion_tokens or 0)
         if outcome is not None:
             self.metrics.cache_predictions.labels(backend.name, outcome).inc()

@@ -33,7 +33,7 @@ class ConfigError(Exception):
 def validate_backend_url(url: str) -> str:
     parts = urlsplit(url)
     # Errors name the URL without its credentials: they reach logs and admin answers.
-    shown = _without_credentials(url)
+    shown = without_credentials(url)
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"URL scheme must be http or https, got {shown!r}")
     if not parts.hostname:
@@ -49,7 +49,31 @@ def validate_backend_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def _without_credentials(url: str) -> str:
+STATE_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_state_url(url: str) -> str:
+    """`url` if it names a Redis we could talk to, else ValueError naming what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in STATE_SCHEMES:
+        raise ValueError(f"scheme must be one of {', '.join(STATE_SCHEMES)}, got {parts.scheme!r}")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("a unix:// URL needs the socket's path")
+        return url
+    if not parts.hostname:
+        raise ValueError("the URL has no host")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        raise ValueError("the URL has an invalid port") from exc
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ValueError(f"the database must be a number, got {database!r}")
+    return url
+
+
+def without_credentials(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url.split("@")[-1]
@@ -198,6 +222,14 @@ class ProxyConfig(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", json_schema_extra=LIVE
     )
+    # Several replicas (replicas.py): where they share state, how long a lease outlives a
+    # replica that died, this replica's name, and worker processes on one machine.
+    state_url: str | None = Field(default=None, repr=False, json_schema_extra=RESTART)
+    lease_ttl_s: float = Field(default=10.0, ge=0.5, json_schema_extra=RESTART)
+    replica_id: str | None = Field(
+        default=None, min_length=1, max_length=100, json_schema_extra=RESTART
+    )
+    workers: int = Field(default=1, ge=1, le=64, json_schema_extra=RESTART)
 
     @field_validator("backends", mode="before")
     @classmethod
@@ -212,6 +244,24 @@ class ProxyConfig(BaseSettings):
         if value not in POLICIES:
             raise ValueError(f"unknown policy {value!r}; one of {', '.join(POLICIES)}")
         return value
+
+    @field_validator("state_url")
+    @classmethod
+    def _state_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_state_url(value)
+
+    @field_validator("replica_id")
+    @classmethod
+    def _replica_name(cls, value: str | None) -> str | None:
+        if value is not None and not all(c.isalnum() or c in "-_.:" for c in value):
+            raise ValueError("letters, digits and - _ . : only")
+        return value
+
+    @model_validator(mode="after")
+    def _workers_share(self) -> ProxyConfig:
+        if self.workers > 1 and self.state_url is None:
+            raise ValueError("workers: more than one worker needs state_url to share state")
+        return self
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod

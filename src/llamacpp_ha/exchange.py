@@ -172,6 +172,7 @@ class Exchange:
         self.deadline = request.started_at + self.limits.request_timeout_s
         self.answer: Answer | None = None
         self._admitted = False
+        self._key_ticket: str | None = None
         self._on_abort: Callable[[ProxyError], None] | None = None
         self.result = ExchangeResult(
             endpoint=request.path,
@@ -182,13 +183,14 @@ class Exchange:
 
     # Admission and release -----------------------------------------------------------------
 
-    def admit(self, on_abort: Callable[[ProxyError], None]) -> None:
+    async def admit(self, on_abort: Callable[[ProxyError], None]) -> None:
         """Take the key's concurrency and count the request, or raise with nothing taken.
 
         `on_abort` is how the owner of the exchange is told to end it now (`abort()`).
         """
         if self.request.client_key is not None:
-            self._hooks.key_limits.admit(self.request.client_key)  # 429 when over
+            # 429 when over; the ticket is what shared state holds for it (several replicas).
+            self._key_ticket = await self._hooks.key_limits.admit(self.request.client_key)
         self._on_abort = on_abort
         self._admitted = True
         self._hooks.live.add(self)
@@ -220,7 +222,7 @@ class Exchange:
             if self._admitted:
                 self._admitted = False
                 if self.request.client_key is not None:
-                    self._hooks.key_limits.release(self.request.client_key)
+                    self._hooks.key_limits.release(self.request.client_key, self._key_ticket)
                 self._hooks.live.discard(self)
                 self.result.total_s = time.monotonic() - self.request.started_at
                 self._hooks.recorder.finished(self.result)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,9 @@ class Lease:
         self.predicted_tokens = predicted_tokens
         self.cached_prompt: CachedPrompt | None = None
         self.restores: CachedPrompt | None = None  # the saved state the shadow expects back
+        # Shared state (several replicas): the lease's id there, and who gives it back.
+        self.shared_id: str | None = None
+        self.on_release: Callable[[Lease], None] | None = None
         self.released = False
 
     @property
@@ -47,6 +50,8 @@ class Lease:
             if self.claim.lands_on is not None:
                 self.backend.caches.release(self.claim.lands_on, time.monotonic())
             await self.backend.slots.release(self.claim)
+            if self.on_release is not None:
+                self.on_release(self)
 
 
 @dataclass(eq=False)

@@ -62,7 +62,7 @@ class RelayResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange, result = self.exchange, self.exchange.result
         try:
-            exchange.admit(on_abort=self.abort)
+            await exchange.admit(on_abort=self.abort)
         except ProxyError as refused:  # a key over its limits: nothing was taken
             exchange.refused(refused)
             with contextlib.suppress(OSError):  # the client may be gone already

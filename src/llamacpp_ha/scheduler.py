@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from .errors import NoCapacity, NoHealthyBackend, QueueFull, QueueTimeout
@@ -241,6 +241,8 @@ class Scheduler:
         self._fallback = LeastBusyPolicy()
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # Several replicas: takes a lease claimed here in shared state too (replicas.py).
+        self.confirm: Callable[[Lease], Awaitable[bool]] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
@@ -274,19 +276,42 @@ class Scheduler:
     async def acquire(
         self, routing: RoutingRequest, timeout_s: float, *, retry: bool = False, priority: int = 0
     ) -> Lease:
-        """Wait for a slot on a backend that serves `routing.model`; raise NoCapacity if none."""
+        """Wait for a slot on a backend that serves `routing.model`; raise NoCapacity if none.
+
+        With other replicas (`confirm` set), the slot claimed here is then taken in shared
+        state; if another replica took it first, the request waits again at the front."""
+        started = time.monotonic()
+        front = retry  # a retry has already waited its turn once, so it goes to the front
+        while True:
+            left = timeout_s - (time.monotonic() - started)
+            lease = await self._queued(routing, max(left, 0.001), timeout_s, front, priority)
+            if self.confirm is None:
+                return lease
+            try:
+                confirmed = await self.confirm(lease)
+            except BaseException:
+                await lease.release()
+                raise
+            if confirmed:
+                lease.queue_wait_s = time.monotonic() - started
+                return lease
+            await lease.release()
+            front = True
+
+    async def _queued(
+        self, routing: RoutingRequest, left_s: float, timeout_s: float, front: bool, priority: int
+    ) -> Lease:
         if not self.can_serve(routing):
             raise _no_backend(routing)
         entry = QueueEntry(routing=routing, priority=priority)
         entry.future = asyncio.get_running_loop().create_future()
-        # A retry has already waited its turn once, so it goes to the front.
-        self._queue.put(entry, front=retry)
+        self._queue.put(entry, front=front)
         self._drain_supervised()
         if not entry.future.done() and len(self._queue) > self.max_queue:
             self._queue.remove(entry)
             raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
         try:
-            return await asyncio.wait_for(asyncio.shield(entry.future), timeout_s)
+            return await asyncio.wait_for(asyncio.shield(entry.future), left_s)
         except TimeoutError:
             self._queue.remove(entry)
             if not entry.future.done():

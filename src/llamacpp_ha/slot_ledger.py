@@ -50,6 +50,9 @@ class SlotLedger(Protocol):
     def external_busy(self) -> int: ...
 
     @property
+    def elsewhere(self) -> int: ...
+
+    @property
     def busy(self) -> int: ...
 
     @property
@@ -57,6 +60,12 @@ class SlotLedger(Protocol):
 
     @property
     def claims(self) -> frozenset[Claim]: ...
+
+    def shared(self, elsewhere: int, split: int | None) -> bool:
+        """Other balancer replicas hold `elsewhere` slots; or, when they cannot be asked
+        (`split`: how many replicas there are), this one takes at most its share. True when
+        free capacity changed."""
+        ...
 
     def try_claim(
         self,
@@ -91,6 +100,8 @@ class SlotTracker:
         self.backend = backend
         self.total = 0
         self.external_busy = 0
+        self.elsewhere = 0  # held by other balancer replicas (shared state)
+        self.split: int | None = None  # those cannot be asked: our share is total / split
         self._claims: set[Claim] = set()
         self._on_release = on_release
         self._changed = asyncio.Condition()
@@ -101,11 +112,14 @@ class SlotTracker:
 
     @property
     def busy(self) -> int:
-        return min(self.total, self.in_flight + self.external_busy)
+        return min(self.total, self.in_flight + self.elsewhere + self.external_busy)
 
     @property
     def free(self) -> int:
-        return max(0, self.total - self.in_flight - self.external_busy)
+        free = self.total - self.in_flight - self.elsewhere - self.external_busy
+        if self.split is not None:
+            free = min(free, -(-self.total // self.split) - self.in_flight)
+        return max(0, free)
 
     @property
     def in_flight_tokens(self) -> int:
@@ -147,8 +161,15 @@ class SlotTracker:
         before = self.free
         self.total = max(0, total)
         # Requests we sent that the backend has not started yet make busy_on_backend smaller
-        # than in_flight; only the excess is traffic that reached it around us.
-        self.external_busy = max(0, busy_on_backend - self.in_flight)
+        # than in_flight; only the excess is traffic that reached it around us (or around
+        # every replica: what the others hold is counted apart).
+        self.external_busy = max(0, busy_on_backend - self.in_flight - self.elsewhere)
+        return self.free != before
+
+    def shared(self, elsewhere: int, split: int | None) -> bool:
+        before = self.free
+        self.elsewhere = max(0, elsewhere)
+        self.split = split
         return self.free != before
 
     async def wait_idle(self) -> None:

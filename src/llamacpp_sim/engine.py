@@ -139,6 +139,7 @@ class Engine:
         self.time_scale = time_scale
         self.stats = EngineStats()
         self.max_concurrent = 0
+        self.max_deferred = 0  # the most tasks that ever waited here for a slot
         self._deferred: deque[GenTask] = deque()
         self._released: list[int] = []
         self._in_step = False
@@ -187,6 +188,7 @@ class Engine:
         # named slot can be overtaken, as in llama-server.
         if not self._start(task):
             self._deferred.append(task)
+            self.max_deferred = max(self.max_deferred, len(self._deferred))
 
     def cancel(self, task: GenTask) -> None:
         """Drop ``task`` wherever it is; idempotent. Its slot keeps what it had processed."""

@@ -90,6 +90,10 @@ class SimBackend:
         return self.engine.max_concurrent
 
     @property
+    def max_deferred(self) -> int:
+        return self.engine.max_deferred
+
+    @property
     def fault(self) -> Fault | None:
         return self._fault
 

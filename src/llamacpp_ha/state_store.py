@@ -1,0 +1,332 @@
+"""The only module that sees `redis`: what replicas share, as a few atomic scripts.
+
+Every operation is one round trip, a Lua script that Redis runs whole, so two replicas can
+never both take a backend's last slot. Every `redis` error (refused, reset, timed out, a script
+that Redis refuses) becomes `StateUnavailable` here, and nothing else of `redis` leaves.
+
+The keys, under `llamacpp-ha:`:
+
+    leases:{backend}    sorted set: lease "{replica}|{n}" -> when it expires (ms, Redis's clock)
+    key:{id}:flight     sorted set: the key's requests in flight, the same way
+    key:{id}:rate       sorted set: the key's admissions in the last minute -> when
+    replicas            sorted set: replica -> when its heartbeat expires
+    events              the pub/sub channel every replica listens to
+
+A lease that is not refreshed expires: the first script to touch that backend afterwards
+removes it and says so on the channel, so a replica that died gives its slots back within
+the lease's time to live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+_Arg = bytes | str | int | float  # what a script takes as an argument
+
+PREFIX = "llamacpp-ha:"
+CHANNEL = PREFIX + "events"
+_REPLICAS = PREFIX + "replicas"
+
+
+class StateUnavailable(Exception):
+    """Redis did not answer, or answered with an error; the message says which."""
+
+
+def lease_key(backend: str) -> str:
+    return f"{PREFIX}leases:{backend}"
+
+
+# Shared by every script: Redis's own clock (so replicas' clocks never matter), the leases one
+# replica holds on a backend, and the sweep of expired leases, which says so on the channel.
+_PRELUDE = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function held(key, replica)
+  local n, prefix = 0, replica .. '|'
+  for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    if string.sub(m, 1, #prefix) == prefix then n = n + 1 end
+  end
+  return n
+end
+local function sweep(key, backend, channel, now)
+  local gone = redis.call('ZRANGEBYSCORE', key, '-inf', now)
+  if #gone == 0 then return end
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  local seen = {}
+  for _, m in ipairs(gone) do
+    local r = string.match(m, '^(.*)|[^|]*$')
+    if r and not seen[r] then
+      seen[r] = true
+      redis.call('PUBLISH', channel, cjson.encode({'held', r, backend, held(key, r)}))
+    end
+  end
+end
+"""
+
+# KEYS: leases. ARGV: backend, channel, replica, lease, limit, ttl_ms, note (or '').
+_CLAIM = (
+    _PRELUDE
+    + """
+local now = now_ms()
+sweep(KEYS[1], ARGV[1], ARGV[2], now)
+local n = redis.call('ZCARD', KEYS[1])
+if redis.call('ZSCORE', KEYS[1], ARGV[4]) then return {1, n} end  -- run twice: taken once
+if n >= tonumber(ARGV[5]) then return {0, n} end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[6]), ARGV[4])
+redis.call('PUBLISH', ARGV[2], cjson.encode({'held', ARGV[3], ARGV[1], held(KEYS[1], ARGV[3])}))
+if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[7]) end
+return {1, n + 1}
+"""
+)
+
+# KEYS: leases. ARGV: backend, channel, replica, lease, note (or '').
+_RELEASE = (
+    _PRELUDE
+    + """
+local removed = redis.call('ZREM', KEYS[1], ARGV[4])
+if removed == 1 then
+  redis.call('PUBLISH', ARGV[2], cjson.encode({'held', ARGV[3], ARGV[1], held(KEYS[1], ARGV[3])}))
+end
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[5]) end
+return removed
+"""
+)
+
+# KEYS: replicas, then one leases key per backend, then the keys' flight sets.
+# ARGV: replica, ttl_ms, channel, replace ('1': the listed leases are all this replica holds),
+# then JSON: the backends (in KEYS order), their leases, the flight sets' leases.
+_REFRESH = (
+    _PRELUDE
+    + """
+local now = now_ms()
+local replica, ttl, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local replace = ARGV[4] == '1'
+local backends, leases = cjson.decode(ARGV[5]), cjson.decode(ARGV[6])
+local flights = cjson.decode(ARGV[7])
+local prefix = replica .. '|'
+local counts = {}
+for i, backend in ipairs(backends) do
+  local key = KEYS[i + 1]
+  sweep(key, backend, channel, now)
+  local mine = leases[i]
+  if replace then
+    local keep = {}
+    for _, lease in ipairs(mine) do keep[lease] = true end
+    for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+      if string.sub(m, 1, #prefix) == prefix and not keep[m] then redis.call('ZREM', key, m) end
+    end
+    for _, lease in ipairs(mine) do redis.call('ZADD', key, now + ttl, lease) end
+    redis.call('PUBLISH', channel, cjson.encode({'held', replica, backend, #mine}))
+  else
+    for _, lease in ipairs(mine) do redis.call('ZADD', key, 'XX', now + ttl, lease) end
+  end
+  local per = {}
+  for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    local r = string.match(m, '^(.*)|[^|]*$')
+    if r then per[r] = (per[r] or 0) + 1 end
+  end
+  counts[backend] = per
+end
+for i, flight in ipairs(flights) do
+  local key = KEYS[#backends + 1 + i]
+  for _, lease in ipairs(flight) do redis.call('ZADD', key, 'XX', now + ttl, lease) end
+end
+redis.call('ZADD', KEYS[1], now + ttl, replica)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return {cjson.encode(counts), cjson.encode(redis.call('ZRANGE', KEYS[1], 0, -1))}
+"""
+)
+
+# KEYS: the key's flight set, its rate set. ARGV: lease, max concurrent (or ''), requests per
+# minute (or ''), ttl_ms. Returns {1} or {0, 'concurrent' | 'rate', ms until it may try again}.
+_ADMIT_KEY = (
+    _PRELUDE
+    + """
+local now = now_ms()
+if ARGV[2] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return {0, 'concurrent', 1000} end
+end
+if ARGV[3] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
+  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
+    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    return {0, 'rate', tonumber(oldest[2]) + 60000 - now}
+  end
+  redis.call('ZADD', KEYS[2], now, ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], 61000)
+end
+if ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]) * 2)
+end
+return {1}
+"""
+)
+
+
+def flight_key(key_id: str) -> str:
+    return f"{PREFIX}key:{key_id}:flight"
+
+
+def rate_key(key_id: str) -> str:
+    return f"{PREFIX}key:{key_id}:rate"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a refresh found: per backend, the leases each replica holds; the live replicas."""
+
+    held: dict[str, dict[str, int]]
+    replicas: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class KeyVerdict:
+    admitted: bool
+    reason: str = ""  # 'concurrent' or 'rate'
+    retry_after_s: float = 0.0
+
+
+class StateStore:
+    """One Redis, two connections' worth of clients: commands, and the subscription."""
+
+    def __init__(self, url: str, *, timeout_s: float = 0.5) -> None:
+        self.url = url
+        self._timeout_s = timeout_s
+        # A pooled connection that Redis closed (it restarted) fails once and is replaced:
+        # that one retry is not an outage. Every script is safe to run twice.
+        self._client = aioredis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
+        )
+        # The subscription waits for messages as long as there are none: no read timeout.
+        self._listener = aioredis.from_url(url, socket_connect_timeout=timeout_s)
+        self._claim = self._client.register_script(_CLAIM)
+        self._release = self._client.register_script(_RELEASE)
+        self._refresh = self._client.register_script(_REFRESH)
+        self._admit_key = self._client.register_script(_ADMIT_KEY)
+
+    async def aclose(self) -> None:
+        for client in (self._client, self._listener):
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+
+    async def claim(
+        self, backend: str, replica: str, lease: str, limit: int, ttl_ms: int, note: bytes = b""
+    ) -> tuple[bool, int]:
+        """Take a lease on `backend` if fewer than `limit` are held; (taken, held now)."""
+        args: list[_Arg] = [backend, CHANNEL, replica, lease, limit, ttl_ms, note]
+        taken, held = await self._run(self._claim(keys=[lease_key(backend)], args=args))
+        return bool(taken), int(held)
+
+    async def release(self, backend: str, replica: str, lease: str, note: bytes = b"") -> None:
+        args: list[_Arg] = [backend, CHANNEL, replica, lease, note]
+        await self._run(self._release(keys=[lease_key(backend)], args=args))
+
+    async def refresh(
+        self,
+        replica: str,
+        ttl_ms: int,
+        leases: Mapping[str, Sequence[str]],
+        flights: Mapping[str, Sequence[str]],
+        *,
+        replace: bool = False,
+    ) -> Snapshot:
+        """Extend this replica's leases and heartbeat, sweep expired leases, and read who holds
+        what. `replace`: the leases listed are all it holds (after Redis was away)."""
+        backends = list(leases)
+        keys = [_REPLICAS, *(lease_key(b) for b in backends), *(flight_key(k) for k in flights)]
+        args: list[_Arg] = [
+            replica,
+            ttl_ms,
+            CHANNEL,
+            "1" if replace else "0",
+            _json_list(backends),
+            _json_list([list(leases[b]) for b in backends]),
+            _json_list([list(v) for v in flights.values()]),
+        ]
+        counts, replicas = await self._run(self._refresh(keys=keys, args=args))
+        held = orjson.loads(counts)
+        return Snapshot(
+            # cjson writes an empty table as {}; a backend nobody holds has no entries.
+            held={b: dict(held.get(b) or {}) for b in backends},
+            replicas=tuple(orjson.loads(replicas) or ()),
+        )
+
+    async def admit_key(
+        self,
+        key_id: str,
+        lease: str,
+        max_concurrent: int | None,
+        per_minute: int | None,
+        ttl_ms: int,
+    ) -> KeyVerdict:
+        args: list[_Arg] = [lease, _or_empty(max_concurrent), _or_empty(per_minute), ttl_ms]
+        keys = [flight_key(key_id), rate_key(key_id)]
+        answer = await self._run(self._admit_key(keys=keys, args=args))
+        if int(answer[0]):
+            return KeyVerdict(True)
+        return KeyVerdict(False, answer[1].decode(), int(answer[2]) / 1000)
+
+    async def release_key(self, key_id: str, lease: str) -> None:
+        await self._run(self._client.zrem(flight_key(key_id), lease))
+
+    async def publish(self, message: bytes) -> None:
+        await self._run(self._client.publish(CHANNEL, message))
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """The channel's messages, after an empty one that says the subscription is made;
+        StateUnavailable when the link is lost."""
+        pubsub = self._listener.pubsub(ignore_subscribe_messages=True)
+        try:
+            await self._run(pubsub.subscribe(CHANNEL))
+            yield b""
+            while True:
+                try:
+                    message = await pubsub.get_message(timeout=None)
+                except (RedisError, OSError) as exc:
+                    raise StateUnavailable(_describe(exc)) from None
+                if message is not None and message.get("type") == "message":
+                    yield message["data"]
+        finally:
+            with contextlib.suppress(RedisError, OSError, RuntimeError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _run(self, call: Awaitable[Any]) -> Any:
+        try:
+            # A Redis that accepts the connection and then says nothing must not stall a
+            # dispatch longer than the socket timeout would.
+            async with asyncio.timeout(self._timeout_s * 2):
+                return await call
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StateUnavailable(_describe(exc)) from None
+
+
+def _or_empty(value: int | None) -> str | int:
+    return "" if value is None else value
+
+
+def _json_list(value: Sequence[object]) -> bytes:
+    # cjson decodes [] as an empty table, which is what the scripts expect of "none".
+    return orjson.dumps(value)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

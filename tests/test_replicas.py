@@ -1,0 +1,367 @@
+"""Several balancer replicas sharing state through a real redis-server.
+
+The replicas are real balancers on real sockets (three apps in this process, and a separate
+process where one must die by SIGKILL); the backends are simulated llama-servers; Redis is
+Debian's redis-server on a free port, stopped and started again where it goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+import unittest
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aiohttp
+
+from llamacpp_ha.balancer import Balancer
+from llamacpp_ha.replicas import Replicas
+from llamacpp_sim import SimBackend, SimConfig
+from redis_server import redis_server
+from serving import Served, balancer_for, free_port, sims
+from sim_support import chat_body, wait_until
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+SYSTEM = "You are a careful assistant who answers in full sentences. " * 40  # ~2,400 bytes
+
+
+def shared(balancer: Balancer) -> Replicas:
+    assert balancer.replicas is not None, "the balancer was started without state_url"
+    return balancer.replicas
+
+
+async def replicas_of(
+    stack: AsyncExitStack, fleet: list[SimBackend], url: str, count: int, **settings: Any
+) -> list[Served]:
+    """`count` balancers in front of `fleet`, sharing state at `url`, once each sees all."""
+    served = [
+        await stack.enter_async_context(
+            balancer_for(fleet, state_url=url, replica_id=f"r{i}", lease_ttl_s=3, **settings)
+        )
+        for i in range(count)
+    ]
+    await wait_until(lambda: all(len(shared(s.balancer).live) == count for s in served))
+    return served
+
+
+async def chat(
+    session: aiohttp.ClientSession,
+    base: str,
+    messages: list[dict[str, str]],
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> tuple[int, dict[str, Any]]:
+    async with session.post(
+        base + "/v1/chat/completions", json=chat_body(messages, **extra), headers=headers
+    ) as response:
+        return response.status, await response.json()
+
+
+async def until_healthy(session: aiohttp.ClientSession, base: str) -> None:
+    """Until a balancer in another process listens and can take a request."""
+    async with asyncio.timeout(20):
+        while True:
+            try:
+                async with session.get(base + "/health") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+
+
+class SharedSlotsTest(unittest.IsolatedAsyncioTestCase):
+    async def test_three_replicas_never_overfill_a_backend_under_a_burst(self) -> None:
+        configs = [SimConfig(slots=2, profile="test", default_max_tokens=300) for _ in range(2)]
+        async with redis_server() as redis, sims(*configs) as fleet, AsyncExitStack() as stack:
+            lbs = await replicas_of(stack, fleet, redis.url, 3)
+            async with aiohttp.ClientSession() as session:
+                answers = await asyncio.gather(
+                    *(
+                        chat(session, lbs[i % 3].url, [{"role": "user", "content": f"q{i}"}])
+                        for i in range(36)
+                    )
+                )
+            self.assertEqual([status for status, _ in answers], [200] * 36)
+            # The burst was three times the slots per replica: each replica queued, and no
+            # backend ever had a request waiting inside it.
+            self.assertEqual([sim.max_deferred for sim in fleet], [0, 0])
+            self.assertEqual([sim.max_concurrent for sim in fleet], [2, 2])
+            refused = sum(shared(lb.balancer).stats.refused for lb in lbs)
+            claims = sum(shared(lb.balancer).stats.claims for lb in lbs)
+            self.assertGreaterEqual(claims, 36)
+            self.assertLess(refused, claims)
+
+    async def test_a_slot_freed_on_one_replica_wakes_a_request_queued_on_another(self) -> None:
+        config = SimConfig(slots=1, profile="test", default_max_tokens=16)
+        async with redis_server() as redis, sims(config) as fleet, AsyncExitStack() as stack:
+            a, b = await replicas_of(stack, fleet, redis.url, 2, poll_interval_s=30)
+            async with aiohttp.ClientSession() as session:
+                # A long stream through `a` holds the only slot; `b` queues its request.
+                async with session.post(
+                    a.url + "/v1/chat/completions",
+                    json=chat_body(
+                        [{"role": "user", "content": "long"}], max_tokens=400, stream=True
+                    ),
+                ) as long:
+                    self.assertEqual(long.status, 200)
+                    await wait_until(lambda: fleet[0].processing == 1)
+                    await wait_until(lambda: b.balancer.registry.backends[0].slots.free == 0)
+                    queued = asyncio.create_task(
+                        chat(session, b.url, [{"role": "user", "content": "short"}])
+                    )
+                    await wait_until(lambda: len(b.balancer.queue) == 1)
+                    await long.read()
+                status, _ = await asyncio.wait_for(queued, 5)
+            # /slots is polled every 30 s here: only the release event can have woken `b`.
+            self.assertEqual(status, 200)
+            self.assertEqual(fleet[0].max_deferred, 0)
+
+
+class SharedRoutingTest(unittest.IsolatedAsyncioTestCase):
+    async def test_a_conversation_stays_on_its_backend_through_every_replica(self) -> None:
+        configs = [SimConfig(slots=2, profile="test", default_max_tokens=24) for _ in range(3)]
+        async with redis_server() as redis, sims(*configs) as fleet, AsyncExitStack() as stack:
+            lbs = await replicas_of(stack, fleet, redis.url, 3)
+            async with aiohttp.ClientSession() as session:
+                for conversation in range(4):
+                    messages = [
+                        {"role": "system", "content": f"{conversation}: {SYSTEM}"},
+                        {"role": "user", "content": "first question"},
+                    ]
+                    served_by = []
+                    for turn in range(3):
+                        before = [len(sim.requests) for sim in fleet]
+                        # The last turn has ended everywhere (a person takes longer than
+                        # the release takes to reach the other replicas).
+                        await wait_until(
+                            lambda: all(
+                                b.slots.elsewhere == 0
+                                for lb in lbs
+                                for b in lb.balancer.registry.backends
+                            )
+                        )
+                        status, answer = await chat(session, lbs[turn].url, messages)
+                        self.assertEqual(status, 200)
+                        served_by.append(
+                            next(
+                                i
+                                for i, sim in enumerate(fleet)
+                                if any(
+                                    r.path == "/v1/chat/completions"
+                                    for r in sim.requests[before[i] :]
+                                )
+                            )
+                        )
+                        if turn:
+                            # The earlier turns were computed there: this one reused them.
+                            self.assertGreater(answer["timings"]["cache_n"], 400)
+                        messages += [
+                            {
+                                "role": "assistant",
+                                "content": answer["choices"][0]["message"]["content"],
+                            },
+                            {"role": "user", "content": f"question {turn + 2}"},
+                        ]
+                    self.assertEqual(len(set(served_by)), 1, served_by)
+
+
+class SharedLimitsTest(unittest.IsolatedAsyncioTestCase):
+    async def test_a_keys_rate_limit_holds_across_replicas(self) -> None:
+        keys = [{"id": "team", "key": "team-secret", "requests_per_minute": 5}]
+        async with (
+            redis_server() as redis,
+            sims(SimConfig(slots=4, profile="test")) as fleet,
+            AsyncExitStack() as stack,
+        ):
+            lbs = await replicas_of(stack, fleet, redis.url, 3, api_keys=keys)
+            headers = {"Authorization": "Bearer team-secret"}
+            async with aiohttp.ClientSession() as session:
+                statuses = [
+                    (
+                        await chat(
+                            session, lbs[i % 3].url, [{"role": "user", "content": "x"}], headers
+                        )
+                    )[0]
+                    for i in range(9)
+                ]
+            self.assertEqual(sorted(statuses), [200] * 5 + [429] * 4)
+            self.assertEqual(statuses[:5], [200] * 5)
+
+    async def test_a_keys_concurrency_holds_across_replicas(self) -> None:
+        keys = [{"id": "team", "key": "team-secret", "max_concurrent": 2}]
+        async with (
+            redis_server() as redis,
+            sims(SimConfig(slots=4, profile="test")) as fleet,
+            AsyncExitStack() as stack,
+        ):
+            lbs = await replicas_of(stack, fleet, redis.url, 3, api_keys=keys)
+            headers = {"Authorization": "Bearer team-secret"}
+            body = chat_body([{"role": "user", "content": "x"}], max_tokens=2000, stream=True)
+            async with aiohttp.ClientSession() as session:
+                streams = [
+                    await session.post(
+                        lbs[i].url + "/v1/chat/completions", json=body, headers=headers
+                    )
+                    for i in range(2)
+                ]
+                self.assertEqual([s.status for s in streams], [200, 200])
+                status, answer = await chat(
+                    session, lbs[2].url, [{"role": "user", "content": "y"}], headers
+                )
+                self.assertEqual(status, 429)
+                self.assertIn("2 requests in flight", answer["error"]["message"])
+                for stream in streams:
+                    stream.close()
+                # Released in shared state too: the third replica admits the key again.
+                await wait_until(
+                    lambda: all(
+                        lb.balancer.key_limits.in_flight("team") == 0
+                        and shared(lb.balancer).pending == 0
+                        for lb in lbs
+                    )
+                )
+                status, _ = await chat(
+                    session, lbs[2].url, [{"role": "user", "content": "y"}], headers
+                )
+                self.assertEqual(status, 200)
+
+
+class OperationsAcrossReplicasTest(unittest.IsolatedAsyncioTestCase):
+    async def test_a_drain_and_an_added_backend_reach_every_replica(self) -> None:
+        configs = [SimConfig(slots=2, profile="test"), SimConfig(slots=2, profile="test")]
+        async with redis_server() as redis, sims(*configs) as (one, two), AsyncExitStack() as stack:
+            lbs = await replicas_of(stack, [one], redis.url, 3, admin_keys=["admin-secret"])
+            name = lbs[0].balancer.registry.backends[0].name
+            async with aiohttp.ClientSession() as session:
+                async with session.post(
+                    f"{lbs[0].url}/admin/backends/{name}/drain", headers=ADMIN
+                ) as response:
+                    self.assertEqual(response.status, 200)
+                await wait_until(lambda: all(lb.balancer.registry.get(name).draining for lb in lbs))
+                async with session.post(
+                    f"{lbs[1].url}/admin/backends",
+                    json={"url": two.url, "name": "added"},
+                    headers=ADMIN,
+                ) as response:
+                    self.assertEqual(response.status, 201)
+                await wait_until(
+                    lambda: all(
+                        any(b.name == "added" and b.routable for b in lb.balancer.registry.backends)
+                        for lb in lbs
+                    )
+                )
+                status, _ = await chat(session, lbs[2].url, [{"role": "user", "content": "x"}])
+                self.assertEqual(status, 200)
+            self.assertEqual(len([r for r in two.requests if r.path.startswith("/v1/chat")]), 1)
+
+
+class RedisAwayTest(unittest.IsolatedAsyncioTestCase):
+    async def test_redis_killed_mid_load_fails_no_request_and_sharing_resumes(self) -> None:
+        configs = [SimConfig(slots=2, profile="test", default_max_tokens=200) for _ in range(2)]
+        async with redis_server() as redis, sims(*configs) as fleet, AsyncExitStack() as stack:
+            lbs = await replicas_of(stack, fleet, redis.url, 3)
+            statuses: list[int] = []
+
+            async def client(n: int) -> None:
+                async with aiohttp.ClientSession() as session:
+                    for i in range(12):
+                        status, _ = await chat(
+                            session, lbs[(n + i) % 3].url, [{"role": "user", "content": f"{n}"}]
+                        )
+                        statuses.append(status)
+
+            clients = [asyncio.create_task(client(n)) for n in range(6)]
+            await wait_until(lambda: len(statuses) >= 12, within_s=20)
+            await redis.stop()
+            await wait_until(lambda: not any(shared(lb.balancer).up for lb in lbs), within_s=10)
+            at_outage = len(statuses)
+            await wait_until(lambda: len(statuses) >= at_outage + 12, within_s=20)
+            await redis.start()
+            await wait_until(lambda: all(shared(lb.balancer).up for lb in lbs), within_s=10)
+            back_at = len(statuses)
+            await asyncio.gather(*clients)
+            self.assertEqual(statuses, [200] * 72)
+            self.assertLess(at_outage, back_at)
+            self.assertLess(back_at, 72, "sharing resumed only after the load had ended")
+            # While apart, each replica took at most its share (2 slots / 3, rounded up): a
+            # backend held at most 3 requests, one waiting inside it.
+            self.assertLessEqual(max(sim.max_deferred for sim in fleet), 1)
+            for lb in lbs:
+                self.assertEqual(shared(lb.balancer).stats.outages, 1)
+
+
+class ReplicaDiesTest(unittest.IsolatedAsyncioTestCase):
+    async def test_a_sigkilled_replicas_slots_come_back_within_the_lease_ttl(self) -> None:
+        ttl_s = 2.0
+        config = SimConfig(slots=2, profile="test", default_max_tokens=16)
+        async with (
+            redis_server() as redis,
+            sims(config) as fleet,
+            balancer_for(
+                fleet, state_url=redis.url, replica_id="survivor", lease_ttl_s=ttl_s
+            ) as survivor,
+        ):
+            port = free_port()
+            doomed = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "llamacpp_ha",
+                "--backend",
+                fleet[0].url,
+                "--port",
+                str(port),
+                "--state-url",
+                redis.url,
+                "--replica-id",
+                "doomed",
+                "--lease-ttl",
+                str(ttl_s),
+                "--poll-interval",
+                "0.1",
+                "--log-level",
+                "warning",
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            try:
+                lb = survivor.balancer
+                await wait_until(lambda: len(shared(lb).live) == 2, within_s=20)
+                body = chat_body(
+                    [{"role": "user", "content": "x"}], max_tokens=100_000, stream=True
+                )
+                async with aiohttp.ClientSession() as session:
+                    await until_healthy(session, f"http://127.0.0.1:{port}")
+                    streams = []
+                    for _ in range(2):
+                        stream = await session.post(
+                            f"http://127.0.0.1:{port}/v1/chat/completions", json=body
+                        )
+                        self.assertEqual(stream.status, 200)
+                        streams.append(stream)
+                    backend = lb.registry.backends[0]
+                    await wait_until(lambda: backend.slots.elsewhere == 2)
+                    os.kill(doomed.pid, signal.SIGKILL)
+                    killed_at = time.monotonic()
+                    await wait_until(lambda: backend.slots.elsewhere == 0, within_s=3 * ttl_s)
+                    came_back_s = time.monotonic() - killed_at
+                    for stream in streams:
+                        stream.close()
+                    status, _ = await chat(
+                        session, survivor.url, [{"role": "user", "content": "y"}]
+                    )
+                self.assertEqual(status, 200)
+                # Expired, then swept by the survivor's next refresh (every ttl / 3).
+                self.assertLess(came_back_s, ttl_s * 4 / 3 + 1)
+            finally:
+                if doomed.returncode is None:
+                    doomed.kill()
+                await doomed.wait()
+
+
+if __name__ == "__main__":
+    unittest.main()
