@@ -124,6 +124,27 @@ class InvalidConfigTest(unittest.TestCase):
     def test_bad_scheme(self) -> None:
         self.assertInvalid({"backends": ["ftp://a:1"]}, "backends.0.url")
 
+    def test_bad_state_url(self) -> None:
+        for url in ("http://redis:6379", "redis://", "redis://h:99999", "redis://h/x", "unix://"):
+            with self.subTest(url=url):
+                self.assertInvalid({"backends": ["http://a:1"], "state_url": url}, "state_url")
+
+    def test_good_state_urls(self) -> None:
+        for url in (
+            "redis://10.0.0.5:6379/0",
+            "redis://:secret@redis.internal/2",
+            "rediss://user:secret@redis.internal:6380",
+            "unix:///run/redis/redis.sock",
+        ):
+            with self.subTest(url=url):
+                config = build_config({"backends": ["http://a:1"], "state_url": url})
+                self.assertEqual(config.state_url, url)
+                self.assertNotIn("secret", repr(config))
+
+    def test_workers_need_shared_state(self) -> None:
+        self.assertInvalid({"backends": ["http://a:1"], "workers": 2}, "workers")
+        self.assertInvalid({"backends": ["http://a:1"], "replica_id": "a|b"}, "replica_id")
+
     def test_url_without_host(self) -> None:
         self.assertInvalid({"backends": ["http://"]}, "backends.0.url")
 

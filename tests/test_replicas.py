@@ -259,6 +259,33 @@ class OperationsAcrossReplicasTest(unittest.IsolatedAsyncioTestCase):
                 self.assertEqual(status, 200)
             self.assertEqual(len([r for r in two.requests if r.path.startswith("/v1/chat")]), 1)
 
+    async def test_metrics_and_the_monitor_say_which_replica_they_are(self) -> None:
+        async with (
+            redis_server() as redis,
+            sims(SimConfig(slots=2, profile="test")) as fleet,
+            AsyncExitStack() as stack,
+        ):
+            lbs = await replicas_of(stack, fleet, redis.url, 2)
+            async with aiohttp.ClientSession() as session:
+                async with session.get(lbs[1].url + "/metrics") as response:
+                    text = await response.text()
+                async with session.get(lbs[1].url + "/monitor/data") as response:
+                    data = await response.json()
+                self.assertIn('llamacpp_ha_replica_info{replica="r1"} 1.0', text)
+                self.assertIn('llamacpp_ha_shared_state_up{replica="r1"} 1.0', text)
+                self.assertIn('llamacpp_ha_replicas_live{replica="r1"} 2.0', text)
+                self.assertEqual(data["replicas"]["replica"], "r1")
+                self.assertEqual(data["replicas"]["replicas"], ["r0", "r1"])
+                self.assertTrue(data["replicas"]["shared"])
+                await redis.stop()
+                await wait_until(lambda: not shared(lbs[1].balancer).up, within_s=10)
+                async with session.get(lbs[1].url + "/metrics") as response:
+                    self.assertIn(
+                        'llamacpp_ha_shared_state_up{replica="r1"} 0.0', await response.text()
+                    )
+                async with session.get(lbs[1].url + "/monitor/data") as response:
+                    self.assertFalse((await response.json())["replicas"]["shared"])
+
 
 class RedisAwayTest(unittest.IsolatedAsyncioTestCase):
     async def test_redis_killed_mid_load_fails_no_request_and_sharing_resumes(self) -> None:
@@ -365,3 +392,55 @@ class ReplicaDiesTest(unittest.IsolatedAsyncioTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class WorkersTest(unittest.IsolatedAsyncioTestCase):
+    async def test_workers_share_the_port_and_the_state_and_stop_together(self) -> None:
+        config = SimConfig(slots=2, profile="test", default_max_tokens=200)
+        async with redis_server() as redis, sims(config) as fleet:
+            port = free_port()
+            parent = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "llamacpp_ha",
+                "--backend",
+                fleet[0].url,
+                "--port",
+                str(port),
+                "--state-url",
+                redis.url,
+                "--workers",
+                "2",
+                "--poll-interval",
+                "0.1",
+                "--log-level",
+                "warning",
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            base = f"http://127.0.0.1:{port}"
+            try:
+                seen: set[str] = set()
+                async with asyncio.timeout(30):
+                    while len(seen) < 2:
+                        # A new connection each time: the kernel picks the worker.
+                        async with aiohttp.ClientSession() as session:
+                            await until_healthy(session, base)
+                            async with session.get(base + "/monitor/data") as response:
+                                data = await response.json()
+                        if len(data["replicas"]["replicas"]) == 2:
+                            seen.add(data["replicas"]["replica"])
+                answers = await asyncio.gather(*(self.one_request(base, i) for i in range(16)))
+                self.assertEqual(answers, [200] * 16)
+                self.assertEqual(fleet[0].max_deferred, 0)
+                parent.send_signal(signal.SIGTERM)
+                self.assertEqual(await asyncio.wait_for(parent.wait(), 15), 0)
+            finally:
+                if parent.returncode is None:
+                    parent.kill()
+                    await parent.wait()
+
+    async def one_request(self, base: str, i: int) -> int:
+        async with aiohttp.ClientSession() as session:
+            status, _ = await chat(session, base, [{"role": "user", "content": f"{i}"}])
+            return status

@@ -114,8 +114,6 @@ class Balancer:
         self.timeouts = _timeouts(config)
         self.limits = _limits(config)
         self.retry_budget = RetryBudget(ratio=config.retry_budget_ratio)
-        self.metrics = Metrics(self.registry, self.queue, self.scheduler.stats)
-        self.recorder = Recorder(self.stats, self.metrics, self.registry)
         self.live = LiveExchanges()
         # Several replicas: slots, routing, key limits and operations shared through Redis.
         self.replicas: Replicas | None = None
@@ -131,6 +129,8 @@ class Balancer:
             )
             self.scheduler.confirm = self.replicas.confirm
             self.key_limits = FleetKeyLimits(self.replicas)
+        self.metrics = Metrics(self.registry, self.queue, self.scheduler.stats, self.replicas)
+        self.recorder = Recorder(self.stats, self.metrics, self.registry)
         self.admitting = True
         self._removals: set[asyncio.Task[None]] = set()
         # Where reload reads the configuration again; set by the command line.

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from .exchange_result import ExchangeResult
 from .queue import RequestQueue
 from .registry import Registry
+from .replicas import Replicas
 from .scheduler import RoutingStats
 
 PREFIX = "llamacpp_ha"
@@ -89,11 +90,58 @@ class RoutingCollector(Collector):
         )
 
 
+class ReplicaCollector(Collector):
+    """Which replica this is and what sharing its state costs; every series has `replica`."""
+
+    def __init__(self, replicas: Replicas) -> None:
+        self._replicas = replicas
+
+    def collect(self) -> Iterator[Metric]:
+        r = self._replicas
+        me = [r.id]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["replica"])
+            family.add_metric(me, value)
+            return family
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["replica"])
+            family.add_metric(me, value)
+            return family
+
+        s = r.stats
+        yield gauge("replica_info", "1, labelled with this replica's id", 1)
+        yield gauge("shared_state_up", "1 while Redis answers and state is shared", float(r.up))
+        yield gauge("replicas_live", "Replicas whose heartbeat shared state holds", len(r.live))
+        yield counter("shared_state_outages", "Times Redis went away", s.outages)
+        yield counter("shared_claims", "Slot claims taken in shared state", s.claims)
+        yield counter(
+            "shared_claims_refused", "Claims refused: another replica had the slot", s.refused
+        )
+        yield counter("shared_round_trips", "Round trips to Redis on the hot path", s.round_trips)
+        yield counter(
+            "shared_round_trip_seconds", "Their time, summed (divide by the count)", s.round_trip_s
+        )
+        elsewhere = GaugeMetricFamily(
+            f"{PREFIX}_backend_slots_elsewhere",
+            "Slots other replicas hold on the backend",
+            labels=["replica", "backend"],
+        )
+        for name, held in r.describe()["held_elsewhere"].items():
+            elsewhere.add_metric([r.id, name], held)
+        yield elsewhere
+
+
 class Metrics:
     """The app's registry and the instruments that requests update."""
 
     def __init__(
-        self, registry: Registry, queue: RequestQueue, routing: RoutingStats | None = None
+        self,
+        registry: Registry,
+        queue: RequestQueue,
+        routing: RoutingStats | None = None,
+        replicas: Replicas | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -140,6 +188,8 @@ class Metrics:
         )
         r.register(FleetCollector(registry, queue))
         r.register(RoutingCollector(routing or RoutingStats()))
+        if replicas is not None:
+            r.register(ReplicaCollector(replicas))
 
         self.cache_predictions = Counter(
             f"{PREFIX}_cache_predictions",

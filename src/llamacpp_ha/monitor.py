@@ -18,6 +18,7 @@ from .exchange_result import ExchangeResult
 from .feedback import Feedback, PredictionCounts
 from .queue import RequestQueue
 from .registry import Registry
+from .replicas import Replicas
 from .scheduler import RoutingStats
 
 _WINDOW = 1024
@@ -123,6 +124,7 @@ def snapshot(
     queue: RequestQueue,
     routing: RoutingStats | None = None,
     feedback: Feedback | None = None,
+    replicas: Replicas | None = None,
 ) -> dict[str, Any]:
     """The monitor's data: no prompt, no key, no raw `/slots` payload."""
     counts = feedback.counts if feedback is not None else {}
@@ -151,6 +153,7 @@ def snapshot(
                 "slots_total": b.slots.total,
                 "in_flight": b.slots.in_flight,
                 "external_busy": b.slots.external_busy,
+                "held_elsewhere": b.slots.elsewhere,
                 "served": stats.backend(b.name).served,
                 "failed": stats.backend(b.name).failed,
                 "ttfb_ms_p50": _percentiles(stats.backend(b.name).ttfb_ms)["p50"],
@@ -164,6 +167,8 @@ def snapshot(
         ],
         "queue": {"depth": len(queue), "oldest_wait_s": round(queue.oldest_wait_s(), 3)},
         "routing": _routing(routing, counts),
+        # Which replica this is, and what it shares (null: a single balancer, nothing shared).
+        "replicas": replicas.describe() if replicas is not None else None,
         "recent_errors": stats.recent_errors(),
         "requests": {
             "in_flight": stats.in_flight,

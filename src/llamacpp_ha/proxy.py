@@ -110,6 +110,7 @@ def create_app(config: ProxyConfig) -> FastAPI:
                 balancer.queue,
                 balancer.scheduler.stats,
                 balancer.feedback,
+                balancer.replicas,
             ),
             balancer.metrics.registry,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from .balancer import Balancer
 from .config import ConfigError, ProxyConfig
 from .connections import ConnectionGuard, raise_open_file_limit
 from .proxy import create_app
+from .workers import run_workers
 
 
 class Server(uvicorn.Server):
@@ -60,8 +62,11 @@ class Server(uvicorn.Server):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload)
 
     def _reload(self) -> None:
+        # A worker's SIGHUP came from its parent, which signals every worker: none tells the
+        # others. A lone process tells the other replicas (shared state), as /admin/reload does.
+        announce = "LLAMACPP_HA_WORKER" not in os.environ
         with contextlib.suppress(ConfigError):  # logged by the balancer; the old one stays
-            self.balancer.reload_from_source()
+            self.balancer.reload_from_source(announce=announce)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # Stop listening first, so nothing new arrives while we drain.
@@ -74,8 +79,15 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def serve(config: ProxyConfig, source: Callable[[], ProxyConfig] | None = None) -> int:
-    """Serve the balancer until SIGTERM or SIGINT; the exit status (1 if it never started)."""
+def serve(
+    config: ProxyConfig,
+    source: Callable[[], ProxyConfig] | None = None,
+    sock: socket.socket | None = None,
+) -> int:
+    """Serve the balancer until SIGTERM or SIGINT; the exit status (1 if it never started).
+    `config.workers` > 1: that many processes on one socket (workers.py); `sock`: serve on it."""
+    if config.workers > 1 and sock is None:
+        return run_workers(config, source, serve)
     logs.configure(config.log_level, config.log_format)
     app = create_app(config)
     app.state.balancer.config_source = source
@@ -84,7 +96,7 @@ def serve(config: ProxyConfig, source: Callable[[], ProxyConfig] | None = None) 
     # with the previous handler: make that a clean exit rather than death by signal.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     with contextlib.suppress(KeyboardInterrupt):
-        server.run()
+        server.run(sockets=None if sock is None else [sock])
     return 0 if server.started else 1
 
 
