@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv test unit unit-py313 e2e check demo run bench bench-quick bench-smoke bench-real soak clean
+.PHONY: venv test unit unit-py313 e2e check demo run bench bench-quick bench-smoke bench-real bench-replicas soak clean
 
 venv: $(STAMP)
 
@@ -55,6 +55,12 @@ run: $(STAMP)
 bench: $(STAMP)
 	bench/setup.sh
 	bench/.venv/bin/python bench/run.py --out bench/results
+	bench/.venv/bin/python bench/replicas.py --out bench/results
+
+## one llamacpp-ha against three sharing state through Redis, behind HAProxy (L4): ~8 min
+bench-replicas: $(STAMP)
+	bench/setup.sh
+	bench/.venv/bin/python bench/replicas.py --out bench/results
 
 ## the routing contenders only, one repetition, both regimes, no overhead section (~15 min)
 bench-quick: $(STAMP)

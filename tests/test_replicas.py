@@ -23,7 +23,7 @@ from llamacpp_ha.replicas import Replicas
 from llamacpp_sim import SimBackend, SimConfig
 from redis_server import redis_server
 from serving import Served, balancer_for, free_port, sims
-from sim_support import chat_body, wait_until
+from sim_support import chat_body, json_body, wait_until
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 SYSTEM = "You are a careful assistant who answers in full sentences. " * 40  # ~2,400 bytes
@@ -120,6 +120,51 @@ class SharedSlotsTest(unittest.IsolatedAsyncioTestCase):
             # /slots is polled every 30 s here: only the release event can have woken `b`.
             self.assertEqual(status, 200)
             self.assertEqual(fleet[0].max_deferred, 0)
+
+    async def test_a_freed_slot_goes_to_the_request_that_has_waited_longest_anywhere(self) -> None:
+        config = SimConfig(slots=1, profile="test", default_max_tokens=16)
+        async with redis_server() as redis, sims(config) as (sim,), AsyncExitStack() as stack:
+            holder, early, late = await replicas_of(stack, [sim], redis.url, 3)
+            # One host, one clock: no margin for clocks that differ (the requests here arrive
+            # a few milliseconds apart).
+            for lb in (holder, early, late):
+                shared(lb.balancer).fair_grace_ms = 0
+            long_body = chat_body(
+                [{"role": "user", "content": "hold"}], max_tokens=400, stream=True
+            )
+            async with aiohttp.ClientSession() as session:
+                for round_ in range(4):
+                    async with session.post(
+                        holder.url + "/v1/chat/completions", json=long_body
+                    ) as long:
+                        self.assertEqual(long.status, 200)
+                        await wait_until(lambda: sim.processing == 1)
+                        first = asyncio.create_task(
+                            chat(
+                                session, early.url, [{"role": "user", "content": f"early{round_}"}]
+                            )
+                        )
+                        # Queued at `early`, and shared state knows it is waiting there.
+                        await wait_until(
+                            lambda: (
+                                len(early.balancer.queue) == 1
+                                and shared(early.balancer).pending == 0
+                            )
+                        )
+                        second = asyncio.create_task(
+                            chat(session, late.url, [{"role": "user", "content": f"late{round_}"}])
+                        )
+                        await wait_until(lambda: len(late.balancer.queue) == 1)
+                        await long.read()
+                    results = await asyncio.gather(first, second)
+                    self.assertEqual([status for status, _ in results], [200, 200])
+                    served = [
+                        json_body(r)["messages"][0]["content"]
+                        for r in sim.requests
+                        if r.path == "/v1/chat/completions"
+                    ]
+                    self.assertEqual(served[-2:], [f"early{round_}", f"late{round_}"])
+            self.assertEqual(sim.max_deferred, 0)
 
 
 class SharedRoutingTest(unittest.IsolatedAsyncioTestCase):

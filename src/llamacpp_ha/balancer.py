@@ -124,10 +124,13 @@ class Balancer:
                 config.lease_ttl_s,
                 self.registry,
                 self.index,
+                self.queue,
+                self.scheduler.unconfirmed,
                 wakeup=self.queue.wakeup.set,
                 apply_op=self._apply_op,
             )
             self.scheduler.confirm = self.replicas.confirm
+            self.scheduler.queue_changed = self.replicas.queue_changed
             self.key_limits = FleetKeyLimits(self.replicas)
         self.metrics = Metrics(self.registry, self.queue, self.scheduler.stats, self.replicas)
         self.recorder = Recorder(self.stats, self.metrics, self.registry)

@@ -29,6 +29,7 @@ class Lease:
         self.backend = backend
         self.claim = claim
         self.queue_wait_s = queue_wait_s
+        self.arrived_at = time.monotonic()  # when its request first queued
         # What routing expected the backend to hold of the prompt: keys, and tokens; and the
         # prompt as the backend's cache shadow holds it.
         self.predicted_depth = predicted_depth

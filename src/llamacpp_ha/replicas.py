@@ -37,10 +37,10 @@ import orjson
 from .config import without_credentials
 from .prefix_index import PrefixIndex
 from .server_cache import CachedPrompt
-from .state_store import Snapshot, StateStore, StateUnavailable
+from .state_store import ClaimAnswer, ClaimRequest, Snapshot, StateStore, StateUnavailable
 
 if TYPE_CHECKING:
-    from .queue import Lease
+    from .queue import Lease, RequestQueue
     from .registry import BackendState, Registry
 
 log = logging.getLogger("llamacpp_ha.replicas")
@@ -48,6 +48,12 @@ log = logging.getLogger("llamacpp_ha.replicas")
 # Routing events of replicas that stopped announcing their ends are dropped beyond this many.
 _MAX_REMOTE = 10_000
 _RETRY_S = 1.0  # how soon to try Redis again once it has gone away
+# Fleet-wide order: a request gives way to one waiting at another replica that arrived this
+# much earlier (clocks of different hosts differ by a few ms), at most this many times, and
+# looks again after this long if the slot is still free.
+_FAIR_GRACE_MS = 20
+_MAX_DEFERRALS = 3
+_DEFER_S = 0.05
 
 
 def default_replica_id() -> str:
@@ -60,6 +66,7 @@ class ReplicaStats:
 
     claims: int = 0
     refused: int = 0  # claims Redis refused: another replica had taken the slot
+    deferred: int = 0  # claims that gave way to an older request waiting at another replica
     outages: int = 0  # times Redis went away
     round_trips: int = 0
     round_trip_s: float = 0.0
@@ -92,6 +99,8 @@ class Replicas:
         lease_ttl_s: float,
         registry: Registry,
         index: PrefixIndex,
+        queue: RequestQueue,
+        unconfirmed: set[Lease],
         wakeup: Callable[[], None],
         apply_op: Callable[[str, Any], None],
     ) -> None:
@@ -100,6 +109,9 @@ class Replicas:
         self.ttl_s = lease_ttl_s
         self._registry = registry
         self._index = index
+        self._queue = queue
+        # Placed here and not yet confirmed in shared state: still waiting, for the order.
+        self._unconfirmed = unconfirmed
         self._wakeup = wakeup
         self._apply_op = apply_op
         self.up = False
@@ -112,6 +124,11 @@ class Replicas:
         self._floor: dict[str, int] = {}  # a refusal's count, until the next event says more
         self._mine: dict[str, set[str]] = {}
         self._flights: dict[str, set[str]] = {}  # per client key: our requests in flight
+        self._releasing: dict[str, set[asyncio.Task[None]]] = {}  # per backend, not yet done
+        # Our oldest waiting request as shared state has it (wall ms), for the fleet-wide order.
+        self._head: float | None = None
+        self._head_syncing = False
+        self.fair_grace_ms = _FAIR_GRACE_MS
         self._serial = itertools.count(1)
         self._remote: dict[tuple[str, str], _Remote] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -149,8 +166,10 @@ class Replicas:
 
     # Slots -----------------------------------------------------------------------------
 
-    async def confirm(self, lease: Lease) -> bool:
-        """Take `lease`'s slot in shared state too; False when another replica has it.
+    async def confirm(self, lease: Lease, deferred: int) -> str:
+        """Take `lease`'s slot in shared state too: "taken"; "full" when another replica has
+        it; "older" when another replica has a request waiting that arrived earlier (it goes
+        first, unless this one has already deferred `_MAX_DEFERRALS` times).
 
         The lease is ours before the round trip: cancelled during it, its release takes back
         whatever Redis did."""
@@ -160,33 +179,103 @@ class Replicas:
         self._mine.setdefault(backend.name, set()).add(lease_id)
         lease.shared_id = lease_id
         lease.on_release = self._released
+        releasing = self._releasing.get(backend.name)
+        if releasing:
+            # Our own releases there first: the slot freed here must be free in Redis too
+            # before we take it again, or Redis refuses what we just gave back.
+            await asyncio.wait(set(releasing))
+        arrived_ms = _wall_ms(lease.arrived_at)
         if self.up:
-            limit = max(0, ledger.total - ledger.external_busy)
-            note = _encode(["sent", self.id, lease_id, backend.name, *_prompt_fields(lease)])
+            head = self._head_ms(excluding=lease)
+            claim = ClaimRequest(
+                backend=backend.name,
+                replica=self.id,
+                lease=lease_id,
+                limit=max(0, ledger.total - ledger.external_busy),
+                ttl_ms=self._ttl_ms,
+                arrived_ms=arrived_ms,
+                head_ms=head,
+                grace_ms=self.fair_grace_ms,
+                fair=deferred < _MAX_DEFERRALS,
+                note=_encode(["sent", self.id, lease_id, backend.name, *_prompt_fields(lease)]),
+            )
             started = time.perf_counter()
+            answer: ClaimAnswer | None = None
             try:
-                taken, held = await self.store.claim(
-                    backend.name, self.id, lease_id, limit, self._ttl_ms, note
-                )
+                answer = await self.store.claim(claim)
             except StateUnavailable as exc:
                 self._lost(str(exc))
-            else:
-                self.stats.timed(time.perf_counter() - started)
-                self.stats.claims += 1
-                if taken:
-                    return True
-                self.stats.refused += 1
-                self._forget(lease)
-                # Believe the count until an event says otherwise, so the next drain does not
-                # pick this backend again at once.
-                self._floor[backend.name] = held - len(self._mine.get(backend.name, ()))
-                self._update(backend)
-                return False
+            if answer is not None:
+                return self._claimed(lease, claim, answer, head, time.perf_counter() - started)
         # Redis is away: our share of the backend, no more.
         if ledger.in_flight > _share(ledger.total, len(self.live)):
             self._forget(lease)
-            return False
-        return True
+            return "full"
+        return "taken"
+
+    def _claimed(
+        self,
+        lease: Lease,
+        claim: ClaimRequest,
+        answer: ClaimAnswer,
+        head: float | None,
+        took_s: float,
+    ) -> str:
+        self.stats.timed(took_s)
+        self.stats.claims += 1
+        backend = lease.backend
+        if answer.taken:
+            self._head = head
+            self.queue_changed()  # it may have changed during the round trip
+            return "taken"
+        self._forget(lease)
+        self._head = claim.arrived_ms if head is None else min(head, claim.arrived_ms)
+        mine = len(self._mine.get(backend.name, ()))
+        if answer.older:
+            self.stats.deferred += 1
+            # The slots left are for the older requests: believe them taken for a moment,
+            # then look again (they may not fit those requests after all).
+            self._floor[backend.name] = answer.held + answer.older - mine
+            self._update(backend)
+            asyncio.get_running_loop().call_later(_DEFER_S, self._look_again, backend.name)
+            return "older"
+        self.stats.refused += 1
+        # Believe the count until an event says otherwise, so the next drain does not pick
+        # this backend again at once.
+        self._floor[backend.name] = answer.held - mine
+        self._update(backend)
+        return "full"
+
+    def _look_again(self, name: str) -> None:
+        self._floor.pop(name, None)
+        backend = self._find(name)
+        if backend is not None:
+            self._update(backend)
+        self._wakeup()
+
+    def queue_changed(self) -> None:
+        """After each drain: tell shared state when our oldest waiting request changed."""
+        head = self._head_ms()
+        if self.up and head != self._head and not self._head_syncing:
+            self._head_syncing = True
+            self._spawn(self._sync_head())
+
+    async def _sync_head(self) -> None:
+        try:
+            while (head := self._head_ms()) != self._head:
+                await self.store.set_head(self.id, head)
+                self._head = head
+        finally:
+            self._head_syncing = False
+
+    def _head_ms(self, excluding: Lease | None = None) -> float | None:
+        """When our oldest waiting request arrived (wall clock, ms), or None: queued, or
+        placed here and not yet confirmed in shared state (but `excluding`)."""
+        waiting = [lease.arrived_at for lease in self._unconfirmed if lease is not excluding]
+        first = next(iter(self._queue), None)
+        if first is not None:
+            waiting.append(first.enqueued_at)
+        return _wall_ms(min(waiting)) if waiting else None
 
     def _forget(self, lease: Lease) -> None:
         if lease.shared_id is not None:
@@ -202,7 +291,10 @@ class Replicas:
         self._mine.get(name, set()).discard(lease_id)
         if self.up:
             note = _encode(["done", self.id, lease_id, name])
-            self._spawn(self.store.release(name, self.id, lease_id, note))
+            task = self._spawn(self.store.release(name, self.id, lease_id, note))
+            releasing = self._releasing.setdefault(name, set())
+            releasing.add(task)
+            task.add_done_callback(releasing.discard)
 
     def _update(self, backend: BackendState) -> None:
         """Tell `backend`'s ledger what the others hold; drain when that freed a slot."""
@@ -384,13 +476,15 @@ class Replicas:
         rejoining = not self.up
         started = time.perf_counter()
         try:
+            head = self._head_ms()
             snapshot = await self.store.refresh(
-                self.id, self._ttl_ms, leases, flights, replace=rejoining
+                self.id, self._ttl_ms, leases, flights, head_ms=head, replace=rejoining
             )
         except StateUnavailable as exc:
             self._lost(str(exc))
             return
         self.stats.timed(time.perf_counter() - started)
+        self._head = head
         if rejoining:
             self.up = True
             self._warned = False
@@ -431,10 +525,11 @@ class Replicas:
         for backend in self._registry.backends:
             self._update(backend)
 
-    def _spawn(self, call: Any) -> None:
+    def _spawn(self, call: Any) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._quietly(call))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _quietly(self, call: Any) -> None:
         try:
@@ -453,6 +548,7 @@ class Replicas:
             "replicas": list(self.live),
             "claims": stats.claims,
             "claims_refused": stats.refused,
+            "claims_deferred": stats.deferred,
             "outages": stats.outages,
             "round_trip_ms_mean": round(1000 * stats.round_trip_s / stats.round_trips, 3)
             if stats.round_trips
@@ -462,6 +558,12 @@ class Replicas:
                 name: sum(per.values()) for name, per in sorted(self._others.items()) if per
             },
         }
+
+
+def _wall_ms(monotonic_at: float) -> float:
+    """A moment of this process's monotonic clock on the wall clock, in whole milliseconds
+    (what Redis keeps, so that an unchanged moment compares equal)."""
+    return float(round((time.time() - (time.monotonic() - monotonic_at)) * 1000))
 
 
 def _share(total: int, replicas: int) -> int:

@@ -241,8 +241,11 @@ class Scheduler:
         self._fallback = LeastBusyPolicy()
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        # Several replicas: takes a lease claimed here in shared state too (replicas.py).
-        self.confirm: Callable[[Lease], Awaitable[bool]] | None = None
+        # Several replicas (replicas.py): takes a lease claimed here in shared state too
+        # ("taken", "full", "older"), and hears when the queue has changed.
+        self.confirm: Callable[[Lease, int], Awaitable[str]] | None = None
+        self.queue_changed: Callable[[], None] | None = None
+        self.unconfirmed: set[Lease] = set()  # placed, and waiting for `confirm`
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
@@ -282,28 +285,41 @@ class Scheduler:
         state; if another replica took it first, the request waits again at the front."""
         started = time.monotonic()
         front = retry  # a retry has already waited its turn once, so it goes to the front
+        deferred = 0
         while True:
             left = timeout_s - (time.monotonic() - started)
-            lease = await self._queued(routing, max(left, 0.001), timeout_s, front, priority)
+            lease = await self._queued(
+                routing, max(left, 0.001), timeout_s, front, priority, started
+            )
             if self.confirm is None:
                 return lease
             try:
-                confirmed = await self.confirm(lease)
+                outcome = await self.confirm(lease, deferred)
             except BaseException:
                 await lease.release()
                 raise
-            if confirmed:
+            finally:
+                self.unconfirmed.discard(lease)
+            if outcome == "taken":
                 lease.queue_wait_s = time.monotonic() - started
                 return lease
             await lease.release()
+            deferred += outcome == "older"
             front = True
 
     async def _queued(
-        self, routing: RoutingRequest, left_s: float, timeout_s: float, front: bool, priority: int
+        self,
+        routing: RoutingRequest,
+        left_s: float,
+        timeout_s: float,
+        front: bool,
+        priority: int,
+        arrived_at: float,
     ) -> Lease:
         if not self.can_serve(routing):
             raise _no_backend(routing)
-        entry = QueueEntry(routing=routing, priority=priority)
+        # Waiting again after shared state said no: it keeps its arrival, so its age counts.
+        entry = QueueEntry(routing=routing, priority=priority, enqueued_at=arrived_at)
         entry.future = asyncio.get_running_loop().create_future()
         self._queue.put(entry, front=front)
         self._drain_supervised()
@@ -325,6 +341,7 @@ class Scheduler:
             self._queue.remove(entry)
             placed = entry.future.done() and not entry.future.cancelled()
             if placed and entry.future.exception() is None:
+                self.unconfirmed.discard(entry.future.result())
                 await entry.future.result().release()
             else:
                 entry.future.cancel()
@@ -348,6 +365,8 @@ class Scheduler:
     def _drain_supervised(self) -> None:
         try:
             self._drain()
+            if self.queue_changed is not None:
+                self.queue_changed()
         except Exception as exc:  # a bug must not leave the queue unattended
             # Where it was raised: the innermost frame (the outermost is this one).
             tb = exc.__traceback__
@@ -532,6 +551,9 @@ class Scheduler:
         )
         lease.cached_prompt = cprompt
         lease.restores = prediction.restores if prediction is not None else None
+        lease.arrived_at = entry.enqueued_at
+        if self.confirm is not None:
+            self.unconfirmed.add(lease)
         entry.future.set_result(lease)
 
     def _wake_at(self, when: float | None) -> None:

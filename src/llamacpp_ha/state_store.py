@@ -10,6 +10,7 @@ The keys, under `llamacpp-ha:`:
     key:{id}:flight     sorted set: the key's requests in flight, the same way
     key:{id}:rate       sorted set: the key's admissions in the last minute -> when
     replicas            sorted set: replica -> when its heartbeat expires
+    heads               sorted set: replica -> when its oldest waiting request arrived (wall ms)
     events              the pub/sub channel every replica listens to
 
 A lease that is not refreshed expires: the first script to touch that backend afterwards
@@ -37,6 +38,7 @@ _Arg = bytes | str | int | float  # what a script takes as an argument
 PREFIX = "llamacpp-ha:"
 CHANNEL = PREFIX + "events"
 _REPLICAS = PREFIX + "replicas"
+_HEADS = PREFIX + "heads"
 
 
 class StateUnavailable(Exception):
@@ -76,19 +78,41 @@ local function sweep(key, backend, channel, now)
 end
 """
 
-# KEYS: leases. ARGV: backend, channel, replica, lease, limit, ttl_ms, note (or '').
+# KEYS: leases, heads, replicas. ARGV: backend, channel, replica, lease, limit, ttl_ms, note
+# (or ''), the request's arrival (wall ms), this replica's oldest waiting request once this one
+# is placed (wall ms, or ''), how much older another replica's must be to go first (ms), and
+# '1' to let it. Returns {taken, leases held, replicas with an older request waiting}.
 _CLAIM = (
     _PRELUDE
     + """
 local now = now_ms()
 sweep(KEYS[1], ARGV[1], ARGV[2], now)
 local n = redis.call('ZCARD', KEYS[1])
-if redis.call('ZSCORE', KEYS[1], ARGV[4]) then return {1, n} end  -- run twice: taken once
-if n >= tonumber(ARGV[5]) then return {0, n} end
+if redis.call('ZSCORE', KEYS[1], ARGV[4]) then return {1, n, 0} end  -- run twice: taken once
+local replica, age = ARGV[3], tonumber(ARGV[8])
+local function waits()  -- this request waits: it is this replica's oldest if none is older
+  local head = age
+  if ARGV[9] ~= '' then head = math.min(head, tonumber(ARGV[9])) end
+  redis.call('ZADD', KEYS[2], head, replica)
+end
+if n >= tonumber(ARGV[5]) then waits() return {0, n, 0} end
+if ARGV[11] == '1' then
+  local older = 0
+  for _, r in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', age - tonumber(ARGV[10]))) do
+    local alive = redis.call('ZSCORE', KEYS[3], r)
+    if r ~= replica and alive and tonumber(alive) > now then older = older + 1 end
+  end
+  if older > 0 and tonumber(ARGV[5]) - n <= older then waits() return {0, n, older} end
+end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[6]), ARGV[4])
-redis.call('PUBLISH', ARGV[2], cjson.encode({'held', ARGV[3], ARGV[1], held(KEYS[1], ARGV[3])}))
+if ARGV[9] == '' then
+  redis.call('ZREM', KEYS[2], replica)
+else
+  redis.call('ZADD', KEYS[2], tonumber(ARGV[9]), replica)
+end
+redis.call('PUBLISH', ARGV[2], cjson.encode({'held', replica, ARGV[1], held(KEYS[1], replica)}))
 if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[7]) end
-return {1, n + 1}
+return {1, n + 1, 0}
 """
 )
 
@@ -105,9 +129,10 @@ return removed
 """
 )
 
-# KEYS: replicas, then one leases key per backend, then the keys' flight sets.
+# KEYS: replicas, then one leases key per backend, then the keys' flight sets, then heads.
 # ARGV: replica, ttl_ms, channel, replace ('1': the listed leases are all this replica holds),
-# then JSON: the backends (in KEYS order), their leases, the flight sets' leases.
+# then JSON: the backends (in KEYS order), their leases, the flight sets' leases; then this
+# replica's oldest waiting request (wall ms, or '').
 _REFRESH = (
     _PRELUDE
     + """
@@ -146,6 +171,11 @@ for i, flight in ipairs(flights) do
 end
 redis.call('ZADD', KEYS[1], now + ttl, replica)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if ARGV[8] == '' then
+  redis.call('ZREM', KEYS[#KEYS], replica)
+else
+  redis.call('ZADD', KEYS[#KEYS], tonumber(ARGV[8]), replica)
+end
 return {cjson.encode(counts), cjson.encode(redis.call('ZRANGE', KEYS[1], 0, -1))}
 """
 )
@@ -184,6 +214,27 @@ def flight_key(key_id: str) -> str:
 
 def rate_key(key_id: str) -> str:
     return f"{PREFIX}key:{key_id}:rate"
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    backend: str
+    replica: str
+    lease: str
+    limit: int  # the backend's slots (less traffic that reaches it around every replica)
+    ttl_ms: int
+    arrived_ms: float  # when the request arrived (wall clock)
+    head_ms: float | None  # this replica's oldest waiting request once this one is placed
+    grace_ms: int = 0
+    fair: bool = True
+    note: bytes = b""  # published with the lease when it is taken
+
+
+@dataclass(frozen=True)
+class ClaimAnswer:
+    taken: bool
+    held: int  # leases on the backend now
+    older: int = 0  # refused because this many replicas have an older request waiting
 
 
 @dataclass(frozen=True)
@@ -228,13 +279,25 @@ class StateStore:
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
 
-    async def claim(
-        self, backend: str, replica: str, lease: str, limit: int, ttl_ms: int, note: bytes = b""
-    ) -> tuple[bool, int]:
-        """Take a lease on `backend` if fewer than `limit` are held; (taken, held now)."""
-        args: list[_Arg] = [backend, CHANNEL, replica, lease, limit, ttl_ms, note]
-        taken, held = await self._run(self._claim(keys=[lease_key(backend)], args=args))
-        return bool(taken), int(held)
+    async def claim(self, claim: ClaimRequest) -> ClaimAnswer:
+        """Take a lease on the backend if fewer than `limit` are held and no other replica has
+        a request waiting that arrived more than `grace_ms` earlier (when `fair`)."""
+        c = claim
+        args: list[_Arg] = [
+            c.backend, CHANNEL, c.replica, c.lease, c.limit, c.ttl_ms, c.note,
+            round(c.arrived_ms), "" if c.head_ms is None else round(c.head_ms), c.grace_ms,
+            "1" if c.fair else "0",
+        ]  # fmt: skip
+        keys = [lease_key(c.backend), _HEADS, _REPLICAS]
+        taken, held, older = await self._run(self._claim(keys=keys, args=args))
+        return ClaimAnswer(bool(taken), int(held), int(older))
+
+    async def set_head(self, replica: str, head_ms: float | None) -> None:
+        """This replica's oldest waiting request (wall ms), or none waiting."""
+        if head_ms is None:
+            await self._run(self._client.zrem(_HEADS, replica))
+        else:
+            await self._run(self._client.zadd(_HEADS, {replica: round(head_ms)}))
 
     async def release(self, backend: str, replica: str, lease: str, note: bytes = b"") -> None:
         args: list[_Arg] = [backend, CHANNEL, replica, lease, note]
@@ -247,12 +310,18 @@ class StateStore:
         leases: Mapping[str, Sequence[str]],
         flights: Mapping[str, Sequence[str]],
         *,
+        head_ms: float | None = None,
         replace: bool = False,
     ) -> Snapshot:
         """Extend this replica's leases and heartbeat, sweep expired leases, and read who holds
         what. `replace`: the leases listed are all it holds (after Redis was away)."""
         backends = list(leases)
-        keys = [_REPLICAS, *(lease_key(b) for b in backends), *(flight_key(k) for k in flights)]
+        keys = [
+            _REPLICAS,
+            *(lease_key(b) for b in backends),
+            *(flight_key(k) for k in flights),
+            _HEADS,
+        ]
         args: list[_Arg] = [
             replica,
             ttl_ms,
@@ -261,6 +330,7 @@ class StateStore:
             _json_list(backends),
             _json_list([list(leases[b]) for b in backends]),
             _json_list([list(v) for v in flights.values()]),
+            "" if head_ms is None else round(head_ms),
         ]
         counts, replicas = await self._run(self._refresh(keys=keys, args=args))
         held = orjson.loads(counts)
