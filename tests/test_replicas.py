@@ -367,6 +367,21 @@ class RedisAwayTest(unittest.IsolatedAsyncioTestCase):
                 self.assertEqual(shared(lb.balancer).stats.outages, 1)
 
 
+class ReplicaLeavesTest(unittest.IsolatedAsyncioTestCase):
+    async def test_a_replica_that_stops_cleanly_is_no_longer_counted(self) -> None:
+        async with (
+            redis_server() as redis,
+            sims(SimConfig(slots=2, profile="test")) as fleet,
+            balancer_for(fleet, state_url=redis.url, replica_id="stays", lease_ttl_s=30) as stays,
+        ):
+            async with balancer_for(fleet, state_url=redis.url, replica_id="goes", lease_ttl_s=30):
+                await shared(stays.balancer).refresh()
+                self.assertEqual(shared(stays.balancer).live, ("goes", "stays"))
+            # Long before its heartbeat (30 s) would have expired.
+            await shared(stays.balancer).refresh()
+            self.assertEqual(shared(stays.balancer).live, ("stays",))
+
+
 class ReplicaDiesTest(unittest.IsolatedAsyncioTestCase):
     async def test_a_sigkilled_replicas_slots_come_back_within_the_lease_ttl(self) -> None:
         ttl_s = 2.0

@@ -34,7 +34,7 @@ from .queue import Lease, RequestQueue
 from .recorder import Recorder
 from .registry import BackendState, Registry
 from .reload import plan_reload
-from .replicas import Replicas, default_replica_id
+from .replicas import MIN_FAIR_GRACE_MS, Replicas, default_replica_id
 from .scheduler import Scheduler
 from .state_store import StateStore
 from .transport import Timeouts, Transport
@@ -77,6 +77,12 @@ def _routing_settings(config: ProxyConfig) -> RoutingSettings:
         reorder_max=config.reorder_max,
         pin_slots=config.pin_slots,
     )
+
+
+def _fair_grace_ms(config: ProxyConfig) -> int:
+    """Across replicas, a request gives way only to one that arrived this much earlier: the
+    half reordering window one replica already allows its own queue (or the clocks' margin)."""
+    return max(MIN_FAIR_GRACE_MS, round(config.reorder_window_s * 1000 / 2))
 
 
 class Balancer:
@@ -129,6 +135,7 @@ class Balancer:
                 wakeup=self.queue.wakeup.set,
                 apply_op=self._apply_op,
             )
+            self.replicas.fair_grace_ms = _fair_grace_ms(config)
             self.scheduler.confirm = self.replicas.confirm
             self.scheduler.queue_changed = self.replicas.queue_changed
             self.key_limits = FleetKeyLimits(self.replicas)
@@ -275,6 +282,8 @@ class Balancer:
         self.header_rules.update(new)
         self.index.configure(new.session_ttl_s, new.max_sessions)
         self.scheduler.settings = _routing_settings(new)
+        if self.replicas is not None:
+            self.replicas.fair_grace_ms = _fair_grace_ms(new)
         self.registry.set_poll_interval(new.poll_interval_s)
         self.registry.set_poll_rules(
             new.poll_timeout_s, new.unhealthy_after_polls, new.healthy_after_polls

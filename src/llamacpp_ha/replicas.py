@@ -11,8 +11,8 @@ What each replica keeps to itself and what it shares:
 - **Leases expire.** Each replica extends its own every `lease_ttl_s / 3`; a replica that dies
   stops, and its leases are swept within `lease_ttl_s`.
 - **Routing.** What a replica sends and what comes back is announced too (`sent`, `answered`,
-  `done`): the others apply it to their own prefix index and cache shadows, so a conversation's
-  next turn finds its backend whichever replica receives it.
+  `done`): the others replay it (`replay.py`) into their own prefix index and cache shadows, so
+  a conversation's next turn finds its backend whichever replica receives it.
 - **Operations.** An admin drain, add, remove or reload is announced and applied by all.
 - **Redis away.** Any error puts this replica on local accounting: it takes at most its share
   (slots / live replicas, rounded up) of each backend, logs one warning, and goes on. Once
@@ -22,6 +22,7 @@ What each replica keeps to itself and what it shares:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -36,7 +37,7 @@ import orjson
 
 from .config import without_credentials
 from .prefix_index import PrefixIndex
-from .server_cache import CachedPrompt
+from .replay import RoutingReplay
 from .state_store import ClaimAnswer, ClaimRequest, Snapshot, StateStore, StateUnavailable
 
 if TYPE_CHECKING:
@@ -45,13 +46,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llamacpp_ha.replicas")
 
-# Routing events of replicas that stopped announcing their ends are dropped beyond this many.
-_MAX_REMOTE = 10_000
 _RETRY_S = 1.0  # how soon to try Redis again once it has gone away
-# Fleet-wide order: a request gives way to one waiting at another replica that arrived this
-# much earlier (clocks of different hosts differ by a few ms), at most this many times, and
+# Fleet-wide order: a request gives way to one waiting at another replica that arrived at least
+# this much earlier (clocks of different hosts differ by a few ms; the balancer sets half the
+# reordering window, the unfairness a replica allows itself), at most this many times, and
 # looks again after this long if the slot is still free.
-_FAIR_GRACE_MS = 20
+MIN_FAIR_GRACE_MS = 20
 _MAX_DEFERRALS = 3
 _DEFER_S = 0.05
 
@@ -80,15 +80,6 @@ class ReplicaStats:
         self.max_round_trip_s = max(self.max_round_trip_s, seconds)
 
 
-@dataclass
-class _Remote:
-    """A request another replica sent: where our shadow of that backend put it."""
-
-    backend: BackendState
-    slot: int | None
-    prompt: CachedPrompt
-
-
 class Replicas:
     """This replica among the others. Owns the store's connections and its two tasks."""
 
@@ -108,7 +99,6 @@ class Replicas:
         self.id = replica_id
         self.ttl_s = lease_ttl_s
         self._registry = registry
-        self._index = index
         self._queue = queue
         # Placed here and not yet confirmed in shared state: still waiting, for the order.
         self._unconfirmed = unconfirmed
@@ -128,9 +118,9 @@ class Replicas:
         # Our oldest waiting request as shared state has it (wall ms), for the fleet-wide order.
         self._head: float | None = None
         self._head_syncing = False
-        self.fair_grace_ms = _FAIR_GRACE_MS
+        self.fair_grace_ms = MIN_FAIR_GRACE_MS
         self._serial = itertools.count(1)
-        self._remote: dict[tuple[str, str], _Remote] = {}
+        self._replay = RoutingReplay(index, self._find)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
 
@@ -154,6 +144,10 @@ class Replicas:
         for task in [*self._loops, *self._tasks]:
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        if self.up:
+            # The others stop counting us at once (their shares if Redis goes away, the order).
+            with contextlib.suppress(StateUnavailable):
+                await self.store.leave(self.id)
         await self.store.aclose()
 
     @property
@@ -375,11 +369,11 @@ class Replicas:
             if kind == "held":
                 self._held(replica, event[2], int(event[3]))
             elif kind == "sent":
-                self._remote_sent(replica, *event[2:])
+                self._replay.sent(replica, *event[2:])
             elif kind == "answered":
-                self._remote_answered(replica, *event[2:])
+                self._replay.answered(replica, *event[2:])
             elif kind == "done":
-                self._remote_done(replica, event[2])
+                self._replay.done(replica, event[2])
             elif kind == "op":
                 self._apply_op(event[2], event[3])
         except (TypeError, ValueError, IndexError, KeyError) as exc:
@@ -395,48 +389,6 @@ class Replicas:
         backend = self._find(backend_name)
         if backend is not None:
             self._update(backend)
-
-    def _remote_sent(
-        self,
-        replica: str,
-        lease_id: str,
-        backend_name: str,
-        keys: list[str],
-        tokens_at: list[int],
-        length: int,
-        slot_id: int | None,
-    ) -> None:
-        backend = self._find(backend_name)
-        if backend is None or not keys:
-            return
-        prompt = CachedPrompt(tuple(keys), tuple(tokens_at), int(length))
-        self._index.record(backend_name, prompt.keys, prompt.length)
-        prediction = backend.caches.launch(prompt, slot_id)
-        if len(self._remote) >= _MAX_REMOTE:
-            self._remote.pop(next(iter(self._remote)))
-        slot = prediction.slot if prediction is not None else None
-        self._remote[(replica, lease_id)] = _Remote(backend, slot, prompt)
-
-    def _remote_answered(
-        self,
-        replica: str,
-        lease_id: str,
-        backend_name: str,
-        keys: list[str],
-        tokens: int,
-        generated: int,
-    ) -> None:
-        if self._find(backend_name) is None:
-            return
-        self._index.record(backend_name, tuple(keys), int(tokens))
-        remote = self._remote.get((replica, lease_id))
-        if remote is not None and remote.slot is not None:
-            remote.backend.caches.answered(remote.slot, remote.prompt, int(generated))
-
-    def _remote_done(self, replica: str, lease_id: str) -> None:
-        remote = self._remote.pop((replica, lease_id), None)
-        if remote is not None and remote.slot is not None:
-            remote.backend.caches.release(remote.slot, time.monotonic())
 
     def _find(self, name: str) -> BackendState | None:
         return next((b for b in self._registry.backends if b.name == name), None)
@@ -464,9 +416,9 @@ class Replicas:
             await asyncio.sleep(_RETRY_S)
 
     async def _refresh_loop(self) -> None:
-        while True:
-            await self.refresh()
+        while True:  # start() has made the first refresh
             await asyncio.sleep(self.ttl_s / 3 if self.up else _RETRY_S)
+            await self.refresh()
 
     async def refresh(self) -> None:
         """Extend our leases, read who holds what; after an outage, register what we hold."""
@@ -505,9 +457,7 @@ class Replicas:
         for backend in self._registry.backends:
             self._update(backend)
         if gone:
-            # Replicas that stopped: what they had sent will not be announced as done.
-            for key in [k for k in self._remote if k[0] in gone]:
-                self._remote_done(*key)
+            self._replay.forget(gone)
 
     def _lost(self, error: str) -> None:
         self.last_error = error

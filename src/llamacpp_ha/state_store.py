@@ -292,6 +292,13 @@ class StateStore:
         taken, held, older = await self._run(self._claim(keys=keys, args=args))
         return ClaimAnswer(bool(taken), int(held), int(older))
 
+    async def leave(self, replica: str) -> None:
+        """A replica that stops: no longer counted alive, nothing of it waiting."""
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.zrem(_REPLICAS, replica)
+            pipe.zrem(_HEADS, replica)
+            await self._run(pipe.execute())
+
     async def set_head(self, replica: str, head_ms: float | None) -> None:
         """This replica's oldest waiting request (wall ms), or none waiting."""
         if head_ms is None:
