@@ -299,7 +299,11 @@ class Replicas:
             )
             changed = backend.slots.shared(elsewhere, None)
         else:
-            changed = backend.slots.shared(0, len(self.live))
+            # What the others held when Redis went away stands until the next /slots poll
+            # says what the backend is really busy with (the ledger then counts it as
+            # traffic around us): a replica holding more than its share finishes those.
+            held = sum(self._others.get(backend.name, {}).values())
+            changed = backend.slots.shared(min(held, backend.slots.elsewhere), len(self.live))
         if changed:
             self._wakeup()
 

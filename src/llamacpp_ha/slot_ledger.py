@@ -160,6 +160,10 @@ class SlotTracker:
     def observe(self, total: int, busy_on_backend: int) -> bool:
         before = self.free
         self.total = max(0, total)
+        if self.split is not None:
+            # The other replicas cannot be asked: from now on, what the backend reports busy
+            # beside our requests is all we know of theirs.
+            self.elsewhere = 0
         # Requests we sent that the backend has not started yet make busy_on_backend smaller
         # than in_flight; only the excess is traffic that reached it around us (or around
         # every replica: what the others hold is counted apart).
