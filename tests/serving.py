@@ -6,7 +6,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI
 
@@ -15,7 +15,7 @@ from llamacpp_ha.config import build_config
 from llamacpp_ha.proxy import create_app
 from llamacpp_ha.registry import Health
 from llamacpp_ha.server import Server
-from llamacpp_sim import SimBackend, SimConfig, SimProcess
+from llamacpp_sim import SimBackend, SimConfig
 from sim_support import wait_until
 
 
@@ -71,9 +71,16 @@ async def sims(*configs: SimConfig) -> AsyncIterator[list[SimBackend]]:
             await backend.aclose()
 
 
+class _HasURL(Protocol):
+    """A backend to put the balancer in front of: a simulator, a fake llama-server."""
+
+    @property
+    def url(self) -> str: ...
+
+
 @asynccontextmanager
 async def balancer_for(
-    fleet: Sequence[SimBackend | SimProcess],
+    fleet: Sequence[_HasURL],
     *,
     wait_ready: bool = True,
     send_buffer: int | None = None,

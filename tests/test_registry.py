@@ -166,7 +166,9 @@ class RegistryTest(unittest.IsolatedAsyncioTestCase):
             self.addAsyncCleanup(registry.aclose)
             await wait_until(lambda: registry.get("b0").health is Health.READY)
             self.assertEqual(registry.get("b0").model_names, frozenset({"m"}))
-            self.assertEqual(registry.model_list(), [{"id": "m", "aliases": []}])
+            self.assertEqual(
+                registry.model_list(), [{"id": "m", "aliases": [], "loaded_on": ["b0"]}]
+            )
             polls = fake.hits["/health"]
             await wait_until(lambda: fake.hits["/health"] >= polls + 2)
 

@@ -27,6 +27,7 @@ from .limits import FleetKeyLimits, KeyLimits
 from .loop_lag import LoopLag
 from .metrics import Metrics
 from .middleware import HeaderRules
+from .model_loads import ModelLoads
 from .monitor import ProxyStats
 from .policies import RoutingRequest, RoutingSettings, build_policy
 from .prefix_index import CacheIndex
@@ -117,6 +118,10 @@ class Balancer:
         )
         self.feedback = Feedback(self.index)
         self.transport = Transport()
+        self.model_loads = ModelLoads(
+            self.registry, lambda: self.transport, on_change=self.queue.wakeup.set
+        )
+        self.scheduler.loads = self.model_loads
         self.timeouts = _timeouts(config)
         self.limits = _limits(config)
         self.retry_budget = RetryBudget(ratio=config.retry_budget_ratio)
@@ -159,6 +164,7 @@ class Balancer:
             task.cancel()
         await asyncio.gather(*self._removals, return_exceptions=True)
         await self.scheduler.aclose()
+        await self.model_loads.aclose()
         if self.replicas is not None:
             await self.replicas.aclose()
         await self.registry.aclose()

@@ -15,6 +15,7 @@
     │   ├── QueueFull               the queue holds --max-queue requests
     │   ├── QueueTimeout            waited --queue-timeout seconds for a slot
     │   ├── NoHealthyBackend        no backend for this model is ready
+    │   ├── ModelLoadFailed         loaded nowhere, and the server asked to load it could not
     │   ├── ShuttingDown            the balancer is draining for shutdown
     │   └── TooManyConnections      --max-connections are open (answered by connections.py)
     └── UpstreamError               the backend failed us
@@ -146,6 +147,12 @@ class QueueTimeout(NoCapacity):
 
 class NoHealthyBackend(NoCapacity):
     code = "no_healthy_backend"
+
+
+class ModelLoadFailed(NoCapacity):
+    """The model was loaded nowhere, and the server asked to load it could not."""
+
+    code = "model_load_failed"
 
 
 class ShuttingDown(NoCapacity):

@@ -42,6 +42,23 @@ class Models:
 
 
 @dataclass(frozen=True)
+class RouterModel:
+    """One model a router-mode llama-server can serve, and where it stands (`status.value`:
+    loaded, loading, unloaded, sleeping, downloading; `failed` after a load that failed)."""
+
+    id: str
+    names: frozenset[str]
+    status: str
+    failed: bool = False
+    exit_code: int | None = None
+
+    @property
+    def loaded(self) -> bool:
+        # Sleeping: loaded, its weights put away; a request wakes it.
+        return self.status in ("loaded", "sleeping")
+
+
+@dataclass(frozen=True)
 class Slots:
     """A backend's slot count, and how many of them it says are busy."""
 
@@ -83,6 +100,48 @@ def parse_models(status: int, body: bytes) -> Models | Unavailable:
         ids=tuple(sorted(e["id"] for e in entries)),
         names=frozenset(names),
     )
+
+
+def router_models(models: Models) -> tuple[RouterModel, ...] | None:
+    """The models of a router-mode llama-server (started with `--models-dir` or a preset and
+    no model: each `/v1/models` entry has a `status`), or None for a single-model server."""
+    found = []
+    for entry in models.entries:
+        status = entry.get("status")
+        if not isinstance(status, dict) or not isinstance(status.get("value"), str):
+            continue
+        aliases = entry.get("aliases") or []
+        exit_code = status.get("exit_code")
+        found.append(
+            RouterModel(
+                id=entry["id"],
+                names=frozenset([entry["id"], *aliases]),
+                status=status["value"][:_MAX_MESSAGE],
+                failed=status.get("failed") is True,
+                exit_code=exit_code if type(exit_code) is int else None,
+            )
+        )
+    return tuple(found) if found else None
+
+
+def client_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """A `/v1/models` entry as clients get it: a router's entries carry the command line and
+    preset of each model instance (local paths); only the status's value stays."""
+    status = entry.get("status")
+    if not isinstance(status, dict):
+        return entry
+    kept = {k: v for k, v in status.items() if k in ("value", "failed", "exit_code")}
+    return {**{k: v for k, v in entry.items() if k != "status"}, "status": kept}
+
+
+def parse_router_props(status: int, body: bytes) -> int | None:
+    """How many models a router-mode server keeps loaded at once (`--models-max`; 0: no
+    limit), from its own `/props`; None when it does not say."""
+    data = _json(body)
+    if status != 200 or not isinstance(data, dict) or data.get("role") != "router":
+        return None
+    value = data.get("max_instances")
+    return value if type(value) is int and value >= 0 else None
 
 
 def parse_slots(status: int, body: bytes) -> Slots | None:

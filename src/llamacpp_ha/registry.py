@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from . import catalogue, logs
 from .config import BackendConfig
@@ -24,12 +25,15 @@ from .errors import UpstreamError
 from .loop_lag import LoopLag
 from .probe import (
     Health,
+    RouterModel,
     Slots,
     Unavailable,
     parse_health,
     parse_models,
     parse_props,
+    parse_router_props,
     parse_slots,
+    router_models,
 )
 from .server_cache import ServerCaches
 from .slot_ledger import SlotLedger, SlotTracker
@@ -58,9 +62,16 @@ class BackendState:
     draining: bool = False
     last_error: str | None = None
     last_poll_at: float | None = None
+    poll_started_at: float = 0.0
     ssl: ssl.SSLContext | bool = True
     changed_at: float = field(default_factory=time.monotonic)
     speeds: Speeds = field(default_factory=Speeds)
+    # Router mode (llama-server with --models-dir and no model): the models it can serve, and
+    # a state of its own for each loaded model instance, routed like a backend.
+    router: RouterState | None = None
+    parent: BackendState | None = None  # a model instance's router
+    last_used_at: float = 0.0  # when a request last went there (a model instance's LRU)
+    evicting: bool = False  # a model instance given up for another model's load
     _caches: ServerCaches | None = None
 
     @property
@@ -81,11 +92,14 @@ class BackendState:
 
     @property
     def routable(self) -> bool:
+        parent = self.parent
         return (
             self.health is Health.READY
             and not self.ejection.ejected
             and not self.draining
+            and not self.evicting
             and self.slots.total > 0
+            and (parent is None or (parent.health is Health.READY and not parent.draining))
         )
 
     @property
@@ -96,6 +110,23 @@ class BackendState:
         if self.ejection.ejected and self.health is Health.READY:
             return "ejected"
         return self.health.value
+
+
+@dataclass
+class RouterState:
+    """What a router-mode llama-server serves: every model it lists, how many it keeps loaded
+    at once (`--models-max`, 0: no limit), and one BackendState per loaded model instance."""
+
+    models: dict[str, RouterModel] = field(default_factory=dict)
+    max_loaded: int | None = None
+    instances: dict[str, BackendState] = field(default_factory=dict)
+
+    def loaded(self) -> list[str]:
+        """The models that hold a place under `--models-max`: loaded, sleeping or loading."""
+        return [m.id for m in self.models.values() if m.loaded or m.status == "loading"]
+
+    def has_room(self) -> bool:
+        return not self.max_loaded or len(self.loaded()) < self.max_loaded
 
 
 class _PollFailed(Exception):
@@ -164,10 +195,28 @@ class Registry:
 
     @property
     def backends(self) -> list[BackendState]:
-        return list(self._backends.values())
+        """Every backend, a router-mode one followed by its model instances."""
+        out = []
+        for backend in self._backends.values():
+            out.append(backend)
+            if backend.router is not None:
+                out.extend(backend.router.instances.values())
+        return out
+
+    @property
+    def routers(self) -> list[BackendState]:
+        return [b for b in self._backends.values() if b.router is not None]
 
     def get(self, name: str) -> BackendState:
-        return self._backends[name]
+        found = self._backends.get(name)
+        if found is not None:
+            return found
+        for backend in self.routers:
+            assert backend.router is not None
+            for instance in backend.router.instances.values():
+                if instance.name == name:
+                    return instance
+        raise KeyError(name)
 
     def start(self, transport: Transport) -> None:
         self._transport = transport
@@ -326,6 +375,7 @@ class Registry:
 
     async def poll(self, backend: BackendState) -> None:
         refused = False
+        backend.poll_started_at = time.monotonic()
         try:
             unavailable = await self._probe(backend)
         except _PollFailed as failed:
@@ -369,6 +419,11 @@ class Registry:
         backend.model_entries = models.entries
         backend.model_ids = models.ids
         backend.model_names = models.names
+        served = router_models(models)
+        if served is not None:
+            await self._probe_router(backend, served)
+            return None
+        backend.router = None
         slots = await self._read_slots(backend)
         if isinstance(slots, Unavailable):
             return slots
@@ -377,6 +432,57 @@ class Registry:
             if backend.slots.observe(total=slots.total, busy_on_backend=slots.busy):
                 self._on_change()
         return None
+
+    async def _probe_router(self, backend: BackendState, served: tuple[RouterModel, ...]) -> None:
+        """A router-mode server: it takes no request itself (no slots of its own); each loaded
+        model is an instance with its slots (`/slots?model=`, never autoloading a model)."""
+        state = backend.router = backend.router or RouterState()
+        before = {m.id: (m.status, m.failed) for m in state.models.values()}
+        state.models = {m.id: m for m in served}
+        state.max_loaded = parse_router_props(*await self._get(backend, "/props"))
+        backend.slots.observe(total=0, busy_on_backend=0)
+        backend.n_ctx = None
+        entries = {str(e.get("id")): e for e in backend.model_entries}
+        for model in served:
+            instance = state.instances.get(model.id)
+            if model.loaded:
+                if instance is None:
+                    instance = state.instances[model.id] = self._instance(backend, model)
+                instance.model_entries = (entries.get(model.id, {"id": model.id}),)
+                query = f"model={quote(model.id, safe='')}&autoload=false"
+                slots = parse_slots(*await self._get(backend, f"/slots?{query}"))
+                if slots is None:  # --no-slots, or it unloaded since /v1/models
+                    props = parse_props(*await self._get(backend, f"/props?{query}"))
+                    if isinstance(props, Unavailable):
+                        self._set_health(instance, Health.LOADING, f"model {model.status}")
+                        continue
+                    slots = props
+                instance.n_ctx = slots.n_ctx if slots.n_ctx is not None else instance.n_ctx
+                if instance.slots.observe(total=slots.total, busy_on_backend=slots.busy):
+                    self._on_change()
+                self._set_health(instance, Health.READY, None)
+            elif instance is not None:
+                health = Health.LOADING if model.status == "loading" else Health.DEAD
+                self._set_health(instance, health, f"model {model.status}")
+        for name, instance in list(state.instances.items()):
+            gone = name not in state.models or not state.models[name].loaded
+            if gone and instance.slots.in_flight == 0:
+                del state.instances[name]
+        if before != {m.id: (m.status, m.failed) for m in served}:
+            self._on_change()  # a model loaded, unloaded or failed: queued requests look again
+
+    def _instance(self, router: BackendState, model: RouterModel) -> BackendState:
+        config = router.config.model_copy(update={"name": f"{router.name}/{model.id}"})
+        instance = BackendState(
+            config=config,
+            slots=SlotTracker(config.name, on_release=self._on_change),
+            ssl=router.ssl,
+            parent=router,
+            model_ids=(model.id,),
+            model_names=model.names,
+        )
+        log.warning("backend %s: model %s loaded", router.name, model.id)
+        return instance
 
     async def _read_slots(self, backend: BackendState) -> Slots | Unavailable | None:
         try:

@@ -141,9 +141,11 @@ class Replicas:
         # behind would hold its slot in shared state until it expires.
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=2 * _RETRY_S)
-        for task in [*self._loops, *self._tasks]:
+        tasks = [*self._loops, *self._tasks]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        if tasks:
+            await asyncio.wait(tasks, timeout=2 * _RETRY_S)
         if self.up:
             # The others stop counting us at once (their shares if Redis goes away, the order).
             with contextlib.suppress(StateUnavailable):

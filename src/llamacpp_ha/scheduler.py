@@ -21,7 +21,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
-from .errors import NoCapacity, NoHealthyBackend, QueueFull, QueueTimeout
+from .errors import ModelLoadFailed, NoCapacity, NoHealthyBackend, QueueFull, QueueTimeout
+from .model_loads import ModelLoads
 from .pinning import choose_slot
 from .policies import (
     BackendCandidate,
@@ -241,11 +242,14 @@ class Scheduler:
         self._fallback = LeastBusyPolicy()
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._failing_at: str | None = None  # where the last drain failed
         # Several replicas (replicas.py): takes a lease claimed here in shared state too
         # ("taken", "full", "older"), and hears when the queue has changed.
         self.confirm: Callable[[Lease, int], Awaitable[str]] | None = None
         self.queue_changed: Callable[[], None] | None = None
         self.unconfirmed: set[Lease] = set()  # placed, and waiting for `confirm`
+        # Router-mode servers (model_loads.py): a model loaded nowhere is loaded, once.
+        self.loads: ModelLoads | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
@@ -263,8 +267,11 @@ class Scheduler:
         self._queue.wakeup.set()
 
     def can_serve(self, routing: RoutingRequest) -> bool:
-        """True when some ready backend may take this request, now or once a slot frees."""
-        return bool(self._eligible(routing))
+        """True when some ready backend may take this request, now or once a slot frees, or
+        once a router-mode server has loaded its model."""
+        if self._eligible(routing):
+            return True
+        return self.loads is not None and self.loads.loadable(routing.model)
 
     def reject_all(self, error: NoCapacity) -> int:
         """Fail every queued request with `error` (shutting down); the number failed."""
@@ -367,18 +374,23 @@ class Scheduler:
             self._drain()
             if self.queue_changed is not None:
                 self.queue_changed()
+            self._failing_at = None
         except Exception as exc:  # a bug must not leave the queue unattended
             # Where it was raised: the innermost frame (the outermost is this one).
             tb = exc.__traceback__
             while tb is not None and tb.tb_next is not None:
                 tb = tb.tb_next
             where = f"{tb.tb_frame.f_code.co_name}:{tb.tb_lineno}" if tb is not None else "?"
-            log.error(
-                "scheduler: the drain failed (%s in %s); it runs again at the next wake-up",
+            # The first failure at a place is an error; its repeats, debug (it runs again soon,
+            # and a bug that fails every drain must not flood the log or spin the loop).
+            log.log(
+                logging.DEBUG if where == self._failing_at else logging.ERROR,
+                "scheduler: the drain failed (%s in %s); it runs again shortly",
                 type(exc).__name__,
                 where,
             )
-            self._queue.wakeup.set()
+            self._failing_at = where
+            asyncio.get_running_loop().call_later(_RETRY_DRAIN_S, self._queue.wakeup.set)
 
     def _drain(self) -> None:
         now = time.monotonic()
@@ -387,6 +399,8 @@ class Scheduler:
         # eligibility once per drain, not once per entry.
         eligible_for: dict[tuple[str | None, frozenset[str]], list[BackendState]] = {}
         entries = [e for e in self._queue if e.future is not None and not e.future.done()]
+        if self.loads is not None:
+            self.loads.settle({e.routing.model for e in entries})
         done: set[QueueEntry] = set()
         wake_at: float | None = None
         for position, entry in enumerate(entries):
@@ -396,6 +410,15 @@ class Scheduler:
             if key not in eligible_for:
                 eligible_for[key] = self._eligible(entry.routing)
             eligible = eligible_for[key]
+            if not eligible and self.loads is not None and self.loads.loadable(key[0]):
+                # Loaded nowhere: it waits while a router-mode server loads it, once.
+                assert key[0] is not None
+                why = self.loads.waiting_for(key[0])
+                if why is not None:
+                    self._queue.remove(entry)
+                    assert entry.future is not None
+                    entry.future.set_exception(ModelLoadFailed(why))
+                continue
             if not eligible:
                 # Every backend that could serve it is down: fail now rather than let it wait
                 # out its timeout for a capacity that is not coming back soon.
@@ -552,6 +575,7 @@ class Scheduler:
         lease.cached_prompt = cprompt
         lease.restores = prediction.restores if prediction is not None else None
         lease.arrived_at = entry.enqueued_at
+        backend.last_used_at = now
         if self.confirm is not None:
             self.unconfirmed.add(lease)
         entry.future.set_result(lease)
@@ -584,6 +608,8 @@ class Scheduler:
         return self._fallback(candidates, routing)
 
 
+# A drain that failed runs again after this long.
+_RETRY_DRAIN_S = 0.05
 # A later request takes the slot only if it gains this much more than the one ahead of it.
 _REORDER_MARGIN_S = 0.005
 

@@ -276,8 +276,10 @@ class StateStore:
 
     async def aclose(self) -> None:
         for client in (self._client, self._listener):
-            with contextlib.suppress(RedisError, OSError):
-                await client.aclose()
+            # Bounded: closing must not hang a shutdown on a Redis that went silent.
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(self._timeout_s * 2):
+                    await client.aclose()
 
     async def claim(self, claim: ClaimRequest) -> ClaimAnswer:
         """Take a lease on the backend if fewer than `limit` are held and no other replica has
@@ -383,8 +385,9 @@ class StateStore:
                 if message is not None and message.get("type") == "message":
                     yield message["data"]
         finally:
-            with contextlib.suppress(RedisError, OSError, RuntimeError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            with contextlib.suppress(RedisError, OSError, RuntimeError, TimeoutError):
+                async with asyncio.timeout(self._timeout_s * 2):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _run(self, call: Awaitable[Any]) -> Any:
         try:

@@ -181,10 +181,17 @@ class Transport:
         headers: Mapping[str, str],
         *,
         tls: ssl.SSLContext | bool,
+        json_body: bytes | None = None,
     ) -> tuple[int, bytes]:
-        """GET `url`: its status and its whole body (small answers only: a poll's)."""
+        """GET `url` (POST `json_body` when given): its status and its whole body (small
+        answers only: a poll's, a model load's)."""
+        method = "GET" if json_body is None else "POST"
+        if json_body is not None:
+            headers = {**headers, "Content-Type": "application/json"}
         with _translated(backend, "poll"):
-            async with self.session.get(url, headers=dict(headers), ssl=tls) as response:
+            async with self.session.request(
+                method, url, data=json_body, headers=dict(headers), ssl=tls
+            ) as response:
                 return response.status, await response.read()
 
 

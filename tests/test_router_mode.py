@@ -1,0 +1,179 @@
+"""Router-mode llama-servers (several models, loaded on demand), on captured answers.
+
+The fake llama-server answers with what the pinned llama-server said in router mode
+(`tests/llama-server-samples/router-*.txt`, captured with two tiny models and
+`--models-max 1`); a test changes an answer to move the server from one state to the next
+(a model loading, loaded, failed), as the real one would between two polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import unittest
+from typing import Any
+
+import httpx
+
+from fake_llama import FakeLlamaServer, captured
+from llamacpp_ha.probe import parse_models, parse_router_props, parse_slots, router_models
+from serving import balancer_for
+from sim_support import wait_until
+
+SLOTS_A = "/slots?model=tiny-a&autoload=false"
+SLOTS_B = "/slots?model=tiny-b&autoload=false"
+
+
+def _json(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(captured(name)[1])
+    return data
+
+
+def models_with(statuses: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The captured /v1/models with each model's status replaced."""
+    data = _json("router-v1-models-unloaded.txt")
+    for entry in data["data"]:
+        entry["status"] = {**entry["status"], **statuses.get(entry["id"], {})}
+    return data
+
+
+def router_fake() -> FakeLlamaServer:
+    fake = FakeLlamaServer()
+    fake.answer("/v1/models", 200, models_with({"tiny-a": {"value": "loaded"}}))
+    fake.answer("/props", *captured("router-props-no-model.txt"))
+    fake.answer("/slots", *captured("router-slots-no-model.txt"))
+    fake.answer(SLOTS_A, *captured("router-slots-model.txt"))
+    fake.answer("/models/load", *captured("router-load.txt"))
+    fake.answer("/v1/chat/completions", *captured("router-chat.txt"))
+    return fake
+
+
+class CapturedShapesTest(unittest.TestCase):
+    def test_router_models_and_their_states(self) -> None:
+        models = parse_models(*captured("router-models-failed.txt"))
+        assert not isinstance(models, type(None))
+        found = router_models(models)  # type: ignore[arg-type]
+        assert found is not None
+        by_id = {m.id: m for m in found}
+        self.assertEqual(by_id["broken"].status, "unloaded")
+        self.assertTrue(by_id["broken"].failed)
+        self.assertEqual(by_id["broken"].exit_code, 1)
+        self.assertFalse(by_id["tiny-a"].failed)
+        loaded = router_models(parse_models(*captured("router-v1-models-loaded.txt")))  # type: ignore[arg-type]
+        assert loaded is not None
+        self.assertEqual([(m.id, m.loaded) for m in loaded], [("tiny-a", True), ("tiny-b", False)])
+
+    def test_a_single_model_server_is_not_a_router(self) -> None:
+        self.assertIsNone(router_models(parse_models(*captured("models.txt"))))  # type: ignore[arg-type]
+
+    def test_router_props_and_per_model_slots(self) -> None:
+        self.assertEqual(parse_router_props(*captured("router-props-no-model.txt")), 1)
+        self.assertIsNone(parse_router_props(*captured("props.txt")))
+        slots = parse_slots(*captured("router-slots-model.txt"))
+        assert slots is not None
+        self.assertEqual((slots.total, slots.busy, slots.n_ctx), (2, 0, 1024))
+        # A model not loaded, asked without autoload: no slots (and no load).
+        self.assertIsNone(parse_slots(*captured("router-slots-unloaded-no-autoload.txt")))
+
+
+class RouterRegistryTest(unittest.IsolatedAsyncioTestCase):
+    async def test_each_loaded_model_is_an_instance_with_its_own_slots(self) -> None:
+        async with router_fake() as fake, balancer_for([fake], wait_ready=False) as lb:
+            registry = lb.balancer.registry
+            await wait_until(
+                lambda: any(b.name.endswith("/tiny-a") and b.routable for b in registry.backends)
+            )
+            parent, instance = registry.backends
+            self.assertFalse(parent.routable)  # the router itself takes no request
+            self.assertEqual((instance.slots.total, instance.n_ctx), (2, 1024))
+            self.assertEqual(instance.model_ids, ("tiny-a",))
+            # Per-model slots are asked without autoload: a poll never loads a model.
+            self.assertGreater(fake.hits[SLOTS_A], 0)
+            self.assertEqual(fake.hits[SLOTS_B], 0)
+            self.assertEqual(fake.posted, [])
+            async with httpx.AsyncClient() as http:
+                listed = (await http.get(lb.url + "/v1/models")).json()["data"]
+            shown = {m["id"]: (m["status"], m["loaded_on"]) for m in listed}
+            self.assertEqual(
+                shown,
+                {
+                    "tiny-a": ({"value": "loaded"}, [parent.name]),
+                    "tiny-b": ({"value": "unloaded"}, []),
+                },
+            )
+            # The instances' command lines and presets (local paths) are not shown.
+            self.assertNotIn("args", json.dumps(listed))
+
+    async def test_a_model_that_unloads_takes_its_instance_away(self) -> None:
+        async with router_fake() as fake, balancer_for([fake], wait_ready=False) as lb:
+            registry = lb.balancer.registry
+            await wait_until(lambda: len(registry.backends) == 2)
+            fake.answer("/v1/models", 200, models_with({}))
+            await wait_until(lambda: len(registry.backends) == 1)
+
+
+class LoadOnDemandTest(unittest.IsolatedAsyncioTestCase):
+    async def chat(self, http: httpx.AsyncClient, url: str, model: str) -> httpx.Response:
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        return await http.post(url + "/v1/chat/completions", json=body, timeout=20)
+
+    async def test_a_cold_model_is_loaded_once_for_concurrent_requests(self) -> None:
+        async with router_fake() as fake, balancer_for([fake], wait_ready=False) as lb:
+            registry = lb.balancer.registry
+            await wait_until(lambda: len(registry.backends) == 2)
+            # As the real server does, the load starts before it answers (and tiny-a, idle,
+            # goes: --models-max 1).
+            fake.on_post = lambda path, body: fake.answer(
+                "/v1/models", 200, models_with({"tiny-b": {"value": "loading"}})
+            )
+            async with httpx.AsyncClient() as http:
+                waiting = [asyncio.create_task(self.chat(http, lb.url, "tiny-b")) for _ in range(6)]
+                await wait_until(lambda: len(fake.posted) == 1)
+                self.assertEqual(fake.posted, [("/models/load", {"model": "tiny-b"})])
+                await wait_until(lambda: len(lb.balancer.queue) == 6)
+                polls = fake.hits["/v1/models"]
+                await wait_until(lambda: fake.hits["/v1/models"] >= polls + 2)
+                self.assertEqual(len(fake.posted), 1)  # loading: it waits, and asks no more
+                fake.answer(SLOTS_B, *captured("router-slots-model.txt"))
+                fake.answer("/v1/models", 200, models_with({"tiny-b": {"value": "loaded"}}))
+                answers = await asyncio.gather(*waiting)
+            self.assertEqual([a.status_code for a in answers], [200] * 6)
+            loads_asked = [p for p in fake.posted if p[0] == "/models/load"]
+            self.assertEqual(len(loads_asked), 1)  # one load, not one per request
+            loads = lb.balancer.model_loads.counts
+            self.assertEqual(loads.started, {("tiny-b", registry.backends[0].name): 1})
+            self.assertEqual(sum(loads.done.values()), 1)
+
+    async def test_a_model_that_fails_to_load_is_a_clear_503(self) -> None:
+        async with router_fake() as fake, balancer_for([fake], wait_ready=False) as lb:
+            registry = lb.balancer.registry
+            await wait_until(lambda: len(registry.backends) == 2)
+            failed = {"value": "unloaded", "failed": True, "exit_code": 1}
+            fake.on_post = lambda path, body: fake.answer(
+                "/v1/models", 200, models_with({"tiny-b": failed})
+            )
+            async with httpx.AsyncClient() as http:
+                waiting = [asyncio.create_task(self.chat(http, lb.url, "tiny-b")) for _ in range(3)]
+                answers = await asyncio.gather(*waiting)
+                again = await self.chat(http, lb.url, "tiny-b")
+            for answer in [*answers, again]:
+                self.assertEqual(answer.status_code, 503)
+                error = answer.json()["error"]
+                self.assertEqual(error["code"], "model_load_failed")
+                self.assertIn("failed to load", error["message"])
+                self.assertIn("exit code 1", error["message"])
+            # The failure is remembered: the next request does not ask for a load again.
+            self.assertEqual(fake.posted, [("/models/load", {"model": "tiny-b"})])
+
+    async def test_a_request_without_a_model_is_refused_with_a_router(self) -> None:
+        async with router_fake() as fake, balancer_for([fake], wait_ready=False) as lb:
+            await wait_until(lambda: len(lb.balancer.registry.backends) == 2)
+            async with httpx.AsyncClient() as http:
+                body = {"messages": [{"role": "user", "content": "hi"}]}
+                answer = await http.post(lb.url + "/v1/chat/completions", json=body)
+            self.assertEqual(answer.status_code, 400)
+            self.assertIn("'model' is required", answer.json()["error"]["message"])
+
+
+if __name__ == "__main__":
+    unittest.main()
