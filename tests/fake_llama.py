@@ -89,3 +89,28 @@ class FakeLlamaServer:
     ) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+# A router-mode llama-server (two tiny models, --models-max 1), as captured.
+SLOTS_A = "/slots?model=tiny-a&autoload=false"
+SLOTS_B = "/slots?model=tiny-b&autoload=false"
+
+
+def models_with(statuses: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The captured router-mode /v1/models with each model's status replaced."""
+    data: dict[str, Any] = json.loads(captured("router-v1-models-unloaded.txt")[1])
+    for entry in data["data"]:
+        entry["status"] = {**entry["status"], **statuses.get(entry["id"], {})}
+    return data
+
+
+def router_fake() -> FakeLlamaServer:
+    """A router-mode server with tiny-a loaded and tiny-b not (a test moves it on)."""
+    fake = FakeLlamaServer()
+    fake.answer("/v1/models", 200, models_with({"tiny-a": {"value": "loaded"}}))
+    fake.answer("/props", *captured("router-props-no-model.txt"))
+    fake.answer("/slots", *captured("router-slots-no-model.txt"))
+    fake.answer(SLOTS_A, *captured("router-slots-model.txt"))
+    fake.answer("/models/load", *captured("router-load.txt"))
+    fake.answer("/v1/chat/completions", *captured("router-chat.txt"))
+    return fake

@@ -21,6 +21,7 @@ import httpx
 import promql_parser
 from prometheus_client.parser import text_string_to_metric_families
 
+from fake_llama import SLOTS_B, captured, models_with, router_fake
 from llamacpp_sim import Fault, SimConfig
 from serving import balancer_for, sims
 from sim_support import wait_until
@@ -201,7 +202,31 @@ class DashboardTest(unittest.IsolatedAsyncioTestCase):
 
             response = await http.get("/metrics")
             self.assertEqual(response.status_code, 200)
-            return response.text
+            return response.text + await self._scrape_router_mode()
+
+    async def _scrape_router_mode(self) -> str:
+        """A cold model loaded on a router-mode server: scraped while it loads (what waits for
+        it) and once it is loaded (the load, its time)."""
+        body = {"model": "tiny-b", "messages": [{"role": "user", "content": "hi"}]}
+        async with (
+            router_fake() as fake,
+            balancer_for([fake], wait_ready=False) as lb,
+            httpx.AsyncClient(base_url=lb.url, timeout=10) as http,
+        ):
+
+            def loading(path: str, body: object) -> None:
+                if path == "/models/load":
+                    fake.answer("/v1/models", 200, models_with({"tiny-b": {"value": "loading"}}))
+
+            fake.on_post = loading
+            await wait_until(lambda: len(lb.balancer.registry.backends) == 2)
+            waiting = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+            await wait_until(lambda: len(lb.balancer.queue) == 1 and len(fake.posted) == 1)
+            during = (await http.get("/metrics")).text
+            fake.answer(SLOTS_B, *captured("router-slots-model.txt"))
+            fake.answer("/v1/models", 200, models_with({"tiny-b": {"value": "loaded"}}))
+            self.assertEqual((await waiting).status_code, 200)
+            return during + (await http.get("/metrics")).text
 
     def load_dashboard(self) -> dict[str, Any]:
         dashboard: dict[str, Any] = json.loads((DEPLOY / "grafana-dashboard.json").read_text())

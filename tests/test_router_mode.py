@@ -11,41 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import unittest
-from typing import Any
 
 import httpx
 
-from fake_llama import FakeLlamaServer, captured
+from fake_llama import SLOTS_A, SLOTS_B, captured, models_with, router_fake
 from llamacpp_ha.probe import parse_models, parse_router_props, parse_slots, router_models
 from serving import balancer_for
 from sim_support import wait_until
-
-SLOTS_A = "/slots?model=tiny-a&autoload=false"
-SLOTS_B = "/slots?model=tiny-b&autoload=false"
-
-
-def _json(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(captured(name)[1])
-    return data
-
-
-def models_with(statuses: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The captured /v1/models with each model's status replaced."""
-    data = _json("router-v1-models-unloaded.txt")
-    for entry in data["data"]:
-        entry["status"] = {**entry["status"], **statuses.get(entry["id"], {})}
-    return data
-
-
-def router_fake() -> FakeLlamaServer:
-    fake = FakeLlamaServer()
-    fake.answer("/v1/models", 200, models_with({"tiny-a": {"value": "loaded"}}))
-    fake.answer("/props", *captured("router-props-no-model.txt"))
-    fake.answer("/slots", *captured("router-slots-no-model.txt"))
-    fake.answer(SLOTS_A, *captured("router-slots-model.txt"))
-    fake.answer("/models/load", *captured("router-load.txt"))
-    fake.answer("/v1/chat/completions", *captured("router-chat.txt"))
-    return fake
 
 
 class CapturedShapesTest(unittest.TestCase):

@@ -144,7 +144,9 @@ class Balancer:
             self.scheduler.confirm = self.replicas.confirm
             self.scheduler.queue_changed = self.replicas.queue_changed
             self.key_limits = FleetKeyLimits(self.replicas)
-        self.metrics = Metrics(self.registry, self.queue, self.scheduler.stats, self.replicas)
+        self.metrics = Metrics(
+            self.registry, self.queue, self.scheduler.stats, self.replicas, self.model_loads
+        )
         self.recorder = Recorder(self.stats, self.metrics, self.registry)
         self.admitting = True
         self._removals: set[asyncio.Task[None]] = set()

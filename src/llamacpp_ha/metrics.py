@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .exchange_result import ExchangeResult
+from .model_loads import ModelLoads
 from .queue import RequestQueue
 from .registry import Registry
 from .replicas import Replicas
@@ -90,6 +91,56 @@ class RoutingCollector(Collector):
         )
 
 
+class ModelCollector(Collector):
+    """Models loaded on demand (router-mode servers), and what waits for each model."""
+
+    def __init__(self, loads: ModelLoads, queue: RequestQueue) -> None:
+        self._loads = loads
+        self._queue = queue
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self._loads.counts
+        loads = CounterMetricFamily(
+            f"{PREFIX}_model_loads",
+            "Model loads asked of a router-mode server, by outcome: started, done, failed",
+            labels=["model", "backend", "outcome"],
+        )
+        for outcome, table in (
+            ("started", counts.started),
+            ("done", counts.done),
+            ("failed", counts.failed),
+        ):
+            for (model, backend), n in sorted(table.items()):
+                loads.add_metric([model, backend, outcome], n)
+        yield loads
+        seconds = CounterMetricFamily(
+            f"{PREFIX}_model_load_seconds",
+            "Time the done loads took (divide by model_loads_total{outcome=done})",
+            labels=["model", "backend"],
+        )
+        for (model, backend), s in sorted(counts.seconds.items()):
+            seconds.add_metric([model, backend], s)
+        yield seconds
+        loading = GaugeMetricFamily(
+            f"{PREFIX}_model_loading", "1 while the model loads there", labels=["model", "backend"]
+        )
+        for model, backend in sorted(self._loads.loading().items()):
+            loading.add_metric([model, backend], 1)
+        yield loading
+        depth = GaugeMetricFamily(
+            f"{PREFIX}_queue_depth_by_model",
+            "Requests waiting, by the model they asked for (none: any model)",
+            labels=["model"],
+        )
+        waiting: dict[str, int] = {}
+        for entry in self._queue:
+            name = entry.routing.model or ""
+            waiting[name] = waiting.get(name, 0) + 1
+        for name, n in sorted(waiting.items()):
+            depth.add_metric([name], n)
+        yield depth
+
+
 class ReplicaCollector(Collector):
     """Which replica this is and what sharing its state costs; every series has `replica`."""
 
@@ -142,6 +193,7 @@ class Metrics:
         queue: RequestQueue,
         routing: RoutingStats | None = None,
         replicas: Replicas | None = None,
+        loads: ModelLoads | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -190,6 +242,8 @@ class Metrics:
         r.register(RoutingCollector(routing or RoutingStats()))
         if replicas is not None:
             r.register(ReplicaCollector(replicas))
+        if loads is not None:
+            r.register(ModelCollector(loads, queue))
 
         self.cache_predictions = Counter(
             f"{PREFIX}_cache_predictions",

@@ -148,7 +148,11 @@ def snapshot(
                 "name": b.name,
                 "url": b.url,
                 "state": b.state,
-                "models": list(b.model_ids),
+                # A router-mode server: each model it can serve with its state ("tiny-a
+                # (loaded)"); a model instance: its model.
+                "models": [f"{m.id} ({m.status})" for m in b.router.models.values()]
+                if b.router is not None
+                else list(b.model_ids),
                 "slots_busy": b.slots.busy,
                 "slots_total": b.slots.total,
                 "in_flight": b.slots.in_flight,
