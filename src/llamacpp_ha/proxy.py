@@ -36,7 +36,7 @@ from .monitor import build_router, snapshot
 from .pinning import PINNABLE_PATHS
 from .policies import RoutingRequest
 from .prefix_index import prompt_keys
-from .registry import Registry
+from .registry import BackendState, Health, Registry
 from .relay import RelayResponse
 from .validation import check_body
 
@@ -134,9 +134,10 @@ def create_app(config: ProxyConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        # Ready means able to take a request now or once a slot frees: a backend that is up
-        # but reports no slots, is ejected or is draining cannot.
-        ready = sum(1 for b in balancer.registry.backends if b.routable)
+        # Ready means able to take a request now or once a slot frees (or a model loads, on a
+        # router-mode server): a backend that is up but reports no slots, is ejected or is
+        # draining cannot.
+        ready = sum(1 for b in balancer.registry.backends if b.routable or _can_load(b))
         if ready:
             return JSONResponse({"status": "ok", "backends_ready": ready})
         message = "no backend can take a request"
@@ -147,6 +148,10 @@ def create_app(config: ProxyConfig) -> FastAPI:
 
     balancer.recorder.endpoints |= {"/v1/models", "/health"}
     return app
+
+
+def _can_load(backend: BackendState) -> bool:
+    return backend.router is not None and backend.health is Health.READY and not backend.draining
 
 
 def _proxy_endpoint(balancer: Balancer, path: str) -> Any:

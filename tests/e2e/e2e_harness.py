@@ -235,16 +235,21 @@ class LlamaServer(ManagedProcess):
         ctx: int = 2048,
         extra_args: Sequence[str] = (),
         port: int | None = None,
+        models_max: int = 1,
     ) -> None:
         self.port = port or free_port()
         self.slots = slots
         self.alias = alias
         # What the balancer is told to use; a relay in front of the process may replace it.
         self.balancer_url = self.url
+        # A directory of models: router mode, each model loaded on demand, `models_max` at once.
+        if model.is_dir():
+            serving = ["--models-dir", str(model), "--models-max", str(models_max)]
+        else:
+            serving = ["--model", str(model), "--alias", alias]
         argv = [
             str(binary),
-            "--model",
-            str(model),
+            *serving,
             "--host",
             "127.0.0.1",
             "--port",
@@ -254,8 +259,6 @@ class LlamaServer(ManagedProcess):
             "-c",
             str(ctx),
             "--metrics",
-            "--alias",
-            alias,
             "--threads",
             "1",
             *extra_args,
