@@ -14,9 +14,10 @@ import unittest
 
 import httpx
 
-from fake_llama import SLOTS_A, SLOTS_B, captured, models_with, router_fake
+from fake_llama import SLOTS_A, SLOTS_B, FakeLlamaServer, captured, models_with, router_fake
 from llamacpp_ha.probe import parse_models, parse_router_props, parse_slots, router_models
-from serving import balancer_for
+from llamacpp_sim import SimConfig
+from serving import balancer_for, sims
 from sim_support import wait_until
 
 
@@ -82,6 +83,55 @@ class RouterRegistryTest(unittest.IsolatedAsyncioTestCase):
             await wait_until(lambda: len(registry.backends) == 2)
             fake.answer("/v1/models", 200, models_with({}))
             await wait_until(lambda: len(registry.backends) == 1)
+
+
+class MixedFleetTest(unittest.IsolatedAsyncioTestCase):
+    async def test_a_router_and_a_single_model_server_together(self) -> None:
+        async with (
+            router_fake() as fake,
+            sims(SimConfig(slots=2, profile="test", model="solo")) as (solo,),
+            balancer_for([fake, solo], wait_ready=False) as lb,
+            httpx.AsyncClient(base_url=lb.url, timeout=10) as http,
+        ):
+            await wait_until(lambda: sum(b.routable for b in lb.balancer.registry.backends) == 2)
+            listed = (await http.get("/v1/models")).json()["data"]
+            self.assertEqual(sorted(m["id"] for m in listed), ["solo", "tiny-a", "tiny-b"])
+            for model, served_by in (("solo", "solo"), ("tiny-a", "router")):
+                body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+                answer = await http.post("/v1/chat/completions", json=body)
+                self.assertEqual(answer.status_code, 200, answer.text)
+                chats = [r for r in solo.requests if r.path == "/v1/chat/completions"]
+                self.assertEqual(len(chats), 1)  # solo served its own, and only that
+                if served_by == "router":
+                    self.assertEqual(fake.hits["/v1/chat/completions"], 1)
+            monitor = (await http.get("/monitor/data")).json()
+            router_row = next(b for b in monitor["backends"] if b["url"] == fake.url)
+            self.assertEqual(router_row["models"], ["tiny-a (loaded)", "tiny-b (unloaded)"])
+
+
+class SwapperTest(unittest.IsolatedAsyncioTestCase):
+    async def test_a_backend_without_slots_takes_its_configured_count(self) -> None:
+        async with FakeLlamaServer() as fake:
+            # llama-swap: OpenAI's /v1/models, no /slots, no /props.
+            fake.answer("/v1/models", 200, {"data": [{"id": "qwen"}, {"id": "llama"}]})
+            fake.answer("/slots", 404, {"error": "not found"})
+            fake.answer("/props", 404, {"error": "not found"})
+            backend = {"url": fake.url, "name": "swap", "slots": 3}
+            async with balancer_for([fake], wait_ready=False, backends=[backend]) as lb:
+                swap = lb.balancer.registry.get("swap")
+                await wait_until(lambda: swap.routable)
+                self.assertEqual(swap.slots.total, 3)
+                self.assertEqual(swap.model_ids, ("llama", "qwen"))
+
+    async def test_without_a_configured_count_it_is_not_ready(self) -> None:
+        async with FakeLlamaServer() as fake:
+            fake.answer("/slots", 404, {"error": "not found"})
+            fake.answer("/props", 404, {"error": "not found"})
+            async with balancer_for([fake], wait_ready=False) as lb:
+                backend = lb.balancer.registry.backends[0]
+                await wait_until(lambda: fake.hits["/props"] >= 2)
+                self.assertFalse(backend.routable)
+                self.assertIn("slot count", backend.last_error or "")
 
 
 class LoadOnDemandTest(unittest.IsolatedAsyncioTestCase):

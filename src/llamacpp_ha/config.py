@@ -95,6 +95,9 @@ class BackendConfig(BaseModel):
     # What its host prompt cache (--cache-ram) holds, in tokens; llama-server does not say.
     # The default is llama.cpp's 8192 MiB of an 8B model's KV cache at 128 KiB per token.
     host_cache_tokens: int = Field(default=65_536, ge=0)
+    # Requests it takes at once when it reports no slots (neither /slots nor /props): a
+    # swapper such as llama-swap, another OpenAI-compatible server.
+    slots: int | None = Field(default=None, ge=1, le=4096)
 
     @field_validator("url")
     @classmethod

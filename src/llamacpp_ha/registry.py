@@ -496,8 +496,12 @@ class Registry:
             raise
         slots = parse_slots(status, body)
         if slots is None:
-            # --no-slots: the count comes from /props and we rely on our own accounting.
-            return parse_props(*await self._get(backend, "/props"))
+            # --no-slots: the count comes from /props and we rely on our own accounting; a
+            # server with neither (a swapper) takes the configured number.
+            props = parse_props(*await self._get(backend, "/props"))
+            if isinstance(props, Unavailable) and backend.config.slots is not None:
+                return Slots(total=backend.config.slots, busy=0)
+            return props
         return slots
 
     async def _get(self, backend: BackendState, path: str) -> tuple[int, bytes]:

@@ -67,10 +67,10 @@ class RouterModeTest(unittest.IsolatedAsyncioTestCase):
     async def loads(self, model: str, outcome: str) -> float:
         text = (await self.http.get(f"{self.url}/metrics")).text
         total = 0.0
+        labels = (f'model="{model}"', f'outcome="{outcome}"')
         for line in text.splitlines():
-            if line.startswith("llamacpp_ha_model_loads_total{") and f'model="{model}"' in line:
-                if f'outcome="{outcome}"' in line:
-                    total += float(line.rsplit(" ", 1)[1])
+            if line.startswith("llamacpp_ha_model_loads_total{") and all(x in line for x in labels):
+                total += float(line.rsplit(" ", 1)[1])
         return total
 
     async def server_statuses(self) -> dict[str, str]:
