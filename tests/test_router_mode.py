@@ -11,14 +11,20 @@ from __future__ import annotations
 import asyncio
 import json
 import unittest
+from typing import Any
 
 import httpx
 
 from fake_llama import SLOTS_A, SLOTS_B, FakeLlamaServer, captured, models_with, router_fake
 from llamacpp_ha.probe import parse_models, parse_router_props, parse_slots, router_models
-from llamacpp_sim import SimConfig
+from llamacpp_sim import SimConfig, SimRouter
 from serving import balancer_for, sims
-from sim_support import wait_until
+from sim_support import key_shape, missing_keys, wait_until
+
+
+def _json(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(captured(name)[1])
+    return data
 
 
 class CapturedShapesTest(unittest.TestCase):
@@ -195,6 +201,85 @@ class LoadOnDemandTest(unittest.IsolatedAsyncioTestCase):
                 answer = await http.post(lb.url + "/v1/chat/completions", json=body)
             self.assertEqual(answer.status_code, 400)
             self.assertIn("'model' is required", answer.json()["error"]["message"])
+
+
+class SimulatedRouterTest(unittest.IsolatedAsyncioTestCase):
+    """The simulator's router mode: the captured shapes, and the balancer in front of it."""
+
+    async def test_its_answers_have_the_captured_shapes(self) -> None:
+        router = SimRouter(["tiny-a", "tiny-b"], SimConfig(slots=2, profile="test"), models_max=1)
+        await router.start()
+        self.addAsyncCleanup(router.aclose)
+        async with httpx.AsyncClient(base_url=router.url, timeout=10) as http:
+            listed = (await http.get("/v1/models")).json()
+            captured_entry = _json("router-v1-models-unloaded.txt")["data"][0]
+            self.assertEqual(
+                missing_keys(key_shape(captured_entry), key_shape(listed["data"][0])), []
+            )
+            props = (await http.get("/props")).json()
+            self.assertEqual(props["role"], "router")
+            self.assertEqual(props["max_instances"], 1)
+            for path, capture in (
+                ("/slots", "router-slots-no-model.txt"),
+                ("/slots?model=tiny-a&autoload=false", "router-slots-unloaded-no-autoload.txt"),
+            ):
+                answer = await http.get(path)
+                status, body = captured(capture)
+                self.assertEqual((answer.status_code, answer.json()), (status, json.loads(body)))
+            load = await http.post("/models/load", json={"model": "tiny-a"})
+            self.assertEqual(load.json(), {"success": True})
+            again = await http.post("/models/load", json={"model": "tiny-a"})
+            self.assertEqual(again.json(), json.loads(captured("router-load-again.txt")[1]))
+            unknown = await http.post("/models/load", json={"model": "nope"})
+            self.assertEqual(unknown.status_code, 404)
+            await wait_until(lambda: router.models["tiny-a"].status == "loaded")
+            slots = await http.get("/slots?model=tiny-a&autoload=false")
+            self.assertEqual(len(slots.json()), 2)
+
+    async def test_two_models_on_one_slot_of_models_through_the_balancer(self) -> None:
+        router = SimRouter(
+            ["tiny-a", "tiny-b"],
+            SimConfig(slots=2, profile="test", default_max_tokens=64),
+            models_max=1,
+            load_time_s=0.1,
+        )
+        await router.start()
+        self.addAsyncCleanup(router.aclose)
+        async with (
+            balancer_for([router], wait_ready=False) as lb,
+            httpx.AsyncClient(base_url=lb.url, timeout=20) as http,
+        ):
+            await wait_until(lambda: lb.balancer.registry.backends[0].router is not None)
+
+            async def chat(model: str, i: int) -> int:
+                body = {"model": model, "messages": [{"role": "user", "content": f"q{i}"}]}
+                return (await http.post("/v1/chat/completions", json=body)).status_code
+
+            statuses = await asyncio.gather(
+                *(chat(("tiny-a", "tiny-b")[i % 2], i) for i in range(12))
+            )
+        self.assertEqual(statuses, [200] * 12)
+        # Each model loaded once for its six requests (it waited while the other was busy),
+        # and no instance ever had a request waiting inside it.
+        self.assertEqual(router.loads, {"tiny-a": 1, "tiny-b": 1})
+        self.assertEqual(router.peak_deferred(), {"tiny-a": 0, "tiny-b": 0})
+
+    async def test_a_model_that_fails_to_load_through_the_balancer(self) -> None:
+        router = SimRouter(
+            ["tiny-a", "broken"], SimConfig(slots=2, profile="test"), fail=frozenset({"broken"})
+        )
+        await router.start()
+        self.addAsyncCleanup(router.aclose)
+        async with (
+            balancer_for([router], wait_ready=False) as lb,
+            httpx.AsyncClient(base_url=lb.url, timeout=20) as http,
+        ):
+            await wait_until(lambda: lb.balancer.registry.backends[0].router is not None)
+            body = {"model": "broken", "messages": [{"role": "user", "content": "hi"}]}
+            answer = await http.post("/v1/chat/completions", json=body)
+        self.assertEqual(answer.status_code, 503)
+        self.assertEqual(answer.json()["error"]["code"], "model_load_failed")
+        self.assertEqual(router.loads["broken"], 1)
 
 
 if __name__ == "__main__":

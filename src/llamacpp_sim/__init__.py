@@ -11,6 +11,7 @@ from llamacpp_sim.config import SimConfig
 from llamacpp_sim.faults import Fault
 from llamacpp_sim.profiles import PROFILES, Profile
 from llamacpp_sim.recording import RecordedRequest
+from llamacpp_sim.router import SimRouter
 from llamacpp_sim.server import SimBackend
 from llamacpp_sim.spawn import SimProcess, SpawnedBackend, SpawnError, spawn
 
@@ -22,6 +23,7 @@ __all__ = [
     "SimBackend",
     "SimConfig",
     "SimProcess",
+    "SimRouter",
     "SpawnError",
     "SpawnedBackend",
     "spawn",

@@ -7,7 +7,8 @@ consecutive ports from ``--port`` (``--port 0``: each picks a free port); each p
 else is written there. The cache flags are llama-server's, with its defaults: ``--cache-ram``
 (MiB), ``--cache-idle-slots``, ``--kv-unified``, ``--slot-prompt-similarity``; ``--slots auto``
 is its ``-np auto`` (4 slots sharing one unified KV cache). ``--mode ticker`` serves the
-benchmark's timestamping stand-in instead (``ticker.py``).
+benchmark's timestamping stand-in instead (``ticker.py``). ``--models m1,m2 --models-max 1``
+serves each backend in router mode instead (``router.py``): those models, loaded on demand.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, NoReturn, TypeVar
 from llamacpp_sim.config import SimConfig
 from llamacpp_sim.faults import Fault
 from llamacpp_sim.profiles import PROFILES
+from llamacpp_sim.router import SimRouter
 from llamacpp_sim.server import SimBackend
 from llamacpp_sim.ticker import TickerBackend
 
@@ -80,6 +82,24 @@ def build_parser() -> _Parser:
         "(default 4096)",
     )
     p.add_argument("--load-time", default="0", help="seconds answering 503 Loading model")
+    p.add_argument(
+        "--models",
+        default=None,
+        help="router mode: these models (comma-separated), loaded on demand, each with the "
+        "backend's other settings (llama-server --models-dir)",
+    )
+    p.add_argument(
+        "--models-max", type=int, default=4, help="router mode: models loaded at once (default 4)"
+    )
+    p.add_argument(
+        "--model-load-time",
+        type=float,
+        default=0.5,
+        help="router mode: model seconds one model takes to load (default 0.5)",
+    )
+    p.add_argument(
+        "--models-fail", default="", help="router mode: models that fail to load (comma-separated)"
+    )
     p.add_argument(
         "--cache-ram",
         "-cram",
@@ -233,6 +253,39 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
     return configs
 
 
+async def serve_routers(configs: Sequence[SimConfig], args: argparse.Namespace) -> int:
+    """Router mode: each backend a SimRouter over `--models`."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    models = [m for m in args.models.split(",") if m]
+    routers: list[SimRouter] = []
+    try:
+        for config in configs:
+            router = SimRouter(
+                models,
+                config,
+                models_max=args.models_max,
+                load_time_s=args.model_load_time,
+                fail=frozenset(m for m in args.models_fail.split(",") if m),
+            )
+            try:
+                await router.start()
+            except OSError as exc:
+                print(f"{PROG}: error: {config.name}: cannot listen: {exc}", file=sys.stderr)
+                return 1
+            routers.append(router)
+            detail = f"router, models={','.join(models)}, models_max={args.models_max}"
+            print(f"{PROG}: backend {config.name} listening on {router.url} ({detail})", flush=True)
+        await stop.wait()
+        return 0
+    finally:
+        for router in reversed(routers):
+            await router.aclose()
+
+
 async def serve(configs: Sequence[SimConfig], mode: str = "sim") -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -273,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         configs = build_configs(args)
     except _UsageError as exc:
         parser.error(str(exc))
+    if args.models:
+        return asyncio.run(serve_routers(configs, args))
     return asyncio.run(serve(configs, args.mode))
 
 
