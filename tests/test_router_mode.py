@@ -264,6 +264,26 @@ class SimulatedRouterTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(router.loads, {"tiny-a": 1, "tiny-b": 1})
         self.assertEqual(router.peak_deferred(), {"tiny-a": 0, "tiny-b": 0})
 
+    async def test_a_cold_model_is_loaded_on_one_router_not_on_every_one(self) -> None:
+        routers = [
+            SimRouter(["tiny-a", "tiny-b"], SimConfig(slots=2, profile="test"), load_time_s=0.2)
+            for _ in range(2)
+        ]
+        for router in routers:
+            await router.start()
+            self.addAsyncCleanup(router.aclose)
+        async with (
+            balancer_for(routers, wait_ready=False) as lb,
+            httpx.AsyncClient(base_url=lb.url, timeout=20) as http,
+        ):
+            await wait_until(lambda: len(lb.balancer.registry.routers) == 2)
+            body = {"model": "tiny-b", "messages": [{"role": "user", "content": "hi"}]}
+            answers = await asyncio.gather(
+                *(http.post("/v1/chat/completions", json=body) for _ in range(8))
+            )
+        self.assertEqual([a.status_code for a in answers], [200] * 8)
+        self.assertEqual(sum(r.loads["tiny-b"] for r in routers), 1)
+
     async def test_a_model_that_fails_to_load_through_the_balancer(self) -> None:
         router = SimRouter(
             ["tiny-a", "broken"], SimConfig(slots=2, profile="test"), fail=frozenset({"broken"})
