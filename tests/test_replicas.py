@@ -304,6 +304,25 @@ class OperationsAcrossReplicasTest(unittest.IsolatedAsyncioTestCase):
                 self.assertEqual(status, 200)
             self.assertEqual(len([r for r in two.requests if r.path.startswith("/v1/chat")]), 1)
 
+    async def test_a_reload_and_a_removal_reach_every_replica(self) -> None:
+        configs = [SimConfig(slots=2, profile="test"), SimConfig(slots=2, profile="test")]
+        async with redis_server() as redis, sims(*configs) as (one, two), AsyncExitStack() as stack:
+            lbs = await replicas_of(stack, [one, two], redis.url, 3, admin_keys=["admin-secret"])
+            for lb in lbs:
+                # What each replica would read again: its own file, here the same change.
+                running = lb.balancer.config
+                lb.balancer.config_source = lambda c=running: c.model_copy(update={"max_queue": 7})
+            name = lbs[0].balancer.registry.backends[1].name
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{lbs[0].url}/admin/reload", headers=ADMIN) as response:
+                    self.assertEqual(response.status, 200)
+                await wait_until(lambda: all(lb.balancer.scheduler.max_queue == 7 for lb in lbs))
+                async with session.delete(
+                    f"{lbs[1].url}/admin/backends/{name}", headers=ADMIN
+                ) as response:
+                    self.assertEqual(response.status, 202)
+                await wait_until(lambda: all(len(lb.balancer.registry.backends) == 1 for lb in lbs))
+
     async def test_metrics_and_the_monitor_say_which_replica_they_are(self) -> None:
         async with (
             redis_server() as redis,
