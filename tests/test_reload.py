@@ -118,6 +118,8 @@ LIVE = {
     "receive_timeout_s": Live(6.0, _config("receive_timeout_s")),
     "shutdown_grace_s": Live(0.5, _config("shutdown_grace_s")),
     "max_attempts": Live(1, lambda b: b.limits.max_attempts),
+    "resume_streams": Live(False, lambda b: b.limits.max_resumes, 0),
+    "max_resumes": Live(3, lambda b: b.limits.max_resumes),
     "retry_budget_ratio": Live(1.0, spent_budget_refills, True),
     "eject_after_failures": Live(7, lambda b: b.registry.ejection_policy.failures_to_eject),
     "eject_base_s": Live(1.5, lambda b: b.registry.ejection_policy.base_s),

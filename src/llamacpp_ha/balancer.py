@@ -68,6 +68,7 @@ def _limits(config: ProxyConfig) -> ExchangeLimits:
         request_timeout_s=config.request_timeout_s,
         write_timeout_s=config.write_timeout_s,
         max_attempts=config.max_attempts,
+        max_resumes=config.max_resumes if config.resume_streams else 0,
     )
 
 

@@ -215,6 +215,9 @@ class ProxyConfig(BaseSettings):
     keepalive_timeout_s: float = Field(default=5.0, gt=0, json_schema_extra=RESTART)
     shutdown_grace_s: float = Field(default=30.0, ge=0, json_schema_extra=LIVE)
     max_attempts: int = Field(default=3, ge=1, json_schema_extra=LIVE)
+    # A stream whose backend breaks is continued on another backend (resume.py), this often.
+    resume_streams: bool = Field(default=True, json_schema_extra=LIVE)
+    max_resumes: int = Field(default=1, ge=0, le=10, json_schema_extra=LIVE)
     retry_budget_ratio: float = Field(default=0.2, ge=0, le=1, json_schema_extra=LIVE)
     eject_after_failures: int = Field(default=3, ge=1, json_schema_extra=LIVE)
     eject_base_s: float = Field(default=5.0, gt=0, json_schema_extra=LIVE)

@@ -27,6 +27,7 @@ from .exchange_result import ExchangeResult
 from .limits import KeyLimits
 from .policies import RoutingRequest
 from .registry import BackendState
+from .resume import Transcript
 from .scheduler import Lease, Scheduler
 from .sse import END_BY_PATH, BadStream, EventFramer
 from .transport import Timeouts, Transport, Upstream
@@ -39,6 +40,7 @@ class ExchangeLimits:
     request_timeout_s: float
     write_timeout_s: float
     max_attempts: int
+    max_resumes: int = 1  # a broken stream continued on another backend, at most this often
 
 
 @dataclass(frozen=True)
@@ -261,15 +263,56 @@ class Exchange:
         self.answer = await _first_good_answer(acquire, self._open, rule)
         return self.answer
 
-    async def _open(self, lease: Lease) -> Answer:
+    def transcript(self) -> Transcript:
+        """What the client receives of this exchange's stream, for a resume."""
+        return Transcript(self.request.path, self.request.payload)
+
+    async def resume(self, transcript: Transcript, error: UpstreamError) -> Answer | None:
+        """The stream broke after `transcript`: its continuation from another backend, or None
+        when it may not be continued (the reason is the result's)."""
+        why = transcript.why_not(self.limits.max_resumes)
+        if why is None and not self._hooks.retry_budget.try_spend():
+            why = "the retry budget is spent"
+        if why is not None:
+            self.result.resume_refused = why
+            return None
+        failed = self.answer
+        self.failed(error)
+        await self.close_answer()
+        self.answer = None
+        transcript.resuming()
+        tried = frozenset({failed.backend_name}) if failed is not None else frozenset()
+        routing = _excluding(self.request.routing, tried)
+        self.result.attempts += 1
+        try:
+            lease = await self._hooks.scheduler.acquire(
+                routing,
+                timeout_s=max(0.001, self.deadline - time.monotonic()),
+                retry=True,
+                priority=self.request.priority,
+            )
+            self.answer = await self._open(lease, transcript.continuation())
+        except ProxyError as exc:
+            self.result.resume_refused = f"the continuation failed: {exc.message}"
+            return None
+        if self.answer.status != 200 or self.answer.rest is None:
+            self.result.resume_refused = f"the continuation answered {self.answer.status}"
+            await self.close_answer()
+            return None
+        self.result.resumed += 1
+        self.result.backend = lease.backend.name
+        return self.answer
+
+    async def _open(self, lease: Lease, body: bytes | None = None) -> Answer:
         """One attempt: an answer worth relaying, or an UpstreamError already reported."""
         backend = lease.backend
         headers = dict(self.request.headers)
         if backend.config.api_key:
             headers["Authorization"] = f"Bearer {backend.config.api_key}"
-        body = self.request.body
+        if body is None:
+            body = self.request.body
         if lease.claim.slot_id is not None:  # pinned: the slot that holds its prompt, idle
-            body = orjson.dumps({**self.request.payload, "id_slot": lease.claim.slot_id})
+            body = orjson.dumps({**orjson.loads(body), "id_slot": lease.claim.slot_id})
         try:
             upstream = await self._hooks.transport.open(
                 backend.name,

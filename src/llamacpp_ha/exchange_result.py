@@ -27,4 +27,6 @@ class ExchangeResult:
     error: str | None = None
     error_code: str | None = None
     mid_stream: bool = False  # the failure came after the response had started
+    resumed: int = 0  # times the stream went on from another backend after one broke it
+    resume_refused: str | None = None  # why a broken stream was not continued
     usage: Usage = field(default_factory=Usage)

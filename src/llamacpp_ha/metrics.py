@@ -217,6 +217,13 @@ class Metrics:
             f"{PREFIX}_queue_rejections", "Requests refused for capacity", ["reason"], registry=r
         )
         self.retries = Counter(f"{PREFIX}_retries", "Attempts on another backend", registry=r)
+        self.resumes = Counter(
+            f"{PREFIX}_stream_resumes",
+            "Streams whose backend broke, by outcome: resumed (went on from another backend), "
+            "failed (ended with the error event)",
+            ["outcome"],
+            registry=r,
+        )
         self.ejections = Counter(
             f"{PREFIX}_ejections", "Backends ejected after failures", ["backend"], registry=r
         )
@@ -264,6 +271,10 @@ class Metrics:
             self.key_requests.labels(result.key_id, status).inc()
         if result.attempts > 1:
             self.retries.inc(result.attempts - 1)
+        if result.resumed:
+            self.resumes.labels("resumed").inc(result.resumed)
+        if result.mid_stream and result.resume_refused is not None:
+            self.resumes.labels("failed").inc()
         if result.status == 200 and not result.client_disconnected:
             if result.ttfb_s is not None:
                 self.ttft.labels(result.endpoint, backend).observe(result.ttfb_s)

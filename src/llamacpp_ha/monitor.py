@@ -51,6 +51,8 @@ class ProxyStats:
     rejected: int = 0
     disconnected: int = 0
     retries: int = 0
+    resumed: int = 0  # streams continued from another backend
+    resume_failed: int = 0  # broken streams that could not be
     backends: dict[str, BackendStats] = field(default_factory=dict)
     ttfb_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_WINDOW))
     total_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_WINDOW))
@@ -73,6 +75,9 @@ class ProxyStats:
 
     def record(self, result: ExchangeResult) -> None:
         self.retries += max(0, result.attempts - 1)
+        self.resumed += result.resumed
+        if result.mid_stream and result.resume_refused is not None:
+            self.resume_failed += 1
         status, backend = result.status, result.backend
         if result.client_disconnected:
             self.disconnected += 1
@@ -182,6 +187,8 @@ def snapshot(
             "rejected": stats.rejected,
             "disconnected": stats.disconnected,
             "retries": stats.retries,
+            "resumed": stats.resumed,
+            "resume_failed": stats.resume_failed,
         },
         "latency_ms": {
             "ttfb": _percentiles(stats.ttfb_ms),

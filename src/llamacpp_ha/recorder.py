@@ -60,6 +60,8 @@ class Recorder:
                 else round(usage.cache_hit_ratio, 3),
                 "client_disconnected": result.client_disconnected or None,
                 "mid_stream": result.mid_stream or None,
+                "resumed": result.resumed or None,
+                "resume_refused": result.resume_refused,
                 "error": result.error,
             },
         )

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from .errors import GatewayTimeout, ProxyError, send_error
+from .errors import GatewayTimeout, ProxyError, UpstreamError, send_error
 from .exchange import Answer, Exchange
 
 # Not forwarded (RFC 9110 7.6.1: hop-by-hop), plus what the ASGI server sets itself.
@@ -128,9 +128,31 @@ class RelayResponse(Response):
         headers.append((b"x-accel-buffering", b"no"))
         await self._send_start(send, answer.status, headers)
         result.ttfb_s = time.monotonic() - exchange.request.started_at
-        await self._send_body(send, answer.head, more=True)
-        async for chunk in exchange.rest_of_stream(answer):
-            await self._send_body(send, chunk, more=True)
+        # What the client has received, so that a backend dying mid-stream can be replaced by
+        # another that continues from there (resume.py), unseen by the client.
+        transcript = exchange.transcript() if answer.status == 200 else None
+        head, continued = answer.head, False
+        while True:
+            try:
+                await self._send_body(send, head, more=True)
+                if transcript is not None and not continued:
+                    transcript.feed(head)
+                async for chunk in exchange.rest_of_stream(answer):
+                    if continued:
+                        assert transcript is not None
+                        chunk = transcript.rewrite(chunk)
+                    elif transcript is not None:
+                        transcript.feed(chunk)
+                    await self._send_body(send, chunk, more=True)
+                break
+            except UpstreamError as broken:
+                resumed = None
+                if transcript is not None:
+                    resumed = await exchange.resume(transcript, broken)
+                if resumed is None:
+                    raise
+                answer, continued = resumed, True
+                head = transcript.rewrite(resumed.head) if transcript is not None else b""
         await self._send_body(send, b"", more=False)
 
     async def _send_start(
