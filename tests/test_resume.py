@@ -78,6 +78,37 @@ class ResumeTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(lb.balancer.stats.resumed, 1)
         await wait_until(lambda: all(b.slots.in_flight == 0 for b in lb.balancer.registry.backends))
 
+    async def test_a_completions_stream_goes_on_with_the_prompt_extended(self) -> None:
+        configs = [SimConfig(slots=2, profile="gpu-8b") for _ in range(2)]
+        for path, field in (("/v1/completions", "max_tokens"), ("/completion", "n_predict")):
+            async with (
+                sims(*configs) as (first, second),
+                balancer_for([first, second], admin_keys=["admin-secret"]) as lb,
+                httpx.AsyncClient(timeout=10) as http,
+            ):
+                second_name = lb.balancer.registry.backends[1].name
+                await self.start_on_first(lb, http, second_name)
+                first.set_fault(Fault(crash_after_chunks=20))
+                body = {"prompt": "Once upon a time", field: 40, "stream": True}
+                events = []
+                async with http.stream("POST", lb.url + path, json=body) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            events.append(line[6:])
+                            if len(events) == 1:
+                                await http.post(
+                                    f"{lb.url}/admin/backends/{second_name}/undrain", headers=ADMIN
+                                )
+                continued = [json_body(r) for r in second.requests if r.path == path]
+            with self.subTest(path=path):
+                self.assertNotIn('"error"', "".join(events))
+                if path == "/v1/completions":
+                    self.assertEqual(events[-1], "[DONE]")
+                self.assertEqual(len(continued), 1)
+                self.assertTrue(continued[0]["prompt"].startswith("Once upon a time"))
+                self.assertGreater(len(continued[0]["prompt"]), len("Once upon a time"))
+                self.assertLess(continued[0][field], 40)
+
     async def test_a_resume_that_also_fails_ends_with_the_error_event(self) -> None:
         configs = [SimConfig(slots=2, profile="gpu-8b") for _ in range(2)]
         async with (
