@@ -202,7 +202,29 @@ class DashboardTest(unittest.IsolatedAsyncioTestCase):
 
             response = await http.get("/metrics")
             self.assertEqual(response.status_code, 200)
-            return response.text + await self._scrape_router_mode()
+            return response.text + await self._scrape_router_mode() + await self._scrape_resume()
+
+    async def _scrape_resume(self) -> str:
+        """A stream whose backend crashes, continued on the other one."""
+        fleet = [SimConfig(slots=2, profile="gpu-8b", name=n) for n in ("one", "two")]
+        admin = {"Authorization": "Bearer admin-secret"}
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "stream": True}
+        async with (
+            sims(*fleet) as (first, second),
+            balancer_for([first, second], admin_keys=["admin-secret"]) as lb,
+            httpx.AsyncClient(base_url=lb.url, timeout=10) as http,
+        ):
+            other = lb.balancer.registry.backends[1].name
+            await http.post(f"/admin/backends/{other}/drain", headers=admin)
+            first.set_fault(Fault(crash_after_chunks=20))
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                opened = False
+                async for _ in response.aiter_lines():
+                    if not opened:
+                        opened = True
+                        await http.post(f"/admin/backends/{other}/undrain", headers=admin)
+            self.assertEqual(lb.balancer.stats.resumed, 1)
+            return (await http.get("/metrics")).text
 
     async def _scrape_router_mode(self) -> str:
         """A cold model loaded on a router-mode server: scraped while it loads (what waits for
