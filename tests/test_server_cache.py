@@ -179,3 +179,22 @@ class ServerCachesTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class RescaledToNothingTest(unittest.TestCase):
+    """A tiny saved prompt that a new tokens-per-byte ratio rounds to no tokens (the request
+    fuzz test found it: every drain then failed on a division by its length)."""
+
+    def test_a_state_rescaled_to_no_tokens_is_dropped(self) -> None:
+        caches = ServerCaches(2, 1000)
+        caches.track(1.0)
+        caches.saved = [CachedPrompt(("a",), (1,), 1), CachedPrompt(("b",), (40,), 40)]
+        caches.track(0.2)
+        self.assertEqual([s.length for s in caches.saved], [8])
+
+    def test_a_saved_state_of_no_tokens_is_never_restored(self) -> None:
+        caches = ServerCaches(1, 1000)
+        caches.saved = [CachedPrompt(("a",), (0,), 0)]
+        prediction = caches.predict(CachedPrompt(("a", "b"), (0, 30), 30))
+        assert prediction is not None
+        self.assertIsNone(prediction.restores)

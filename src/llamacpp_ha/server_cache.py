@@ -90,7 +90,8 @@ class ServerCaches:
         factor = tokens_per_byte / old
         for slot in self.slots:
             slot.prompt = slot.prompt.scaled(factor)
-        self.saved = [state.scaled(factor) for state in self.saved]
+        # A state rescaled to no tokens holds nothing worth restoring.
+        self.saved = [s for s in (state.scaled(factor) for state in self.saved) if s.length]
 
     def predict(self, prompt: CachedPrompt, id_slot: int | None = None) -> Prediction | None:
         """Where `prompt` would go and what it would reuse; None when no slot is idle."""
@@ -196,6 +197,8 @@ class ServerCaches:
         sim_best = own / prompt.length if prompt.length else 0.0
         found = None
         for state in saved:
+            if not state.length:
+                continue  # nothing to restore (a tiny prompt rescaled to no tokens)
             shared = state.shared(prompt)
             keep = shared / state.length
             sim = shared / prompt.length if prompt.length else 0.0
