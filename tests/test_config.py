@@ -262,3 +262,47 @@ class CommandLineTest(unittest.TestCase):
             self.assertIn('"http://a:1"', result.stdout)
             self.assertNotIn("hidden-key", result.stdout)
         self.assertEqual(self.run_cli("check-config", "/nonexistent.json").returncode, 2)
+
+    def test_check_config_shows_every_secret_as_a_hash_prefix(self) -> None:
+        config = {
+            "backends": [{"url": "http://a:1", "api_key": "backend-secret-7731"}],
+            "api_keys": ["client-secret-7732", {"id": "ops", "key": "other-secret-7733"}],
+            "admin_keys": ["admin-secret-7734"],
+            "state_url": "redis://:redis-secret-7735@h:6379/0",
+        }
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+            json.dump(config, f)
+            f.flush()
+            result = self.run_cli("check-config", f.name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for secret in ("7731", "7732", "7733", "7734", "7735"):
+            self.assertNotIn(secret, result.stdout)
+        shown = json.loads(result.stdout)
+        digest = hashlib.sha256(b"client-secret-7732").hexdigest()
+        self.assertEqual(shown["api_keys"][0]["sha256"], digest[:12] + "…")
+        self.assertEqual(shown["api_keys"][1]["id"], "ops")
+        self.assertTrue(shown["backends"][0]["api_key"].startswith("sha256:"))
+        self.assertEqual(shown["state_url"], "redis://h:6379/0")
+
+    def test_version(self) -> None:
+        result = self.run_cli("--version")
+        self.assertEqual(result.returncode, 0)
+        self.assertRegex(result.stdout, r"^llamacpp-ha \d+\.\d+")
+
+    def test_hash_key_of_a_piped_key_and_a_new_one(self) -> None:
+        piped = subprocess.run(
+            [sys.executable, "-m", "llamacpp_ha", "hash-key"],
+            input="my-key\n", capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        self.assertEqual(piped.returncode, 0)
+        self.assertIn(hashlib.sha256(b"my-key").hexdigest(), piped.stdout)
+        self.assertNotIn("my-key", piped.stdout)
+        new = subprocess.run(
+            [sys.executable, "-m", "llamacpp_ha", "hash-key"],
+            input="", capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        key = new.stdout.split("give it to the client): ", 1)[1].split()[0]
+        self.assertIn(hashlib.sha256(key.encode()).hexdigest(), new.stdout)
+        # The configuration line it prints is accepted as it is.
+        line = next(x for x in new.stdout.splitlines() if x.startswith("config: "))
+        build_config({"backends": ["http://a:1"], "api_keys": [json.loads(line[8:])]})

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
+import json
+import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import ConfigError, ProxyConfig, build_config
+from .config import ConfigError, ProxyConfig, build_config, without_credentials
 from .policies import DEFAULT_POLICY, POLICIES
 
 # flag -> (config field, help). Values stay strings here so that pydantic checks them and
@@ -98,6 +102,13 @@ _FLAGS: dict[str, tuple[str, str]] = {
 }
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("llamacpp-ha")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message}\n")
@@ -108,9 +119,11 @@ def _serve_parser() -> argparse.ArgumentParser:
         prog="llamacpp-ha",
         description="Slot-aware load balancer for llama.cpp llama-server.",
         epilog="Subcommands: 'llamacpp-ha demo' runs simulated backends behind the balancer; "
-        "'llamacpp-ha check-config FILE' validates a configuration file.",
+        "'llamacpp-ha check-config FILE' validates a configuration file (secrets shown as hash "
+        "prefixes); 'llamacpp-ha hash-key' prints a key's SHA-256 for the configuration.",
         argument_default=argparse.SUPPRESS,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--config", type=Path, help="JSON configuration file")
     parser.add_argument(
         "--backend",
@@ -152,7 +165,46 @@ def check_config(argv: Sequence[str]) -> int:
     parser.add_argument("file", type=Path)
     args = parser.parse_args(list(argv))
     config = build_config(config_file=args.file)
-    print(config.model_dump_json(indent=2, exclude={"api_keys"}))
+    print(json.dumps(shown_config(config), indent=2))
+    return 0
+
+
+def shown_config(config: ProxyConfig) -> dict[str, Any]:
+    """What `check-config` prints: every setting, every secret as the prefix of its SHA-256
+    (enough to tell two apart, nothing to log in with), never in clear."""
+    data: dict[str, Any] = config.model_dump(mode="json")
+    for field in ("api_keys", "admin_keys"):
+        data[field] = [
+            {**{k: v for k, v in key.items() if k != "sha256"}, "sha256": _prefix(key["sha256"])}
+            for key in data[field]
+        ]
+    for backend in data["backends"]:
+        if backend.get("api_key"):
+            digest = hashlib.sha256(backend["api_key"].encode()).hexdigest()
+            backend["api_key"] = f"sha256:{_prefix(digest)}"
+    if config.state_url:
+        data["state_url"] = without_credentials(config.state_url)
+    return data
+
+
+def _prefix(digest: str) -> str:
+    return digest[:12] + "…"
+
+
+def hash_key(argv: Sequence[str]) -> int:
+    parser = _Parser(
+        prog="llamacpp-ha hash-key",
+        description="Print a client or admin key and its SHA-256, for the configuration: the "
+        "key read from standard input, or a new random one when nothing is piped in.",
+    )
+    parser.parse_args(list(argv))
+    given = "" if sys.stdin.isatty() else sys.stdin.read().strip()
+    key = given or "sk-" + secrets.token_urlsafe(32)
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    if not given:
+        print(f"key (shown once; give it to the client): {key}")
+    print(f"sha256: {digest}")
+    print(f'config: {{"id": "my-client", "sha256": "{digest}"}}')
     return 0
 
 
@@ -161,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv[:1] == ["check-config"]:
             return check_config(argv[1:])
+        if argv[:1] == ["hash-key"]:
+            return hash_key(argv[1:])
         if argv[:1] == ["demo"]:
             from .demo import run_demo
 
