@@ -28,7 +28,7 @@ from .loop_lag import LoopLag
 from .metrics import Metrics
 from .middleware import HeaderRules
 from .model_loads import ModelLoads
-from .monitor import ProxyStats
+from .monitor import HistorySampler, ProxyStats
 from .policies import RoutingRequest, RoutingSettings, build_policy
 from .prefix_index import CacheIndex
 from .queue import Lease, RequestQueue
@@ -149,6 +149,7 @@ class Balancer:
             self.registry, self.queue, self.scheduler.stats, self.replicas, self.model_loads
         )
         self.recorder = Recorder(self.stats, self.metrics, self.registry)
+        self.sampler = HistorySampler(self.stats, self.registry, self.queue)
         self.admitting = True
         self._removals: set[asyncio.Task[None]] = set()
         # Where reload reads the configuration again; set by the command line.
@@ -161,8 +162,10 @@ class Balancer:
         self.scheduler.start()
         if self.replicas is not None:
             await self.replicas.start()
+        self.sampler.start()
 
     async def aclose(self) -> None:
+        await self.sampler.aclose()
         for task in self._removals:
             task.cancel()
         await asyncio.gather(*self._removals, return_exceptions=True)
