@@ -4,7 +4,7 @@ Each streamed chunk carries, as its text, the ``time.monotonic_ns()`` at which i
 (CLOCK_MONOTONIC is one clock for every process on Linux), so a client measures the delay a
 balancer adds to every chunk. No model time at all: the first chunk leaves at once, and the last
 user message ``tick <ms>`` sets the gap between chunks, so one process serves every phase of a
-benchmark. It answers just enough of llama-server's API (``/health``, ``/v1/models``,
+benchmark. Without ``stream`` it answers one JSON completion at once, as llama-server would. It answers just enough of llama-server's API (``/health``, ``/v1/models``,
 ``/slots``, ``/props``) for every balancer to accept it as a backend with ``slots`` idle slots,
 and nothing of the simulator's engine runs: no tokenizer, no slots, no queue, no faults.
 """
@@ -137,6 +137,27 @@ class TickerBackend:
         # SGLang's router forwards max_tokens as max_completion_tokens.
         n = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
         interval = _interval_s(body)
+        usage = {"prompt_tokens": 4, "completion_tokens": n, "total_tokens": n + 4}
+        # As llama-server sends them, so a balancer does the accounting it does for a real one.
+        timings = {"cache_n": 0, "prompt_n": 4, "prompt_ms": 0.1, "predicted_n": n}
+        if not body.get("stream"):
+            return web.json_response(
+                {
+                    "id": "chatcmpl-ticker",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": str(time.monotonic_ns())},
+                            "finish_reason": "length",
+                        }
+                    ],
+                    "usage": usage,
+                    "timings": timings,
+                }
+            )
         resp = web.StreamResponse(headers=_HEADERS)
         await resp.prepare(request)
         role = {"role": "assistant"}
@@ -146,7 +167,6 @@ class TickerBackend:
                 await asyncio.sleep(interval)
             await resp.write(_chunk(model, str(time.monotonic_ns())))
         await resp.write(_chunk(model, None, "length"))
-        usage = {"prompt_tokens": 4, "completion_tokens": n, "total_tokens": n + 4}
-        await resp.write(_event(model, [], usage=usage) + b"data: [DONE]\n\n")
+        await resp.write(_event(model, [], usage=usage, timings=timings) + b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
