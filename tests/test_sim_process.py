@@ -145,8 +145,13 @@ class SpawnTest(unittest.TestCase):
             self.assertEqual(get_json(sim.url + "/props")["total_slots"], 5)
             self.assertEqual(len(get_json(sim.url + "/slots")), 5)
             before = time.monotonic_ns()
-            body = {"max_tokens": 3, "messages": [{"role": "user", "content": "tick 1"}]}
+            body = {
+                "max_tokens": 3,
+                "stream": True,
+                "messages": [{"role": "user", "content": "tick 1"}],
+            }
             events = sse_data(sim.url + "/v1/chat/completions", body)
+            answer = get_json(sim.url + "/v1/chat/completions", {**body, "stream": False})
         self.assertEqual(events[-1], "[DONE]")
         chunks = [json.loads(e) for e in events[:-1]]
         self.assertEqual(chunks[0]["choices"][0]["delta"], {"role": "assistant"})
@@ -154,6 +159,11 @@ class SpawnTest(unittest.TestCase):
         self.assertTrue(before < stamps[0] < stamps[1] < stamps[2] < time.monotonic_ns())
         self.assertEqual(chunks[4]["choices"][0]["finish_reason"], "length")
         self.assertEqual(chunks[5]["usage"]["completion_tokens"], 3)
+        self.assertEqual(chunks[5]["timings"]["predicted_n"], 3)
+        # Without stream: one completion, as llama-server answers it.
+        self.assertEqual(answer["object"], "chat.completion")
+        self.assertEqual(answer["choices"][0]["finish_reason"], "length")
+        self.assertEqual(answer["usage"]["completion_tokens"], 3)
 
 
 class CliTest(unittest.TestCase):

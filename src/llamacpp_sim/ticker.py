@@ -4,8 +4,9 @@ Each streamed chunk carries, as its text, the ``time.monotonic_ns()`` at which i
 (CLOCK_MONOTONIC is one clock for every process on Linux), so a client measures the delay a
 balancer adds to every chunk. No model time at all: the first chunk leaves at once, and the last
 user message ``tick <ms>`` sets the gap between chunks, so one process serves every phase of a
-benchmark. Without ``stream`` it answers one JSON completion at once, as llama-server would. It answers just enough of llama-server's API (``/health``, ``/v1/models``,
-``/slots``, ``/props``) for every balancer to accept it as a backend with ``slots`` idle slots,
+benchmark. Without ``stream`` it answers one JSON completion at once, as llama-server would.
+It answers just enough of llama-server's API (``/health``, ``/v1/models``, ``/slots``,
+``/props``) for every balancer to accept it as a backend with ``slots`` idle slots,
 and nothing of the simulator's engine runs: no tokenizer, no slots, no queue, no faults.
 """
 
