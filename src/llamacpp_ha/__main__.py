@@ -221,8 +221,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(argv[1:])
         config = load_config(argv)
         # The app and uvicorn are imported only once there is something to serve.
-        from .server import serve
+        from .server import listen_error, serve
 
+        # Before anything is printed, and before --workers forks (each worker then binds the
+        # port with SO_REUSEPORT, which the check does not hold).
+        problem = listen_error(config.host, config.port)
+        if problem is not None:
+            print(f"llamacpp-ha: {problem}", file=sys.stderr)
+            return 2
         return serve(config, source=lambda: load_config(argv))
     except ConfigError as exc:
         print(f"llamacpp-ha: invalid configuration: {exc}", file=sys.stderr)

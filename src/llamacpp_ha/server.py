@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -98,6 +99,39 @@ def serve(
     with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=None if sock is None else [sock])
     return 0 if server.started else 1
+
+
+def listen_error(host: str, port: int) -> str | None:
+    """Why the balancer could not listen on host:port, one line naming the flag; None if it
+    can. Called before anything is printed or started, so that a port in use is that line, not
+    a banner followed by uvicorn's bind error.
+
+    It binds as asyncio's `create_server` (which uvicorn calls) will: every address `host`
+    resolves to, SO_REUSEADDR (a port in TIME_WAIT is free), IPV6_V6ONLY. Not SO_REUSEPORT:
+    with it, the port of another `--workers` balancer would look free. Each socket is closed at
+    once, bound but never listening, so nothing is held (no TIME_WAIT either) and `--workers`
+    binds the port right after."""
+    if port == 0:
+        return None  # a free port is picked when listening
+    try:
+        addresses = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        return f"--host {host}: cannot resolve it ({exc.strerror})"
+    for family, kind, proto, _, address in dict.fromkeys(addresses):
+        shown = f"[{address[0]}]:{port}" if family == socket.AF_INET6 else f"{address[0]}:{port}"
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return f"--port {port}: address already in use ({shown})"
+                return f"--host {host} --port {port}: cannot listen on {shown}: {exc.strerror}"
+    return None
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

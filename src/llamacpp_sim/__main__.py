@@ -9,6 +9,8 @@ else is written there. The cache flags are llama-server's, with its defaults: ``
 is its ``-np auto`` (4 slots sharing one unified KV cache). ``--mode ticker`` serves the
 benchmark's timestamping stand-in instead (``ticker.py``). ``--models m1,m2 --models-max 1``
 serves each backend in router mode instead (``router.py``): those models, loaded on demand.
+``--parent-pid PID`` stops it once PID is no longer its parent, so that a simulator whose
+parent was killed outright does not hold its ports for good.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -150,6 +153,13 @@ def build_parser() -> _Parser:
     p.add_argument(
         "--fault", default=None, help="fault at start, JSON, e.g. '{\"error_500\": true}' (all)"
     )
+    p.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="stop, as on SIGTERM, once this process is no longer our parent (it died and we "
+        "were handed to another); what spawn(exit_with_parent=True) passes",
+    )
     return p
 
 
@@ -253,13 +263,35 @@ def build_configs(args: argparse.Namespace) -> list[SimConfig]:
     return configs
 
 
-async def serve_routers(configs: Sequence[SimConfig], args: argparse.Namespace) -> int:
-    """Router mode: each backend a SimRouter over `--models`."""
+# How often a child started with --parent-pid looks for its parent.
+_PARENT_POLL_S = 0.5
+
+
+def _stop_event(parent_pid: int | None) -> tuple[asyncio.Event, asyncio.Task[None] | None]:
+    """Set on SIGINT or SIGTERM, and once `parent_pid` is no longer our parent: a parent that
+    was SIGKILLed cannot stop us, and a simulator left behind would hold its ports for good."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    if parent_pid is None:
+        return stop, None
+
+    async def watch() -> None:
+        # Polled, as nothing signals it portably: an orphan is handed to init or a subreaper,
+        # so getppid() changes; no signal or pipe has to reach us through a wrapper.
+        while os.getppid() == parent_pid:  # noqa: ASYNC110
+            await asyncio.sleep(_PARENT_POLL_S)
+        print(f"{PROG}: parent {parent_pid} is gone; stopping", file=sys.stderr, flush=True)
+        stop.set()
+
+    return stop, asyncio.create_task(watch())
+
+
+async def serve_routers(configs: Sequence[SimConfig], args: argparse.Namespace) -> int:
+    """Router mode: each backend a SimRouter over `--models`."""
+    stop, watcher = _stop_event(args.parent_pid)
     models = [m for m in args.models.split(",") if m]
     routers: list[SimRouter] = []
     try:
@@ -282,16 +314,16 @@ async def serve_routers(configs: Sequence[SimConfig], args: argparse.Namespace) 
         await stop.wait()
         return 0
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for router in reversed(routers):
             await router.aclose()
 
 
-async def serve(configs: Sequence[SimConfig], mode: str = "sim") -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+async def serve(
+    configs: Sequence[SimConfig], mode: str = "sim", parent_pid: int | None = None
+) -> int:
+    stop, watcher = _stop_event(parent_pid)
     backends: list[SimBackend | TickerBackend] = []
     try:
         for config in configs:
@@ -315,6 +347,8 @@ async def serve(configs: Sequence[SimConfig], mode: str = "sim") -> int:
         await stop.wait()
         return 0
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for backend in reversed(backends):
             await backend.aclose()
 
@@ -328,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.models:
         return asyncio.run(serve_routers(configs, args))
-    return asyncio.run(serve(configs, args.mode))
+    return asyncio.run(serve(configs, args.mode, args.parent_pid))
 
 
 if __name__ == "__main__":

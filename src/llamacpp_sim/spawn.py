@@ -161,6 +161,7 @@ def spawn(
     log_path: Path | None = None,
     wrapper: Sequence[str] = (),
     new_session: bool = False,
+    exit_with_parent: bool = False,
     timeout_s: float = 20.0,
 ) -> SimProcess:
     """Start ``count`` simulated backends (default: one per value of the per-backend lists) in
@@ -172,7 +173,8 @@ def spawn(
     ``log_path``: the child's stdout and stderr go to this file (else stdout is discarded once
     read, and stderr is ours). ``wrapper``: a command prefix such as ``taskset -c 1``.
     ``new_session``: the child leads a process group of its own, out of reach of the terminal's
-    Ctrl-C.
+    Ctrl-C. ``exit_with_parent``: the child stops by itself once this process is gone, even
+    SIGKILLed (``--parent-pid``); with a ``wrapper``, only one that execs (``taskset``, ``nice``).
     """
     per_backend = {
         "--port": port,
@@ -211,6 +213,8 @@ def spawn(
         flags.append("--kv-unified" if kv_unified else "--no-kv-unified")
     if fault is not None:
         flags += ["--fault", json.dumps(fault.to_json())]
+    if exit_with_parent:
+        flags += ["--parent-pid", str(os.getpid())]
     command = [*wrapper, sys.executable, "-m", "llamacpp_sim", *flags]
     return _start(command, n, log_path, new_session, timeout_s)
 
