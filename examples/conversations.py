@@ -1,8 +1,12 @@
-"""Send a few concurrent multi-turn conversations through an OpenAI-compatible endpoint.
+"""Send concurrent multi-turn conversations through an OpenAI-compatible endpoint.
 
 Each turn prints its latency, its time to first token and how many prompt tokens the server
 reused from its cache (``usage.prompt_tokens_details.cached_tokens``): with a slot-aware balancer
 in front of llama-servers, turns after the first should reuse nearly the whole conversation.
+
+The default load is sized for ``llamacpp-ha demo`` (8 slots: gpu-a 4, gpu-b 2, cpu-c 2): twice
+as many conversations as slots, so that on ``/monitor`` the slots fill, a queue forms, and the
+follow-up turns still go back to the server that holds their conversation.
 
     python examples/conversations.py --base-url http://127.0.0.1:8000/v1
 """
@@ -81,13 +85,19 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
-    parser.add_argument("--api-key", default="sk-no-key-required")
-    parser.add_argument("--model", default="sim-model")
-    parser.add_argument("--conversations", type=int, default=4)
-    parser.add_argument("--turns", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=48)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="The defaults suit `llamacpp-ha demo`: 16 conversations on its 8 slots queue.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="OpenAI base URL")
+    parser.add_argument("--api-key", default="sk-no-key-required", help="client key")
+    parser.add_argument("--model", default="sim-model", help="model name in each request")
+    parser.add_argument(
+        "--conversations", type=int, default=16, help="conversations running at once"
+    )
+    parser.add_argument("--turns", type=int, default=5, help="user turns per conversation")
+    parser.add_argument("--max-tokens", type=int, default=64, help="longest reply per turn")
     args = parser.parse_args(argv)
     try:
         return asyncio.run(run(args))
