@@ -1,6 +1,7 @@
 #!/bin/sh
-# System packages the tests need: Debian's chromium for the monitor page's browser test, and
-# redis-server for the replicas' shared state.
+# System packages the tests need: Debian's chromium for the monitor page's browser test,
+# redis-server for the replicas' shared state, and nginx, which tests/test_deploy.py runs with
+# deploy/nginx-tls.conf in front of a balancer.
 # Idempotent: a no-op when everything is present; otherwise one apt-get update, then install.
 set -eu
 
@@ -8,6 +9,8 @@ missing=""
 # The browser test runs /usr/bin/chromium (Debian's package), not whatever is on PATH.
 [ -x /usr/bin/chromium ] || missing="$missing chromium"
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+# /usr/sbin is not on every user's PATH: look where Debian's package puts it, as the test does.
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing="$missing nginx"
 
 if [ -z "$missing" ]; then
     exit 0
