@@ -1,9 +1,10 @@
 """The monitor page in a real browser: headless Debian chromium, driven over the DevTools protocol.
 
 The balancer runs in front of simulated backends under load; the test reads what the page
-shows (not `/monitor/data`): a row per backend, numbers that move, a killed backend shown as
-dead, a "data unavailable" banner once the balancer is gone. It saves a screenshot to
-`test-output/monitor.png`.
+shows (not `/monitor/data`): a row per backend, numbers that move, charts of the history that
+draw and move (sampled every 0.5 s here, through `History`'s constructor), a legend for every
+abbreviation, one unit for every time, a killed backend shown as dead, a "data unavailable"
+banner once the balancer is gone. It saves a screenshot to `test-output/monitor.png`.
 
 The DevTools protocol is spoken directly over a websocket (aiohttp, already a dependency):
 no browser download, no driver whose version has to match the browser's.
@@ -26,6 +27,7 @@ from typing import Any, BinaryIO
 import aiohttp
 
 from llamacpp_ha.config import build_config
+from llamacpp_ha.monitor import History
 from llamacpp_ha.proxy import create_app
 from llamacpp_ha.registry import Health
 from llamacpp_sim import SimConfig
@@ -86,6 +88,29 @@ READ_PAGE_JS = """(() => {
     images: document.images.length,
   };
 })()"""
+
+
+# The charts as drawn: per chart its caption, how many samples it drew and the newest one's
+# time, each series' path (and its number of points) and the value its legend shows.
+READ_CHARTS_JS = """(() => Object.fromEntries(
+  [...document.querySelectorAll("#charts figure[data-chart]")].map((fig) => [fig.dataset.chart, {
+    title: fig.querySelector("figcaption").textContent.trim(),
+    samples: Number(fig.dataset.samples),
+    last_t: fig.dataset.lastT,
+    x_ticks: fig.querySelectorAll("g.axis.x text").length,
+    y_ticks: fig.querySelectorAll("g.axis.y text").length,
+    series: Object.fromEntries([...fig.querySelectorAll("path[data-series]")].map((path) => [
+      path.dataset.series, {points: Number(path.dataset.points), d: path.getAttribute("d"),
+       max: path.dataset.max === "" ? null : Number(path.dataset.max)}])),
+    legend: Object.fromEntries([...fig.querySelectorAll(".legend li")].map((li) => [
+      li.dataset.series, li.querySelector(".value").textContent.trim()])),
+  }])))()"""
+
+# Every abbreviation on the page (an <abbr>) and the legend's terms.
+READ_LEGEND_JS = """(() => ({
+  abbrs: [...document.querySelectorAll("abbr")].map((a) => [a.textContent.trim(), a.title]),
+  terms: [...document.querySelectorAll("#glossary dt")].map((dt) => dt.textContent.trim()),
+}))()"""
 
 
 class BrowserError(Exception):
@@ -307,7 +332,8 @@ class MonitorPageTest(unittest.IsolatedAsyncioTestCase):
     async def test_page_shows_the_fleet_live(self) -> None:
         if not os.access(CHROMIUM, os.X_OK):
             self.fail(f"{CHROMIUM} not found: run scripts/install-test-deps.sh")
-        async with asyncio.timeout(28):
+        # Generous for a busy 2-core machine: it takes about 15 s on an idle one.
+        async with asyncio.timeout(90):
             await self._run()
 
     async def _run(self) -> None:
@@ -331,7 +357,10 @@ class MonitorPageTest(unittest.IsolatedAsyncioTestCase):
                     "queue_timeout_s": 10,
                 }
             )
-            async with serve_app(create_app(config)) as lb:
+            app = create_app(config)
+            # A sample every 0.5 s instead of 5 s, set before the lifespan starts the sampler.
+            app.state.balancer.stats.history = History(interval_s=0.5)
+            async with serve_app(app) as lb:
                 balancer = lb.balancer
                 await wait_until(
                     lambda: all(b.health is Health.READY for b in balancer.registry.backends)
@@ -350,6 +379,7 @@ class MonitorPageTest(unittest.IsolatedAsyncioTestCase):
                 # The hostile name is text: no element, no script ran.
                 self.assertIsNone(shown["injected"])
                 self.assertEqual(shown["images"], 0)
+                await self._check_external(page, backends[0].url)
 
                 stop = asyncio.Event()
                 sent: list[int] = []
@@ -357,6 +387,7 @@ class MonitorPageTest(unittest.IsolatedAsyncioTestCase):
                 clients = [asyncio.create_task(load(lb.url, stop, sent)) for _ in range(10)]
                 try:
                     await self._check_under_load(page, names)
+                    await self._check_charts(page, names)
                     await self._check_poll_rate(page)
                     await backends[1].aclose()
                     shown = await page.wait_until_shown(
@@ -382,7 +413,7 @@ class MonitorPageTest(unittest.IsolatedAsyncioTestCase):
 
                 shown = await page.wait_until_shown(
                     lambda s: (
-                        s["overview"]["in_flight"] == "0" and s["overview"]["queue_depth"] == "0"
+                        s["overview"]["running"] == "0" and s["overview"]["queue_depth"] == "0"
                     ),
                     "the fleet idle again",
                 )
@@ -434,6 +465,114 @@ class MonitorPageTest(unittest.IsolatedAsyncioTestCase):
             )
         self.assertNotEqual(shown["latency"]["ttfb"][0], DASH)
         self.assertNotEqual(shown["backends"][names[0]]["ttfb_ms_p50"], DASH)
+        # The Running card is the sum of the table's Running column, whatever is queued.
+        running = sum(number(shown["backends"][n]["in_flight"]) for n in names)
+        self.assertEqual(number(shown["overview"]["running"]), running)
+        self.assertNotIn("in_flight", shown["totals"], "a count of now is not a total")
+        # One unit for every time: milliseconds, never seconds.
+        times = [
+            *[cell for row in shown["latency"].values() for cell in row],
+            *[shown["backends"][n]["ttfb_ms_p50"] for n in names],
+            shown["overview"]["queue_oldest_wait"],
+            shown["overview"]["max_reorder_delay"],
+        ]
+        for text in times:
+            self.assertRegex(text, rf"^(\d[\d,]*(\.\d)? ms|{DASH})$")
+        legend = await page.evaluate(READ_LEGEND_JS)
+        terms = {t.strip() for dt in legend["terms"] for t in dt.split(",")}
+        self.assertIn("ext.", terms)
+        self.assertTrue(legend["abbrs"], "the abbreviations are marked up")
+        for text, title in legend["abbrs"]:
+            self.assertTrue(title, f"{text} has a tooltip")
+            self.assertIn(text, terms, f"{text} is in the legend")
+
+    async def _check_external(self, page: Page, alpha_url: str) -> None:
+        """A client talking to alpha directly, around the balancer: an "ext." slot, explained."""
+        started = asyncio.Event()
+
+        async def direct() -> None:
+            body = {"prompt": "around the balancer", "n_predict": 2000, "stream": True}
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(f"{alpha_url}/completion", json=body) as response,
+            ):
+                await response.content.readline()
+                started.set()
+                await response.read()  # until cancelled
+
+        task = asyncio.create_task(direct())
+        try:
+            await asyncio.wait_for(started.wait(), 10)
+            shown = await page.wait_until_shown(
+                lambda s: "ext." in s["backends"]["alpha"]["slots_text"], "an external slot"
+            )
+            self.assertEqual(shown["backends"]["alpha"]["slots_text"], "1 / 2 (1 ext.)")
+            title = await page.evaluate(
+                """document.querySelector('tr[data-backend="alpha"] abbr').title"""
+            )
+            self.assertIn("did not come through this balancer", title)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await page.wait_until_shown(
+            lambda s: s["backends"]["alpha"]["slots_text"] == "0 / 2", "the external slot free"
+        )
+
+    async def _check_charts(self, page: Page, names: list[str]) -> None:
+        """Under load the charts draw a line per series and move as samples come."""
+
+        def drawn(charts: dict[str, Any]) -> bool:
+            return bool(
+                set(charts) == {"requests", "ttft", "queue", "cache", "slots"}
+                and all(
+                    line["points"] >= 2 for c in charts.values() for line in c["series"].values()
+                )
+                and set(charts["slots"]["series"]) == set(names)
+            )
+
+        async def charts_when(predicate: Any, what: str) -> dict[str, Any]:
+            charts: dict[str, Any] = {}
+            try:
+                async with asyncio.timeout(20):
+                    while not predicate(charts := await page.evaluate(READ_CHARTS_JS)):  # noqa: ASYNC110 - a DOM has no event to await from here
+                        await asyncio.sleep(0.1)
+            except TimeoutError:
+                raise AssertionError(
+                    f"the charts did not show {what}; they showed {charts}"
+                ) from None
+            return charts
+
+        first = await charts_when(drawn, "a line with points for every series")
+        for chart in first.values():
+            self.assertGreaterEqual(chart["x_ticks"], 1, f"{chart['title']}: a time axis")
+            self.assertGreaterEqual(chart["y_ticks"], 2, f"{chart['title']}: a value axis")
+            for line in chart["series"].values():
+                self.assertRegex(line["d"], r"^M[\d.]+ [\d.]+")
+        self.assertEqual(set(first["slots"]["legend"]), set(names))
+        self.assertIn("(ms)", first["ttft"]["title"])
+        # Under load: requests answered, some waiting, busy slots, prompts from the cache.
+        loaded = await charts_when(
+            lambda c: (
+                c["requests"]["legend"]["answered"] not in (DASH, "0.00/s")
+                and any(number(v) > 0 for v in c["slots"]["legend"].values())
+                and c["cache"]["legend"]["hit"].endswith("%")
+            ),
+            "the load",
+        )
+        # And they move: a newer sample, drawn (its line is not the same path as before).
+        moved = await charts_when(
+            lambda c: c["requests"]["last_t"] != loaded["requests"]["last_t"],
+            "a newer sample",
+        )
+        for chart in ("requests", "ttft", "queue", "slots"):
+            before, after = loaded[chart]["series"], moved[chart]["series"]
+            self.assertNotEqual(
+                [s["d"] for s in before.values()], [s["d"] for s in after.values()], chart
+            )
+        # What was drawn under load: a queue (10 clients for 6 slots) and full backends.
+        self.assertGreater(moved["queue"]["series"]["queued"]["max"], 0)
+        self.assertEqual(max(s["max"] for s in moved["slots"]["series"].values()), 2)
 
 
 if __name__ == "__main__":
