@@ -128,7 +128,7 @@ if ! cmake -S "$src" -B "$work/build" "${generator[@]}" \
     die "cmake configure failed (log above); a C and C++ compiler are required (Debian/Ubuntu: apt-get install build-essential cmake)"
 fi
 
-log "building llama-server with $jobs jobs (5 to 8 minutes on 2 cores)"
+log "building llama-server with $jobs jobs (about 5 minutes on 2 cores, 7 minutes of CPU time)"
 if ! cmake --build "$work/build" --config Release --target llama-server -j "$jobs" \
     >"$work/build.log" 2>&1; then
     tail -n 40 "$work/build.log" >&2

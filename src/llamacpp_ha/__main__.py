@@ -72,7 +72,7 @@ _FLAGS: dict[str, tuple[str, str]] = {
     ),
     "--shutdown-grace": (
         "shutdown_grace_s",
-        "seconds streams in flight may finish after SIGTERM (default 30)",
+        "seconds streams in flight may finish after SIGTERM or SIGINT (default 30)",
     ),
     "--max-attempts": ("max_attempts", "backends tried per request before giving up (default 3)"),
     "--max-body-size": ("max_body_size", "largest request body in bytes (default 32 MiB)"),
