@@ -139,12 +139,20 @@ class ServerCachesTest(unittest.TestCase):
             with self.subTest(seed=seed):
                 self.replay_both(seed)
 
-    def replay_both(self, seed: int) -> None:
+    def test_it_agrees_with_many_slots_holding_the_same_prompts(self) -> None:
+        # Many slots, prompts often sent again unchanged (an idle fleet, a shared document):
+        # idle slots with equal content are grouped, and the slot picked must still be the one
+        # llama-server picks (the lowest id among the most similar), task by task.
+        for seed in range(3):
+            with self.subTest(seed=seed):
+                self.replay_both(seed, n_slots=16, repeat=0.4)
+
+    def replay_both(self, seed: int, n_slots: int = 3, repeat: float = 0.0) -> None:
         # The same tasks through both models: what each says is reused, task by task.
         rng = random.Random(seed)
-        shadow = ServerCaches(n_slots=3, host_tokens=400)
+        shadow = ServerCaches(n_slots=n_slots, host_tokens=400)
         model = PromptCaches(
-            3,
+            n_slots,
             similarity=0.1,
             # 1,000 bytes a token (and 24 a state): the limit holds 400 tokens, as the shadow's.
             host=HostCache(
@@ -157,13 +165,14 @@ class ServerCachesTest(unittest.TestCase):
         busy: list[tuple[int, int]] = []
         agreed = launched = 0
         for step in range(300):
-            if busy and (len(busy) == 3 or rng.random() < 0.5):
+            if busy and (len(busy) == n_slots or rng.random() < 0.5):
                 slot_a, slot_b = busy.pop(rng.randrange(len(busy)))
                 shadow.release(slot_a, step)
                 model.release(slot_b, step)
                 continue
             c = rng.randrange(6)
-            conversations[c].append(f"t{step}")
+            if rng.random() >= repeat:
+                conversations[c].append(f"t{step}")
             p = prompt(*conversations[c])
             tokens = [hash(k) % 100_000 for k in p.keys for _ in range(BLOCK)]
             ours, theirs = shadow.launch(p), model.launch(tokens)
@@ -172,7 +181,7 @@ class ServerCachesTest(unittest.TestCase):
             model.slots[theirs.slot_id].tokens = list(tokens)  # the engine's part: the prompt
             busy.append((ours.slot, theirs.slot_id))
             launched += 1
-            agreed += ours.reused == theirs.cache_n
+            agreed += ours.reused == theirs.cache_n and ours.slot == theirs.slot_id
         self.assertGreater(launched, 100)
         self.assertEqual(agreed, launched)
 

@@ -134,18 +134,23 @@ class RoutingView:
     def _held_busy(self, backend: str, prompt: CachedPrompt) -> tuple[int, float]:
         """The most of `prompt` a busy slot of `backend` is computing or holds, and when that
         slot should free (its request's remaining time)."""
-        shadow = self._caches[backend]
+        slots = self._caches[backend].slots
+        # Only the slots our claims landed on (not every slot of the shadow); the lowest slot
+        # id wins a tie, the last claim on a slot says when it frees.
         remaining = {
             c.lands_on: c.remaining_s(self._now)
             for c in self._ledgers[backend].claims
-            if c.lands_on is not None
+            if c.lands_on is not None and 0 <= c.lands_on < len(slots)
         }
-        best, wait = 0, 0.0
-        for slot in shadow.slots:
-            if slot.busy and slot.id in remaining:
-                shared = min(slot.prompt.shared(prompt), max(prompt.length - 1, 0))
-                if shared > best:
-                    best, wait = shared, remaining[slot.id]
+        best, wait, best_id = 0, 0.0, -1
+        cap = max(prompt.length - 1, 0)
+        for slot_id, left in remaining.items():
+            slot = slots[slot_id]
+            if not slot.busy:
+                continue
+            shared = min(slot.prompt.shared(prompt), cap)
+            if shared > best or (shared == best and shared and slot_id < best_id):
+                best, wait, best_id = shared, left, slot_id
         return best, wait
 
     def has_room_for(self, backends: Sequence[BackendState], routing: RoutingRequest) -> bool:

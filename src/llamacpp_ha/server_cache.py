@@ -21,6 +21,7 @@ so it heals as the backend works.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 SIMILARITY = 0.1  # --slot-prompt-similarity
@@ -68,16 +69,83 @@ class Prediction:
     restores: CachedPrompt | None = None  # the saved state it restores, if any
 
 
+# Idle slots holding the same prompt hold it to the same depth: grouped by this, the slot
+# llama-server would pick is found by comparing each distinct prompt once, not every slot.
+_Content = tuple[str, int, int]
+
+
+def _content(prompt: CachedPrompt) -> _Content | None:
+    if not prompt.keys or not prompt.length:
+        return None  # nothing that can be shared
+    return (prompt.keys[-1], prompt.tokens_at[-1], prompt.length)
+
+
 class ServerCaches:
-    """One backend's slots and host cache, as llama-server keeps them."""
+    """One backend's slots and host cache, as llama-server keeps them.
+
+    Every task costs in proportion to what differs, not to the slots: idle slots are grouped by
+    the prompt they hold (kept ordered by slot id), and an idle slot whose prompt was found
+    saved is not saved again until the host cache lets something go. A backend with hundreds
+    of slots (the overhead benchmark's stand-in has thousands) routes as fast as one with four.
+    """
 
     def __init__(self, n_slots: int, host_tokens: int) -> None:
         self.slots = [_Slot(i) for i in range(n_slots)]
-        self.host_tokens = host_tokens
-        self.saved: list[CachedPrompt] = []  # oldest first
+        self._host_tokens = host_tokens
+        self._saved: list[CachedPrompt] = []  # oldest first
+        # Idle slots by the prompt they hold, each list in slot id order.
+        self._groups: dict[_Content, list[_Slot]] = {}
+        # Idle slots whose prompt is not known to be in the host cache (`--cache-idle-slots`
+        # saves them at each new task); the others' saving would change nothing.
+        self._unsaved: set[_Slot] = set(self.slots)
+        self._forgotten = 0  # times the host cache let something go
         # Tokens are counted from the text at the backend's measured tokens per byte; what is
         # held was counted at the ratio of its day.
         self.tokens_per_byte: float | None = None
+
+    @property
+    def saved(self) -> list[CachedPrompt]:
+        """The host cache's states, oldest first."""
+        return self._saved
+
+    @saved.setter
+    def saved(self, states: list[CachedPrompt]) -> None:
+        kept = {id(s) for s in states}
+        if any(id(s) not in kept for s in self._saved):
+            self._forgot()
+        self._saved = states
+
+    @property
+    def host_tokens(self) -> int:
+        return self._host_tokens
+
+    @host_tokens.setter
+    def host_tokens(self, tokens: int) -> None:
+        if tokens != self._host_tokens:
+            self._forgot()
+        self._host_tokens = tokens
+
+    def _forgot(self) -> None:
+        """The host cache let a state go (or changed size): any idle slot may need saving."""
+        self._forgotten += 1
+        self._unsaved = {slot for slot in self.slots if not slot.busy}
+
+    def _set(self, slot: _Slot, prompt: CachedPrompt, busy: bool) -> None:
+        """Every change of a slot's prompt or state goes here, to keep the groups true."""
+        held = _content(slot.prompt)
+        if not slot.busy and held is not None:
+            group = self._groups[held]
+            del group[bisect.bisect_left(group, slot.id, key=_slot_id)]
+            if not group:
+                del self._groups[held]
+        slot.prompt, slot.busy = prompt, busy
+        if busy:
+            self._unsaved.discard(slot)
+            return
+        self._unsaved.add(slot)
+        content = _content(prompt)
+        if content is not None:
+            bisect.insort(self._groups.setdefault(content, []), slot, key=_slot_id)
 
     def track(self, tokens_per_byte: float) -> None:
         """Count what is held at the backend's current ratio when it has moved by over 5 %."""
@@ -89,16 +157,17 @@ class ServerCaches:
             return
         factor = tokens_per_byte / old
         for slot in self.slots:
-            slot.prompt = slot.prompt.scaled(factor)
+            self._set(slot, slot.prompt.scaled(factor), slot.busy)
         # A state rescaled to no tokens holds nothing worth restoring.
         self.saved = [s for s in (state.scaled(factor) for state in self.saved) if s.length]
+        self._forgot()
 
     def predict(self, prompt: CachedPrompt, id_slot: int | None = None) -> Prediction | None:
         """Where `prompt` would go and what it would reuse; None when no slot is idle."""
         chosen = self._choose(prompt, id_slot)
-        if chosen is None:
-            return None
-        slot, consult = chosen
+        return None if chosen is None else self._predict(prompt, *chosen)
+
+    def _predict(self, prompt: CachedPrompt, slot: _Slot, consult: bool) -> Prediction:
         reused = slot.prompt.shared(prompt)
         # The slot's own state is saved first, which may push out the oldest saved ones.
         restores = self._best_saved(slot, prompt, self._saving(slot.prompt)) if consult else None
@@ -113,23 +182,33 @@ class ServerCaches:
         if chosen is None:
             return None
         slot, consult = chosen
-        prediction = self.predict(prompt, id_slot)
-        assert prediction is not None
+        prediction = self._predict(prompt, slot, consult)
         if consult:
-            self.saved = self._saving(slot.prompt)
-            if prediction.restores is not None and prediction.restores in self.saved:
-                self.saved.remove(prediction.restores)  # moved into the slot, not copied
-        slot.prompt = prompt
-        slot.busy = True
-        for other in self.slots:  # --cache-idle-slots: every idle slot is saved
-            if not other.busy:
-                self.saved = self._saving(other.prompt)
+            saved = self._saving(slot.prompt)
+            if prediction.restores is not None and prediction.restores in saved:
+                saved = [s for s in saved if s is not prediction.restores]  # moved, not copied
+            self.saved = saved
+        self._set(slot, prompt, busy=True)
+        # --cache-idle-slots: every idle slot is saved, in slot order; those known to be saved
+        # already would change nothing.
+        pending, at = sorted(self._unsaved, key=_slot_id), 0
+        while at < len(pending):
+            other, at = pending[at], at + 1
+            forgotten = self._forgotten
+            self.saved = self._saving(other.prompt)
+            self._unsaved.discard(other)
+            if self._forgotten != forgotten:
+                # Saving it pushed a state out: the slots after it are all looked at now, as
+                # llama-server's loop goes on (those before it, at the next task).
+                pending = sorted((s for s in self._unsaved if s.id > other.id), key=_slot_id)
+                at = 0
         return prediction
 
     def release(self, slot_id: int, now: float) -> None:
         if 0 <= slot_id < len(self.slots):
             slot = self.slots[slot_id]
-            slot.busy = False
+            if slot.busy:
+                self._set(slot, slot.prompt, busy=False)
             slot.last_used = now
 
     def lost(self, state: CachedPrompt, floor: int) -> None:
@@ -140,17 +219,19 @@ class ServerCaches:
             return
         newer = self.saved[self.saved.index(state) + 1 :]
         self.host_tokens = max(floor, min(self.host_tokens, sum(s.length for s in newer)))
-        self.saved.remove(state)
-        used = sum(s.length for s in self.saved)
-        while self.saved and used > self.host_tokens:
-            used -= self.saved.pop(0).length
+        kept = [s for s in self.saved if s is not state]
+        used = sum(s.length for s in kept)
+        while kept and used > self.host_tokens:
+            used -= kept.pop(0).length
+        self.saved = kept
 
     def answered(self, slot_id: int, prompt: CachedPrompt, generated: int) -> None:
         """The answer's tokens stay in the slot after the prompt, if it still holds it."""
         if 0 <= slot_id < len(self.slots):
             slot = self.slots[slot_id]
             if slot.prompt is prompt and generated > 0:
-                slot.prompt = CachedPrompt(prompt.keys, prompt.tokens_at, prompt.length + generated)
+                grown = CachedPrompt(prompt.keys, prompt.tokens_at, prompt.length + generated)
+                self._set(slot, grown, slot.busy)
 
     def best_held(self, prompt: CachedPrompt) -> int:
         """Tokens of `prompt` held anywhere here (a slot, busy or not, or a saved state that
@@ -170,14 +251,20 @@ class ServerCaches:
         best: _Slot | None = named
         best_sim = 0.0
         if prompt.length:
-            for slot in self.slots:
-                if named is not None and slot is not named:
+            # The most similar idle slot, the lowest id among equals (llama-server's loop goes
+            # through the slots in order and keeps a strictly better one).
+            if named is not None:
+                groups = [[named]] if _content(named.prompt) is not None else []
+            else:
+                groups = list(self._groups.values())
+            for group in groups:
+                f_sim = group[0].prompt.shared(prompt) / prompt.length
+                if f_sim <= SIMILARITY:
                     continue
-                if slot.busy or not slot.prompt.length:
-                    continue
-                f_sim = slot.prompt.shared(prompt) / prompt.length
-                if f_sim > best_sim and f_sim > SIMILARITY:
-                    best, best_sim = slot, f_sim
+                if f_sim > best_sim or (
+                    f_sim == best_sim and best is not None and group[0].id < best.id
+                ):
+                    best, best_sim = group[0], f_sim
         if best is not None:
             length = best.prompt.length
             keeps = best_sim * prompt.length / length if length else 0.0
@@ -230,3 +317,7 @@ def _contains(big: CachedPrompt, small: CachedPrompt) -> bool:
     if big.length < small.length or len(big.keys) < len(small.keys):
         return False
     return not small.keys or big.keys[len(small.keys) - 1] == small.keys[-1]
+
+
+def _slot_id(slot: _Slot) -> int:
+    return slot.id
