@@ -174,9 +174,9 @@ class SystemdUnitTest(unittest.TestCase):
         # verify only warns about an unknown or unparsable setting (and ignores it), with
         # status 0: any output at all is a mistake in the file.
         self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
-        typo = self.rendered.replace("NoNewPrivileges=yes", "NoNewPrivilege=yes")
+        typo = substitute(self.rendered, {"NoNewPrivileges=yes": "NoNewPrivilege=yes"})
         self.assertIn("NoNewPrivilege", self.verify(typo).stderr)
-        bad_value = self.rendered.replace("Restart=on-failure", "Restart=sometimes")
+        bad_value = substitute(self.rendered, {"Restart=on-failure": "Restart=sometimes"})
         self.assertIn("sometimes", self.verify(bad_value).stderr)
         missing = substitute(self.shipped, {INSTALLED_COMMAND: str(self.dir / "no-such-binary")})
         self.assertNotEqual(self.verify(missing).returncode, 0)
@@ -222,6 +222,20 @@ class SystemdUnitTest(unittest.TestCase):
             ).returncode
         self.assertEqual(unit["RestartPreventExitStatus"], [str(status)])
         self.assertEqual(status, 2)
+
+    def test_the_env_files_placeholder_stops_the_start(self) -> None:
+        # Shipped as is, the env file must not let the balancer run with a key nobody chose.
+        env = service_environment(ENV_FILE.read_text(encoding="utf-8"), {})
+        result = subprocess.run(
+            [command(), "--backend", "http://127.0.0.1:1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("admin_keys", result.stderr)
 
 
 def service_environment(env_text: str, extra: Mapping[str, str]) -> dict[str, str]:
@@ -517,6 +531,14 @@ def _log(workdir: Path) -> str:
     return path.read_text(errors="replace") if path.is_file() else ""
 
 
+def curl_with_http2() -> str:
+    curl = shutil.which("curl")
+    features = b"" if curl is None else subprocess.run([curl, "-V"], capture_output=True).stdout
+    if curl is None or b"HTTP2" not in features:
+        raise unittest.SkipTest("no curl with HTTP/2 support here")
+    return curl
+
+
 @dataclass
 class Arrivals:
     """When each content token of a stream reached the client."""
@@ -633,6 +655,46 @@ class NginxTest(unittest.IsolatedAsyncioTestCase):
             self.assertTrue(held.done)
             self.assertLess(held.span_s, generation_s / 4)
             self.assertLess(held.moments, tokens // 3)
+
+    async def test_a_stream_arrives_token_by_token_over_http2(self) -> None:
+        # httpx speaks HTTP/1.1 here (no h2 package); curl with nghttp2 speaks HTTP/2, which
+        # browsers and many clients pick on `listen ... http2`.
+        curl = curl_with_http2()
+        tokens = 24
+        async with (
+            sims(SimConfig(slots=1, profile=PACED)) as (sim,),
+            balancer_for([sim]) as lb,
+            nginx_in_front(lb) as front,
+        ):
+            proc = await asyncio.create_subprocess_exec(
+                curl,
+                "--http2",
+                "--no-buffer",
+                "--silent",
+                "--cacert",
+                str(front.workdir / "cert.pem"),
+                "--header",
+                "Content-Type: application/json",
+                "--data",
+                json.dumps(chat(tokens)),
+                "--write-out",
+                "\nhttp_version=%{http_version}\n",
+                front.https_url + "/v1/chat/completions",
+                stdout=asyncio.subprocess.PIPE,
+            )
+            assert proc.stdout is not None
+            times: list[float] = []
+            lines: list[bytes] = []
+            async with asyncio.timeout(30):
+                async for line in proc.stdout:
+                    lines.append(line.strip())
+                    if b'"content":"' in line:
+                        times.append(time.monotonic())
+                self.assertEqual(await proc.wait(), 0)
+            self.assertIn(b"http_version=2", lines)
+            self.assertIn(b"data: [DONE]", lines)
+            self.assertEqual(len(times), tokens)
+            self.assertGreater(times[-1] - times[0], (tokens - 1) * TOKEN_S / 2)
 
     async def test_a_client_that_leaves_mid_stream_frees_the_slot(self) -> None:
         tokens = 400  # 20 s of generation: it must end long before that
