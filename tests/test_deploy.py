@@ -222,6 +222,8 @@ class SystemdUnitTest(unittest.TestCase):
             ).returncode
         self.assertEqual(unit["RestartPreventExitStatus"], [str(status)])
         self.assertEqual(status, 2)
+        # A reload that comes before the balancer handles SIGHUP ends it by that signal.
+        self.assertEqual(unit["RestartForceExitStatus"], ["SIGHUP"])
 
     def test_the_env_files_placeholder_stops_the_start(self) -> None:
         # Shipped as is, the env file must not let the balancer run with a key nobody chose.
