@@ -20,7 +20,7 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llamacpp_ha.proxy import PROXIED_PATHS
+from llamacpp_ha.proxied import PROXIED_PATHS
 from llamacpp_sim import SimConfig
 from serving import Served, assert_no_leaks, balancer_for, sims
 

@@ -10,7 +10,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from llamacpp_ha.config import build_config
-from llamacpp_ha.proxy import PROXIED_PATHS, create_app
+from llamacpp_ha.proxied import PROXIED_PATHS
+from llamacpp_ha.proxy import create_app
 
 # Port 9 (discard) on loopback refuses connections: the backend is dead from the first poll.
 DEAD_BACKEND = "http://127.0.0.1:9"

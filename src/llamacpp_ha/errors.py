@@ -76,6 +76,15 @@ class NotFound(ProxyError):
     code = "not_found"
 
 
+class MethodNotAllowed(ProxyError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": "POST"}
+
+
 class ModelNotFound(NotFound):
     type = "invalid_request_error"
     code = "model_not_found"

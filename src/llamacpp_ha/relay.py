@@ -54,6 +54,11 @@ class RelayResponse(Response):
         self._abort: ProxyError | None = None
         self._aborted = asyncio.Event()
 
+    @property
+    def started(self) -> bool:
+        """Whether the response's status line has been sent."""
+        return self._response_started
+
     def abort(self, error: ProxyError) -> None:
         """End the exchange now with `error` (shutdown after its grace period)."""
         self._abort = error
