@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv test unit unit-py313 e2e check demo run bench bench-quick bench-smoke bench-real bench-replicas soak clean
+.PHONY: venv test unit unit-py313 e2e check demo run bench bench-quick bench-smoke bench-decision bench-real bench-replicas soak clean
 
 venv: $(STAMP)
 
@@ -66,6 +66,12 @@ bench-replicas: $(STAMP)
 bench-quick: $(STAMP)
 	bench/setup.sh
 	bench/.venv/bin/python bench/run.py --quick --out test-output/bench-quick
+
+## one routing decision's cost (policy + index lookup) with 100,000 indexed prefixes, in
+## process, 3 repetitions (~1 min; also a section of `make bench`): bench/results/DECISION.md
+bench-decision: $(STAMP)
+	bench/setup.sh
+	bench/.venv/bin/python bench/decision.py --out bench/results
 
 ## a tiny run of the same harness (direct and llamacpp-ha only), part of `make test`
 bench-smoke: $(STAMP)

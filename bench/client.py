@@ -128,6 +128,38 @@ async def stream_request(
     return outcome
 
 
+async def complete_request(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    outcome: Outcome,
+    headers: dict[str, str] | None = None,
+) -> Outcome:
+    """Send ``body`` with ``stream: false`` and read its one JSON answer; its first token is its
+    whole answer (``first_token_at`` = ``done_at``)."""
+    payload = {**body, "stream": False}
+    outcome.sent_at = time.monotonic()
+    try:
+        async with session.post(url, json=payload, headers=headers) as resp:
+            outcome.status = resp.status
+            raw = await resp.read()
+            if resp.status != 200:
+                outcome.rejected = resp.status in REJECT_STATUSES
+                outcome.error = f"HTTP {resp.status}: {raw[:200].decode('utf-8', 'replace')}"
+                return outcome
+        answer = json.loads(raw)
+        choices = answer.get("choices") if isinstance(answer, dict) else None
+        if not isinstance(choices, list) or not choices:
+            outcome.error = "no choices in the answer"
+            return outcome
+        outcome.first_token_at = outcome.done_at = time.monotonic()
+        outcome.chunks = 1
+        _read_usage(answer, outcome)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        outcome.error = f"{type(exc).__name__}: {exc}"[:200]
+    return outcome
+
+
 def _text_of(event: dict[str, Any]) -> str:
     choices = event.get("choices")
     if not isinstance(choices, list) or not choices:

@@ -1,17 +1,19 @@
 """What a balancer costs, measured against the simulator's ticker mode (no model time at all).
 
-Every contender fronts one ticker backend (``llamacpp-ha-sim --mode ticker``) with plenty of
-slots, so nothing queues and every difference from ``direct`` is the balancer's own: added time
-to first token at low and at high concurrency, CPU time per request and per streamed chunk (from
-``/proc`` for the balancer's process tree only), resident memory per open stream, and the most
+Every contender fronts one ticker backend (``llamacpp-ha-sim --mode ticker``) with a slot for
+every stream the section opens, so nothing queues and every difference from ``direct`` is the
+balancer's own: added time to first token at low and at high concurrency, CPU time per
+non-streamed request, per one-token stream and per streamed chunk (from ``/proc`` for the
+balancer's process tree only), resident memory per open stream (2,000 of them), and the most
 concurrent streams it relays before the delay it adds to a chunk exceeds 20 ms at the 99th
-percentile."""
+percentile. The many-stream phases run on `bench.streamers` (several client processes); the
+others on one aiohttp session of the harness. ``run.py`` repeats the whole measurement per
+contender (``--overhead-reps``), every contender once per repetition, direct first."""
 
 from __future__ import annotations
 
 import asyncio
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,48 +22,77 @@ from typing import Any
 import aiohttp
 
 from bench import procs
-from bench.client import Outcome, new_session, stream_request
+from bench.client import Outcome, complete_request, new_session, stream_request
 from bench.contenders import Contender, Running
 from bench.metrics import percentile
+from bench.streamers import StreamPool
 from llamacpp_sim import SpawnError, spawn
 
-TICKER_SLOTS = 1024
 RELAY_LIMIT_MS = 20.0
+# Slots the ticker reports beyond the most streams a phase opens: a slot is released a moment
+# after its client has read the end of the stream.
+SLOT_MARGIN = 64
 
 
 @dataclass(frozen=True)
 class OverheadPlan:
     """Sizes of each phase; the smoke run shrinks them."""
 
-    low_requests: int = 60
+    low_requests: int = 200
     # Probes for time to first token while this many other streams flow (a token every
     # high_tick_ms each), which is what a busy fleet's balancer relays.
     high_concurrency: int = 64
     high_tick_ms: float = 30.0
-    high_s: float = 3.0
+    high_s: float = 2.0
     # CPU phases run for a fixed time, not a fixed count: /proc counts CPU in 10 ms ticks, so
     # a fast balancer needs thousands of requests to register, a slow one would take minutes.
-    cpu_requests_s: float = 2.0
+    # 2 s of a busy balancer is 200 ticks: the tick's rounding is under 1 %.
+    cpu_concurrency: int = 16
+    cpu_requests_s: float = 2.0  # small non-streamed chat requests
+    cpu_stream1_s: float = 2.0  # one-token streams
     cpu_streams: int = 64
     cpu_stream_chunks: int = 100
     cpu_stream_tick_ms: float = 10.0
-    cpu_streams_s: float = 3.0
-    open_streams: int = 256
-    ramp: tuple[int, ...] = (16, 32, 64, 128, 192, 256, 384, 512)
-    ramp_chunks: int = 15
-    ramp_tick_ms: float = 100.0
+    cpu_streams_s: float = 2.5
+    # The many-stream phases (bench.streamers): new streams per second, the pause once all are
+    # open, and how long they are held open together.
+    open_streams: int = 2000
+    ramp: tuple[int, ...] = (128, 512, 1024, 1536, 2048)
+    ramp_tick_ms: float = 500.0
+    start_rate: float = 2000.0
+    settle_s: float = 0.2
+    ramp_window_s: float = 1.0
+    memory_window_s: float = 0.4
+    clients: int = 2  # load generator processes
+
+    @property
+    def ticker_slots(self) -> int:
+        return max(max(self.ramp, default=0), self.open_streams) + SLOT_MARGIN
+
+    def ramp_chunks(self, streams: int) -> int:
+        """Chunks enough for a stream started first to outlast the window even if admitting
+        the others takes twice the planned time (it is cancelled at the window's end)."""
+        needed_s = 2 * streams / self.start_rate + 2.0 + self.settle_s + self.ramp_window_s
+        return math.ceil(needed_s * 1000 / self.ramp_tick_ms) + 1
 
 
 @dataclass
 class OverheadResult:
+    """One contender's overhead figures from one repetition."""
+
     contender: str
     label: str
+    rep: int = 0
     ttft_low_ms: dict[str, float | None] = field(default_factory=dict)
     ttft_high_ms: dict[str, float | None] = field(default_factory=dict)
-    cpu_ms_per_request: float | None = None
+    cpu_ms_per_request: float | None = None  # a small non-streamed request
+    cpu_ms_per_stream1: float | None = None  # a one-token stream
     cpu_us_per_chunk: float | None = None
     rss_idle_mb: float | None = None
     rss_kb_per_stream: float | None = None
+    open_streams: int | None = None  # opened together in the memory phase
+    # By concurrent streams: relay delay p50/p99 (ms) of the chunks written while all of them
+    # were open; p99 None when they could not all be held open together.
     relay_ms: dict[int, dict[str, float | None]] = field(default_factory=dict)
     failures: int = 0
     error: str | None = None
@@ -70,12 +101,12 @@ class OverheadResult:
         return asdict(self)
 
 
-def start_ticker(log_dir: Path, cpu: str | None) -> tuple[procs.Child, str]:
+def start_ticker(log_dir: Path, cpu: str | None, slots: int) -> tuple[procs.Child, str]:
     log_path = log_dir / "ticker.log"
     try:
         sim = spawn(
             mode="ticker",
-            slots=TICKER_SLOTS,
+            slots=slots,
             log_path=log_path,
             wrapper=procs.pinned([], cpu),
             new_session=True,
@@ -100,8 +131,10 @@ async def _closed_loop(
     total: int,
     body: dict[str, Any],
     duration_s: float | None = None,
+    stream: bool = True,
 ) -> list[Outcome]:
-    """``total`` requests, or as many as start within ``duration_s``, ``concurrency`` at once."""
+    """``total`` requests, or as many as start within ``duration_s``, ``concurrency`` at once;
+    streamed (stamped) or not."""
     url = running.url_for("overhead") + "/v1/chat/completions"
     outcomes: list[Outcome] = []
     remaining = total
@@ -113,7 +146,10 @@ async def _closed_loop(
             remaining -= 1
             o = Outcome("overhead", time.monotonic())
             outcomes.append(o)
-            await stream_request(http, url, body, o, headers=running.headers, stamped=True)
+            if stream:
+                await stream_request(http, url, body, o, headers=running.headers, stamped=True)
+            else:
+                await complete_request(http, url, body, o, headers=running.headers)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return outcomes
@@ -152,48 +188,44 @@ def _ttft(outcomes: list[Outcome]) -> dict[str, float | None]:
 
 
 async def _relay_step(
-    http: aiohttp.ClientSession, running: Running, n: int, plan: OverheadPlan
+    pool: StreamPool, running: Running, n: int, plan: OverheadPlan
 ) -> tuple[dict[str, float | None], int]:
     url = running.url_for("overhead") + "/v1/chat/completions"
-    body = _body(plan.ramp_chunks, plan.ramp_tick_ms)
-    rng = random.Random(n)
-    outcomes = [Outcome("relay", time.monotonic()) for _ in range(n)]
-
-    async def one(o: Outcome) -> None:
-        # Spread the starts over one tick so chunks arrive as a steady flow, not in lockstep.
-        await asyncio.sleep(rng.uniform(0, plan.ramp_tick_ms / 1000))
-        await stream_request(http, url, body, o, headers=running.headers, stamped=True)
-
-    await asyncio.gather(*(one(o) for o in outcomes))
-    delays = [d * 1000 for o in outcomes for d in o.chunk_delays_s]
-    failures = sum(1 for o in outcomes if not o.ok)
-    return {f"p{q}": percentile(delays, q) for q in (50, 99)}, failures
+    body = _body(plan.ramp_chunks(n), plan.ramp_tick_ms)
+    step = await pool.step(
+        url, running.headers, body, n, plan.start_rate, plan.settle_s, plan.ramp_window_s
+    )
+    stats = {f"p{q}": percentile(step.delays_ms, q) for q in (50, 99)}
+    if not step.held:
+        stats["p99"] = None  # never n streams open together: not a measurement of n
+    return stats, step.failures
 
 
 async def _memory(
-    http: aiohttp.ClientSession, running: Running, pid: int, plan: OverheadPlan
-) -> tuple[float, float]:
+    pool: StreamPool, running: Running, pid: int, plan: OverheadPlan, rss_before: int
+) -> tuple[float | None, int, int]:
+    """(KiB per open stream over ``rss_before``, streams opened together, failures)."""
     url = running.url_for("overhead") + "/v1/chat/completions"
-    rss_before = procs.rss_bytes(pid)
-    # Streams that send one chunk at once and then stay silent for seconds: open, idle-ish.
-    body = _body(3, 4000)
-    outcomes = [Outcome("memory", time.monotonic()) for _ in range(plan.open_streams)]
-    tasks = [
-        asyncio.create_task(stream_request(http, url, body, o, headers=running.headers))
-        for o in outcomes
-    ]
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if all(o.first_token_at is not None or o.error for o in outcomes):
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.3)
-    rss_open = procs.rss_bytes(pid)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    opened = sum(1 for o in outcomes if o.first_token_at is not None)
-    return rss_before / 2**20, (rss_open - rss_before) / 1024 / max(opened, 1)
+    rss_open: list[int] = []
+    # Streams that send one chunk at once and then stay silent: open, idle. Cancelled once
+    # the resident set has been read with all of them open (the second chunk, 10 s later,
+    # tells a balancer that still holds the backend's side that the client has gone).
+    body = _body(2, 10_000)
+    step = await pool.step(
+        url,
+        running.headers,
+        body,
+        plan.open_streams,
+        plan.start_rate,
+        plan.settle_s,
+        plan.memory_window_s,
+        during=lambda: rss_open.append(procs.rss_bytes(pid)),
+    )
+    per_stream = None
+    if rss_open and step.opened:
+        per_stream = (rss_open[0] - rss_before) / 1024 / step.opened
+    opened = step.opened if step.all_open else min(step.opened, plan.open_streams)
+    return per_stream, opened, step.failures + step.short
 
 
 async def measure(
@@ -201,20 +233,28 @@ async def measure(
     contender: Contender,
     plan: OverheadPlan,
     baseline_relay: dict[int, dict[str, float | None]] | None,
+    pool: StreamPool,
+    rep: int = 0,
 ) -> OverheadResult:
-    result = OverheadResult(contender.key, contender.label)
+    result = OverheadResult(contender.key, contender.label, rep)
     pid = running.child.pid if running.child is not None else None
     async with new_session() as http:
         await _closed_loop(http, running, 4, 40, _body(1))  # warm-up: connections, caches
+        await _closed_loop(http, running, 4, 40, _body(1), stream=False)
         low = await _closed_loop(http, running, 1, plan.low_requests, _body(1))
         result.ttft_low_ms = _ttft(low)
         high = await _ttft_under_load(http, running, plan)
         result.ttft_high_ms = _ttft(high)
         result.failures += sum(1 for o in low + high if not o.ok)
         if pid is not None:
+            n = plan.cpu_concurrency
             cpu0 = procs.cpu_seconds(pid)
-            reqs = await _closed_loop(http, running, 16, 10**9, _body(1), plan.cpu_requests_s)
+            reqs = await _closed_loop(
+                http, running, n, 10**9, _body(1), plan.cpu_requests_s, stream=False
+            )
             cpu1 = procs.cpu_seconds(pid)
+            ones = await _closed_loop(http, running, n, 10**9, _body(1), plan.cpu_stream1_s)
+            cpu2 = procs.cpu_seconds(pid)
             # Spaced chunks (a token every 10 ms, like a GPU) so each is relayed on its own,
             # as in real streaming, instead of being coalesced with its neighbours in one read.
             streams = await _closed_loop(
@@ -225,35 +265,48 @@ async def measure(
                 _body(plan.cpu_stream_chunks, plan.cpu_stream_tick_ms),
                 plan.cpu_streams_s,
             )
-            cpu2 = procs.cpu_seconds(pid)
-            per_request = (cpu1 - cpu0) / max(len(reqs), 1)
+            cpu3 = procs.cpu_seconds(pid)
+            per_stream1 = (cpu2 - cpu1) / max(len(ones), 1)
             chunks = sum(o.output_tokens for o in streams)
-            stream_cpu = (cpu2 - cpu1) - per_request * len(streams)
-            result.cpu_ms_per_request = per_request * 1000
+            stream_cpu = (cpu3 - cpu2) - per_stream1 * len(streams)
+            result.cpu_ms_per_request = (cpu1 - cpu0) / max(len(reqs), 1) * 1000
+            result.cpu_ms_per_stream1 = per_stream1 * 1000
             result.cpu_us_per_chunk = max(stream_cpu, 0.0) / max(chunks, 1) * 1e6
-            result.failures += sum(1 for o in reqs + streams if not o.ok)
-            result.rss_idle_mb, result.rss_kb_per_stream = await _memory(http, running, pid, plan)
-        for n in plan.ramp:
-            stats, failures = await _relay_step(http, running, n, plan)
-            base = (baseline_relay or {}).get(n) or stats
-            if _over(stats, base):
-                # One hiccup of a shared 2-core machine must not end the ramp: a step over the
-                # limit is run again and the better p99 kept; a real limit fails twice.
-                again, failures_again = await _relay_step(http, running, n, plan)
-                failures += failures_again
-                if (again.get("p99") or math.inf) < (stats.get("p99") or math.inf):
-                    stats = again
-            result.relay_ms[n] = stats
-            result.failures += failures
-            if baseline_relay is not None and _over(stats, base):
-                break
+            result.failures += sum(1 for o in reqs + ones + streams if not o.ok)
+    # Before the many-stream phases: an allocator keeps what the ramp grew, so the resident
+    # set with the memory phase's streams open is taken against this one.
+    rss_idle = procs.rss_bytes(pid) if pid is not None else 0
+    result.rss_idle_mb = rss_idle / 2**20 if pid is not None else None
+    for n in plan.ramp:
+        stats, failures = await _relay_step(pool, running, n, plan)
+        base = (baseline_relay or {}).get(n) or stats
+        if _over(stats, base):
+            # One hiccup of a shared 2-core machine must not end the ramp: a step over the
+            # limit is run again and the better p99 kept; a real limit fails twice.
+            again, failures_again = await _relay_step(pool, running, n, plan)
+            failures += failures_again
+            if (again.get("p99") or math.inf) < (stats.get("p99") or math.inf):
+                stats = again
+        result.relay_ms[n] = stats
+        result.failures += failures
+        if baseline_relay is not None and _over(stats, base):
+            break
+    # Last: a balancer may keep the backend's side of a cancelled idle stream until the
+    # backend next writes (HAProxy without `option abortonclose`), holding its slots.
+    if pid is not None:
+        per_stream, opened, failures = await _memory(pool, running, pid, plan, rss_idle)
+        result.rss_kb_per_stream = per_stream
+        result.open_streams = opened
+        result.failures += failures
     return result
 
 
 def _over(stats: dict[str, float | None], base: dict[str, float | None]) -> bool:
     """True when this step adds more than the limit over direct (or, for direct, exceeds it)."""
+    if stats.get("p99") is None:
+        return True  # the streams were never all open together
     if stats is base:
-        return (stats.get("p99") or 0.0) > RELAY_LIMIT_MS
+        return float(stats["p99"] or 0.0) > RELAY_LIMIT_MS
     added = _added(stats, base)
     return added is not None and added > RELAY_LIMIT_MS
 

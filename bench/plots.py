@@ -147,11 +147,13 @@ def _ttft_cdf(
     return path
 
 
-def _relay(out: Path, over: list[OverheadResult]) -> str | None:
+def _relay(out: Path, over: list[OverheadResult], tick_ms: float) -> str | None:
     if not over:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for o in over:
+        if o.rep:
+            continue  # the first repetition's ramp: one line per contender
         ns = sorted(o.relay_ms)
         ys = [o.relay_ms[n].get("p99") for n in ns]
         pts = [(n, y) for n, y in zip(ns, ys, strict=True) if y is not None]
@@ -162,7 +164,7 @@ def _relay(out: Path, over: list[OverheadResult]) -> str | None:
     ax.axhline(RELAY_LIMIT_MS, color="black", ls="--", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("concurrent streams (10 chunks/s each)")
+    ax.set_xlabel(f"concurrent streams ({1000 / tick_ms:g} chunks/s each)")
     ax.set_ylabel("p99 delay per chunk, ms (backend write to client read)")
     ax.set_title("Relay delay under concurrent streams")
     ax.grid(alpha=0.3)
@@ -191,7 +193,7 @@ def draw(
             cdf = _ttft_cdf(out, regime["name"], raw.get(regime["name"], {}).get(name), name)
             if cdf:
                 paths.append(cdf)
-    relay = _relay(out, over)
+    relay = _relay(out, over, (context.get("overhead_plan") or {}).get("ramp_tick_ms", 100.0))
     if relay:
         paths.append(relay)
     return paths

@@ -8,15 +8,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from bench.decision import DecisionRun
+from bench.decision import section as decision_section
 from bench.metrics import RunResult
-from bench.overhead import RELAY_LIMIT_MS, OverheadResult, carried_streams, generator_limit
+from bench.overhead import RELAY_LIMIT_MS, OverheadResult
 from bench.summary import (
     GOALS,
     MEANINGFUL_CEILING,
     Aggregate,
+    OverheadRow,
     Spread,
     aggregate,
     goal_check,
+    overhead_rows,
 )
 
 
@@ -39,10 +43,11 @@ def run_line(r: RunResult) -> str:
 def overhead_line(o: OverheadResult) -> str:
     relay = ", ".join(f"{n}:{_f(v.get('p99'), 1)}" for n, v in o.relay_ms.items())
     return (
-        f"ttft low p50 {_f(o.ttft_low_ms.get('p50'), 2)} ms, high p50 "
-        f"{_f(o.ttft_high_ms.get('p50'), 2)} ms, cpu {_f(o.cpu_ms_per_request, 3)} ms/req "
-        f"{_f(o.cpu_us_per_chunk, 1)} us/chunk, {_f(o.rss_kb_per_stream, 1)} KiB/stream, "
-        f"relay p99 by streams {relay}"
+        f"ttft low p50 {_f(o.ttft_low_ms.get('p50'), 2)} p99 {_f(o.ttft_low_ms.get('p99'), 2)} "
+        f"ms, high p50 {_f(o.ttft_high_ms.get('p50'), 2)} ms, cpu "
+        f"{_f(o.cpu_ms_per_request, 3)} ms/req {_f(o.cpu_ms_per_stream1, 3)} ms/stream1 "
+        f"{_f(o.cpu_us_per_chunk, 1)} us/chunk, {_f(o.rss_kb_per_stream, 1)} KiB/stream "
+        f"({o.open_streams} open), {o.failures} failed, relay p99 by streams {relay}"
     )
 
 
@@ -142,75 +147,168 @@ def workload_table(
     return lines
 
 
-def overhead_table(over: list[OverheadResult], labels: dict[str, str]) -> list[str]:
-    base = next((o for o in over if o.contender == "direct"), None)
+def _signed(value: Spread | None, digits: int = 2) -> str:
+    """An added figure with its sign and unit: ``+0.66 [+0.52-+0.80] ms``."""
+    if value is None:
+        return "n/a"
+
+    def one(v: float) -> str:
+        return f"{v:+.{digits}f}"
+
+    if value.n < 2 or one(value.lo) == one(value.hi):
+        return f"{one(value.median)} ms"
+    return f"{one(value.median)} [{one(value.lo)}-{one(value.hi)}] ms"
+
+
+def _unit(value: Spread | None, digits: int, unit: str) -> str:
+    return "n/a" if value is None else f"{_spread(value, digits)} {unit}"
+
+
+def carried_text(row: OverheadRow, tested: int) -> str:
+    """The most streams relayed within the limit, median [range], and why it stops there."""
+    if row.carried is None:
+        return f"< {tested}" if tested else "n/a"
+    text = _spread(row.carried)
+    if row.contender == "direct":
+        return f"{text} (the load generator alone)"
+    reasons = set(row.carried_why)
+    if reasons == {"max"}:
+        return f">= {text} (max tested)"
+    if "generator" in reasons:
+        return f">= {text} (load generator limit)"
+    return text
+
+
+def overhead_table(
+    over: list[OverheadResult], labels: dict[str, str], context: dict[str, Any] | None = None
+) -> list[str]:
+    context = context or {}
+    rows = overhead_rows(over, labels)
+    plan = context.get("overhead_plan") or {}
+    reps = context.get("overhead_reps", max((r.reps for r in rows), default=1))
+    high = plan.get("high_concurrency", 64)
     lines = [
-        "| contender | added TTFT p50, idle | p99 | added TTFT p50, 64 streams open | p99 "
-        "| CPU per request | CPU per chunk | RSS idle | RSS per open stream "
+        f"Each figure: the median over {reps} repetition(s), with their range `[min-max]` when "
+        "they differ. Added TTFT is taken against direct's in the same repetition.",
+        "",
+        "| contender | reps | added TTFT p50, idle | p99, idle "
+        f"| added TTFT p50, {high} streams open | p99 "
+        "| CPU per request (non-streamed) | CPU per one-token stream | CPU per chunk "
+        "| RSS idle | RSS per open stream | streams opened together "
         f"| streams relayed with p99 added delay <= {RELAY_LIMIT_MS:g} ms | failed |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|---|:-:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for o in over:
-
-        def added(mine: dict[str, float | None], theirs: dict[str, float | None], q: str) -> str:
-            a, b = mine.get(q), theirs.get(q)
-            if base is None or a is None or b is None:
-                return "n/a"
-            return f"{float(a) - float(b):+.2f} ms"
-
-        if o.contender == "direct":
-            low50 = f"{_f(o.ttft_low_ms.get('p50'), 2)} ms (abs.)"
-            low99 = f"{_f(o.ttft_low_ms.get('p99'), 2)} ms (abs.)"
-            high50 = f"{_f(o.ttft_high_ms.get('p50'), 2)} ms (abs.)"
-            high99 = f"{_f(o.ttft_high_ms.get('p99'), 2)} ms (abs.)"
-            carried = f"{generator_limit(o.relay_ms)} (the load generator alone)"
-        else:
-            assert base is not None
-            low50 = added(o.ttft_low_ms, base.ttft_low_ms, "p50")
-            low99 = added(o.ttft_low_ms, base.ttft_low_ms, "p99")
-            high50 = added(o.ttft_high_ms, base.ttft_high_ms, "p50")
-            high99 = added(o.ttft_high_ms, base.ttft_high_ms, "p99")
-            n, why = carried_streams(o, base.relay_ms)
-            if n is None:
-                carried = f"< {min(o.relay_ms, default=0)}"
-            elif why == "limit":
-                carried = str(n)
-            else:
-                carried = (
-                    f">= {n} ({'load generator limit' if why == 'generator' else 'max tested'})"
+    tested = min((n for o in over for n in o.relay_ms), default=0)
+    for row in rows:
+        if row.contender == "direct":
+            ttfts = [
+                f"{_unit(v, 2, 'ms')} (abs.)"
+                for v in (
+                    row.ttft_low_p50_ms,
+                    row.ttft_low_p99_ms,
+                    row.ttft_high_p50_ms,
+                    row.ttft_high_p99_ms,
                 )
+            ]
+        else:
+            ttfts = [
+                _signed(v)
+                for v in (
+                    row.ttft_low_p50_ms,
+                    row.ttft_low_p99_ms,
+                    row.ttft_high_p50_ms,
+                    row.ttft_high_p99_ms,
+                )
+            ]
         lines.append(
-            f"| {labels.get(o.contender, o.contender)} | {low50} | {low99} | {high50} | {high99} "
-            f"| {_f(o.cpu_ms_per_request, 3)} ms | {_f(o.cpu_us_per_chunk, 1)} µs "
-            f"| {_f(o.rss_idle_mb, 1)} MiB | {_f(o.rss_kb_per_stream, 1)} KiB | {carried} "
-            f"| {o.failures} |"
+            f"| {row.label} | {row.reps} | {' | '.join(ttfts)} "
+            f"| {_unit(row.cpu_ms_per_request, 3, 'ms')} "
+            f"| {_unit(row.cpu_ms_per_stream1, 3, 'ms')} "
+            f"| {_unit(row.cpu_us_per_chunk, 1, 'µs')} "
+            f"| {_unit(row.rss_idle_mb, 1, 'MiB')} | {_unit(row.rss_kb_per_stream, 1, 'KiB')} "
+            f"| {_spread_or_dash(row.open_streams)} | {carried_text(row, tested)} "
+            f"| {row.failures} |"
         )
     lines.append("")
-    if base is not None:
+    directs = [o for o in over if o.contender == "direct"]
+    if directs:
+        base = directs[0]
         relay = ", ".join(
             f"{n} streams: p50 {_f(v.get('p50'), 2)} / p99 {_f(v.get('p99'), 2)} ms"
             for n, v in base.relay_ms.items()
         )
-        lines.append(f"Direct relay delay (ticker to client, no balancer): {relay}.")
-        limit = generator_limit(base.relay_ms)
+        lines.append(f"Direct relay delay (ticker to client, no balancer, rep 0): {relay}.")
         lines.append("")
         lines.append(
-            f"The load generator and the stand-in backend share one core: on their own (direct) "
-            f"they keep p99 under {RELAY_LIMIT_MS:g} ms up to {limit} of the streams tested, so "
-            "no balancer can be shown to carry more here. A step over the limit is run twice "
-            "and the better p99 kept, so that one hiccup of the shared machine does not end a "
-            "ramp."
+            "The load generator and the stand-in backend share one core: on their own (direct) "
+            f"they keep p99 under {RELAY_LIMIT_MS:g} ms up to the count in direct's row, so no "
+            "balancer can be shown to carry more here. A step over the limit is run twice and "
+            "the better p99 kept, so that one hiccup of the shared machine does not end a ramp."
         )
         lines.append("")
-    lines.append("Relay delay p99 per chunk, by concurrent streams (ms, the contender's own):")
+    lines.append(
+        "Relay delay p99 per chunk, by concurrent streams (ms, the contender's own; median over "
+        "the repetitions that reached the step; n/a: not reached, or never all open together):"
+    )
     lines.append("")
     ramp = sorted({n for o in over for n in o.relay_ms})
     lines.append("| contender | " + " | ".join(str(n) for n in ramp) + " |")
     lines.append("|---|" + "--:|" * len(ramp))
-    for o in over:
-        cells = [_f(o.relay_ms[n].get("p99"), 1) if n in o.relay_ms else "n/a" for n in ramp]
-        lines.append(f"| {labels.get(o.contender, o.contender)} | " + " | ".join(cells) + " |")
+    for row in rows:
+        mine = [o for o in over if o.contender == row.contender]
+        cells = []
+        for n in ramp:
+            spread = Spread.of([o.relay_ms[n].get("p99") for o in mine if n in o.relay_ms])
+            cells.append(_spread(spread, 1))
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     return lines
+
+
+def generator_text(context: dict[str, Any]) -> str:
+    """What drove the many-stream phases: processes x streams each."""
+    plan = context.get("overhead_plan") or {}
+    clients = plan.get("clients", 1)
+    most = max([*plan.get("ramp", []), plan.get("open_streams", 0)], default=0)
+    each = -(-most // clients) if clients else most
+    return (
+        f"Load generator of the many-stream phases (memory, relay ramp): {clients} client "
+        f"process(es) x up to {each:,} streams each ({most:,} in all; `bench/streamers.py`, "
+        "each its own event loop and aiohttp session), new streams at "
+        f"{plan.get('start_rate', 0):,.0f}/s, a chunk every {plan.get('ramp_tick_ms', 0):g} ms "
+        f"per stream; the other phases: one aiohttp session of the harness."
+    )
+
+
+def overhead_section(
+    over: list[OverheadResult], labels: dict[str, str], context: dict[str, Any]
+) -> list[str]:
+    plan = context.get("overhead_plan") or {}
+    high, tick = plan.get("high_concurrency", 64), plan.get("high_tick_ms", 30.0)
+    lines = [
+        "## Overhead (one backend, nothing queued, no time scale)",
+        "",
+        "Added time to first token is the contender's minus direct's at the same percentile, in "
+        "the same repetition; idle = sequential one-token streams on an idle balancer "
+        f"({plan.get('low_requests', 'N')} of them); {high} streams open = the same probes "
+        f"sent while {high} other streams flow through it (a chunk every {tick:g} ms each, "
+        f"~{high * 1000 / tick:,.0f} chunks/s). CPU per request (non-streamed): small chat "
+        f"requests with `stream: false` ({plan.get('cpu_concurrency', 16)} concurrent clients "
+        f"for {plan.get('cpu_requests_s', 2):g} s); CPU per one-token stream: the same with "
+        f"`stream: true` ({plan.get('cpu_stream1_s', 2):g} s); CPU per chunk: "
+        f"{plan.get('cpu_streams', 64)} concurrent streams of a chunk every "
+        f"{plan.get('cpu_stream_tick_ms', 10):g} ms ({plan.get('cpu_streams_s', 2.5):g} s), "
+        "less the one-token stream's part; all from the balancer's process tree in /proc (CPU "
+        "time, not wall time). RSS per open stream: resident memory added by "
+        f"{context.get('open_streams', 'N'):,} open, idle streams, read once all are open; "
+        "streams opened together: how many of them were. Relay ramp: at each step, that many "
+        f"streams (a chunk every {plan.get('ramp_tick_ms', 0):g} ms each) are started at "
+        f"{plan.get('start_rate', 0):,.0f}/s; once all are open, the chunks written during "
+        f"the next {plan.get('ramp_window_s', 1):g} s count (every stream open all along).",
+        "",
+        generator_text(context),
+        "",
+    ]
+    return lines + overhead_table(over, labels, context)
 
 
 def summary_table(rows: list[Aggregate], regime: dict[str, Any]) -> list[str]:
@@ -378,8 +476,10 @@ CAVEATS = """\
   `timings` from the stream). Balancer CPU: `utime + stime` from `/proc/<pid>/stat` of the
   balancer's whole process tree (nginx's worker, LiteLLM's uvicorn) before and after; memory:
   its resident set from `/proc/<pid>/statm`. Overhead figures come from a separate stand-in
-  backend that stamps every chunk with `CLOCK_MONOTONIC` when it writes it and has 1,024 free
-  slots, so nothing queues and the only difference from `direct` is the balancer.
+  backend that stamps every chunk with `CLOCK_MONOTONIC` when it writes it and has a free slot
+  for every stream the section opens at once (2,112: one backend with that many slots, which a
+  balancer that looks at every slot of a backend per request pays for), so nothing queues and
+  the only difference from `direct` is the balancer.
 - **Cold start every run.** A new fleet is started for every (regime, workload, repetition,
   contender) run, so no contender inherits another's warm caches, and the balancer is started
   fresh in front of it.
@@ -405,6 +505,8 @@ def rewrite(out: Path) -> None:
     over = []
     for o in data["overhead"]:
         o["relay_ms"] = {int(n): v for n, v in o["relay_ms"].items()}
+        if "cpu_ms_per_stream1" not in o:  # before the non-streamed phase: one-token streams
+            o["cpu_ms_per_stream1"] = o.pop("cpu_ms_per_request", None)
         over.append(OverheadResult(**o))
     write(out, results, over, data["context"])
 
@@ -488,6 +590,7 @@ def write(
                 "goal_check": goals,
                 "runs": [r.to_json() for r in results],
                 "overhead": [o.to_json() for o in over],
+                "overhead_aggregates": [r.to_json() for r in overhead_rows(over, labels)],
             },
             indent=1,
             default=str,
@@ -539,22 +642,10 @@ def write(
     if results:
         lines += ["", "## The two ceilings", "", CEILINGS]
     if over:
-        lines += [
-            "",
-            "## Overhead (one backend, nothing queued, no time scale)",
-            "",
-            "Added time to first token is the contender's minus direct's at the same percentile; "
-            "1 stream = sequential requests on an idle balancer; 64 streams = the same probes "
-            "sent while 64 other streams flow through it (a chunk every 30 ms each, ~2,100 "
-            "chunks/s). CPU per request "
-            "is measured with one-token replies (16 concurrent clients for 2 s); CPU per chunk "
-            "with 64 concurrent streams of a chunk every 10 ms (3 s), less the per-request part; "
-            "both from the balancer's process tree in /proc. RSS per open stream: resident "
-            "memory added by "
-            f"{context.get('open_streams', 'N')} open, mostly idle streams.",
-            "",
-        ]
-        lines += overhead_table(over, labels)
+        lines += ["", *overhead_section(over, labels, context)]
+    if context.get("decision"):
+        decided = [DecisionRun(**d) for d in context["decision"]]
+        lines += ["", *decision_section(decided, context.get("decision_plan") or {})]
     others = [p for p in plots if not any(p.startswith(f"{r['name']}-") for r in regimes)]
     if others:
         lines += ["", "## Plots", ""]

@@ -12,15 +12,17 @@ requests sampled during the run. The routing contenders (every llamacpp-ha polic
 cache_aware router, HAProxy) run ``--reps`` times in every regime, each repetition with its own
 seed (seed + rep, so its own sample of the workload) and a fresh fleet; the other peers run
 once, decode-bound only. Then the overhead measurements against a timestamping stand-in
-backend. Results go to ``OUT/RESULTS.md``, ``OUT/results.json`` and, in the full run, PNG
-plots. The smoke run (direct and llamacpp-ha, tiny workloads) exits non-zero on any failure so
-the harness cannot rot.
+backend (``--overhead-reps`` times, every contender once per repetition), and the cost of one
+routing decision with a full prefix index, in process (``bench/decision.py``). Results go to
+``OUT/RESULTS.md``, ``OUT/results.json`` and, in the full run, PNG plots. The smoke run (direct
+and llamacpp-ha, tiny workloads) exits non-zero on any failure so the harness cannot rot.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import platform
 import shlex
@@ -34,13 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
 
-from bench import ceiling, fleet, loadgen, metrics, overhead, procs, report
+from bench import ceiling, decision, fleet, loadgen, metrics, overhead, procs, report
 from bench import workloads as wl
 from bench.contenders import Contender, Running, ha_default_policy, roster
 from bench.regimes import REGIMES, Regime, smoke_regime
+from bench.streamers import StreamPool
 
 SEED = 20251127
 REPS = 3
+OVERHEAD_REPS = 3
 # llamacpp-ha runs with its default policy (ha-<default>) in the smoke and overhead runs.
 SMOKE_CONTENDERS = ("direct", "ha-default")
 OVERHEAD_CONTENDERS = ("direct", "ha-default", "nginx-lc", "haproxy", "sglang-ca", "litellm")
@@ -221,30 +225,46 @@ def plan(
 
 
 def run_overhead(
-    contenders: list[Contender], plan: overhead.OverheadPlan, log_dir: Path, cpus: Any
+    contenders: list[Contender],
+    plan: overhead.OverheadPlan,
+    log_dir: Path,
+    cpus: Any,
+    reps: int,
 ) -> tuple[list[overhead.OverheadResult], dict[str, str]]:
+    """Every contender ``reps`` times, one after the other in each repetition (direct first,
+    its relay ramp the baseline of the others' in the same repetition), each time with a fresh
+    ticker and a freshly started contender; the stream workers live for the whole section."""
     results: list[overhead.OverheadResult] = []
     problems: dict[str, str] = {}
-    baseline: dict[int, dict[str, float | None]] | None = None
-    for contender in contenders:
-        run_dir = log_dir / f"overhead--{contender.key}"
-        ticker, url = overhead.start_ticker(run_dir, cpus[0])
-        try:
-            try:
-                running = contender.start([url], [overhead.TICKER_SLOTS], run_dir, cpus[1])
-            except (RuntimeError, OSError) as exc:
-                problems[contender.key] = f"could not start: {exc}"
-                continue
-            try:
-                result = asyncio.run(overhead.measure(running, contender, plan, baseline))
-            finally:
-                running.stop()
-            if contender.key == "direct":
-                baseline = result.relay_ms
-            results.append(result)
-            print(f"  overhead {contender.key}: {report.overhead_line(result)}", flush=True)
-        finally:
-            ticker.stop()
+    with StreamPool(plan.clients) as pool:
+        for rep in range(reps):
+            baseline: dict[int, dict[str, float | None]] | None = None
+            for contender in contenders:
+                run_dir = log_dir / f"overhead--{contender.key}--rep{rep}"
+                ticker, url = overhead.start_ticker(run_dir, cpus[0], plan.ticker_slots)
+                try:
+                    try:
+                        running = contender.start([url], [plan.ticker_slots], run_dir, cpus[1])
+                    except (RuntimeError, OSError) as exc:
+                        problems[f"{contender.key}/rep{rep}"] = f"could not start: {exc}"
+                        continue
+                    t = time.monotonic()
+                    try:
+                        result = asyncio.run(
+                            overhead.measure(running, contender, plan, baseline, pool, rep)
+                        )
+                    finally:
+                        running.stop()
+                    if contender.key == "direct":
+                        baseline = result.relay_ms
+                    results.append(result)
+                    print(
+                        f"  overhead {contender.key} rep {rep}: {report.overhead_line(result)} "
+                        f"[{time.monotonic() - t:.1f} s]",
+                        flush=True,
+                    )
+                finally:
+                    ticker.stop()
     return results, problems
 
 
@@ -345,6 +365,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default=None, help="comma-separated names (default all)")
     parser.add_argument("--no-overhead", action="store_true", help="skip the overhead section")
     parser.add_argument(
+        "--no-decision", action="store_true", help="skip the routing-decision section"
+    )
+    parser.add_argument(
+        "--overhead-reps",
+        type=int,
+        default=None,
+        help=f"repetitions of the overhead section (default {OVERHEAD_REPS}; --smoke 1)",
+    )
+    parser.add_argument(
+        "--overhead-clients",
+        type=int,
+        default=None,
+        help="load generator processes of the many-stream phases (default "
+        f"{overhead.OverheadPlan.clients})",
+    )
+    parser.add_argument(
         "--rewrite-report",
         action="store_true",
         help="only write OUT/RESULTS.md again from OUT/results.json (no measurement)",
@@ -363,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps if args.reps is not None else (1 if args.smoke or args.quick else REPS)
     if reps < 1:
         parser.error("--reps must be at least 1")
+    over_reps = args.overhead_reps or (1 if args.smoke else OVERHEAD_REPS)
+    if over_reps < 1:
+        parser.error("--overhead-reps must be at least 1")
     if args.smoke:
         regimes = [smoke_regime()]
     else:
@@ -440,22 +479,39 @@ def main(argv: list[str] | None = None) -> int:
             low_requests=10,
             high_concurrency=8,
             high_s=0.6,
+            cpu_concurrency=4,
             cpu_requests_s=0.3,
+            cpu_stream1_s=0.3,
             cpu_streams=4,
             cpu_stream_chunks=20,
             cpu_streams_s=0.3,
             open_streams=16,
             ramp=(4, 16),
-            ramp_chunks=5,
-            ramp_tick_ms=20.0,
+            ramp_tick_ms=50.0,
+            ramp_window_s=0.3,
+            memory_window_s=0.1,
         )
+    if args.overhead_clients:
+        over_plan = dataclasses.replace(over_plan, clients=args.overhead_clients)
     over: list[overhead.OverheadResult] = []
     if not args.no_overhead and not args.quick:
         print("bench: overhead against the timestamping backend", flush=True)
         chosen_keys = {default_ha if k == "ha-default" else k for k in OVERHEAD_CONTENDERS}
         chosen = [c for c in usable if c.key in chosen_keys]
-        over, problems = run_overhead(chosen, over_plan, log_dir, cpus)
+        over, problems = run_overhead(chosen, over_plan, log_dir, cpus, over_reps)
         failures.update({f"overhead/{k}": v for k, v in problems.items()})
+
+    decision_plan = decision.DecisionPlan()
+    if args.smoke:
+        decision_plan = decision.DecisionPlan(prefixes=2000, timed=200, reps=1)
+    decisions: list[decision.DecisionRun] = []
+    if not args.no_decision and not args.quick:
+        print("bench: routing decision with a full prefix index (in process)", flush=True)
+        try:
+            decisions = decision.run(decision_plan)
+        except Exception as exc:  # llamacpp-ha's internals changed: say so, keep the rest
+            failures["decision"] = f"{type(exc).__name__}: {exc}"
+            print(f"  decision: {failures['decision']}", flush=True)
 
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
     target = "make bench"
@@ -480,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
         "ha_policies": [c.key.removeprefix("ha-") for c in contenders if c.family == "llamacpp-ha"],
         "runtime_s": 0.0,
         "open_streams": over_plan.open_streams,
+        "overhead_reps": over_reps,
+        "overhead_plan": dataclasses.asdict(over_plan),
+        "decision_plan": dataclasses.asdict(decision_plan),
+        "decision": [dataclasses.asdict(d) for d in decisions],
     }
     if not args.smoke:
         try:
@@ -496,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     context["background_cores"] = max(others, 0.0) / context["runtime_s"]
     report.write(out, results, over, context)
     print(f"bench: wrote {out / 'RESULTS.md'} in {context['runtime_s']:.0f} s", flush=True)
-    return _verdict(args.smoke, results, over, failures, len(runs))
+    return _verdict(args.smoke, results, over, failures, len(runs), bool(decisions))
 
 
 def _verdict(
@@ -505,6 +565,7 @@ def _verdict(
     over: list[overhead.OverheadResult],
     failures: dict[str, str],
     expected_runs: int,
+    context_decisions: bool,
 ) -> int:
     if not smoke:
         return 0 if results else 1
@@ -520,9 +581,13 @@ def _verdict(
             problems.append(f"{r.workload}/{r.contender}: no requests_deferred from the backends")
     if not over:
         problems.append("no overhead results")
+    if not context_decisions:
+        problems.append("no routing-decision results")
     for o in over:
         if o.failures or o.ttft_low_ms.get("p50") is None:
             problems.append(f"overhead/{o.contender}: {o.failures} failed requests")
+        if not o.relay_ms or any(v.get("p99") is None for v in o.relay_ms.values()):
+            problems.append(f"overhead/{o.contender}: a relay step never had its streams open")
     for p in problems:
         print(f"bench-smoke: FAIL {p}", file=sys.stderr, flush=True)
     if not problems:

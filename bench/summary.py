@@ -2,7 +2,9 @@
 
 Every figure of a row is the median of its runs with their range (``Spread``); a contender
 that ran once has a range of one value. The goal check compares the default llamacpp-ha
-policy's medians with the other contenders' medians in the same regime and workload.
+policy's medians with the other contenders' medians in the same regime and workload. The
+overhead section's repetitions fold the same way (`overhead_rows`), each added latency taken
+against direct's of the same repetition first.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bench.metrics import RunResult
+from bench.overhead import OverheadResult, carried_streams, generator_limit
 
 # The round-robin reference of "prompt tokens computed vs round robin": llamacpp-ha's own
 # round robin, the one round robin that runs in every regime with every repetition.
@@ -283,3 +286,88 @@ def _deferred(me: Aggregate) -> Verdict:
         return Verdict(None, "n/a")
     rng = "" if d.lo == d.hi else f" [{d.lo:.0f}-{d.hi:.0f}]"
     return Verdict(d.median == 0, f"{d.median:.0f}{rng}")
+
+
+# -- the overhead section ----------------------------------------------------------------------
+
+
+@dataclass
+class OverheadRow:
+    """One contender's overhead figures over the repetitions. The TTFT figures are added to
+    direct's of the same repetition (direct's own row: its absolute TTFT)."""
+
+    contender: str
+    label: str
+    reps: int
+    ttft_low_p50_ms: Spread | None
+    ttft_low_p99_ms: Spread | None
+    ttft_high_p50_ms: Spread | None
+    ttft_high_p99_ms: Spread | None
+    cpu_ms_per_request: Spread | None
+    cpu_ms_per_stream1: Spread | None
+    cpu_us_per_chunk: Spread | None
+    rss_idle_mb: Spread | None
+    rss_kb_per_stream: Spread | None
+    open_streams: Spread | None
+    carried: Spread | None  # most streams relayed within the limit
+    carried_why: tuple[str, ...]  # per repetition: limit, generator or max (see carried_streams)
+    failures: int  # summed over the repetitions
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _minus(mine: float | None, theirs: float | None) -> float | None:
+    return None if mine is None or theirs is None else mine - theirs
+
+
+def overhead_rows(over: list[OverheadResult], labels: dict[str, str]) -> list[OverheadRow]:
+    """One row per contender, in the order they first ran."""
+    direct = {o.rep: o for o in over if o.contender == "direct"}
+    groups: dict[str, list[OverheadResult]] = {}
+    for o in over:
+        groups.setdefault(o.contender, []).append(o)
+    rows = []
+    for key, runs in groups.items():
+        is_direct = key == "direct"
+
+        def ttft(o: OverheadResult, phase: str, q: str, absolute: bool = is_direct) -> float | None:
+            mine = getattr(o, phase).get(q)
+            if absolute:
+                return None if mine is None else float(mine)
+            base = direct.get(o.rep)
+            theirs = None if base is None else getattr(base, phase).get(q)
+            return _minus(mine, theirs)
+
+        carried: list[float | None] = []
+        why: list[str] = []
+        for o in runs:
+            if is_direct:
+                carried.append(generator_limit(o.relay_ms))
+                why.append("generator")
+                continue
+            base = direct.get(o.rep)
+            n, reason = carried_streams(o, base.relay_ms if base is not None else {})
+            carried.append(n)
+            why.append(reason)
+        rows.append(
+            OverheadRow(
+                contender=key,
+                label=labels.get(key, runs[0].label),
+                reps=len(runs),
+                ttft_low_p50_ms=Spread.of([ttft(o, "ttft_low_ms", "p50") for o in runs]),
+                ttft_low_p99_ms=Spread.of([ttft(o, "ttft_low_ms", "p99") for o in runs]),
+                ttft_high_p50_ms=Spread.of([ttft(o, "ttft_high_ms", "p50") for o in runs]),
+                ttft_high_p99_ms=Spread.of([ttft(o, "ttft_high_ms", "p99") for o in runs]),
+                cpu_ms_per_request=Spread.of([o.cpu_ms_per_request for o in runs]),
+                cpu_ms_per_stream1=Spread.of([o.cpu_ms_per_stream1 for o in runs]),
+                cpu_us_per_chunk=Spread.of([o.cpu_us_per_chunk for o in runs]),
+                rss_idle_mb=Spread.of([o.rss_idle_mb for o in runs]),
+                rss_kb_per_stream=Spread.of([o.rss_kb_per_stream for o in runs]),
+                open_streams=Spread.of([o.open_streams for o in runs]),
+                carried=Spread.of(carried),
+                carried_why=tuple(why),
+                failures=sum(o.failures for o in runs),
+            )
+        )
+    return rows

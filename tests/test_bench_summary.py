@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import unittest
+from dataclasses import asdict
 from typing import Any
 
 from bench.metrics import RunResult
+from bench.overhead import OverheadPlan, OverheadResult
+from bench.overhead import _over as relay_over
 from bench.regimes import REGIMES
-from bench.summary import Spread, aggregate, goal_check
+from bench.report import carried_text, generator_text
+from bench.summary import Spread, aggregate, goal_check, overhead_rows
 
 
 def _run(contender: str, rep: int, workload: str = "chat-medium", **kw: Any) -> RunResult:
@@ -124,3 +128,91 @@ class RegimesTest(unittest.TestCase):
                 self.assertGreaterEqual(w.n_requests, 200, f"{regime.name}/{w.name}")
                 wall = w.span_s / regime.spec_for(w.name).time_scale
                 self.assertLess(wall, 25.0, f"{regime.name}/{w.name}")
+
+
+def _over(contender: str, rep: int, **kw: Any) -> OverheadResult:
+    fields: dict[str, Any] = {
+        "contender": contender,
+        "label": contender,
+        "rep": rep,
+        "ttft_low_ms": {"p50": 1.0, "p99": 2.0},
+        "ttft_high_ms": {"p50": 1.5, "p99": 3.0},
+        "relay_ms": {128: {"p50": 0.5, "p99": 1.0}, 2048: {"p50": 1.0, "p99": 5.0}},
+    }
+    fields.update(kw)
+    return OverheadResult(**fields)
+
+
+class OverheadRowsTest(unittest.TestCase):
+    def test_added_ttft_is_taken_against_direct_of_the_same_repetition(self) -> None:
+        over = [
+            _over("direct", 0, ttft_low_ms={"p50": 1.0, "p99": 2.0}),
+            _over("ha", 0, ttft_low_ms={"p50": 1.5, "p99": 4.0}),
+            _over("direct", 1, ttft_low_ms={"p50": 3.0, "p99": 5.0}),
+            _over("ha", 1, ttft_low_ms={"p50": 3.2, "p99": 5.5}),
+            _over("direct", 2, ttft_low_ms={"p50": 1.0, "p99": 2.0}),
+            _over("ha", 2, ttft_low_ms={"p50": 2.0, "p99": 3.0}),
+        ]
+        rows = {r.contender: r for r in overhead_rows(over, {"ha": "llamacpp-ha"})}
+        ha = rows["ha"]
+        self.assertEqual(ha.label, "llamacpp-ha")
+        self.assertEqual(ha.reps, 3)
+        assert ha.ttft_low_p50_ms is not None
+        assert ha.ttft_low_p99_ms is not None
+        self.assertAlmostEqual(ha.ttft_low_p50_ms.median, 0.5)
+        self.assertAlmostEqual(ha.ttft_low_p50_ms.lo, 0.2)
+        self.assertAlmostEqual(ha.ttft_low_p50_ms.hi, 1.0)
+        self.assertAlmostEqual(ha.ttft_low_p99_ms.median, 1.0)
+        # Direct's own row is absolute.
+        self.assertEqual(rows["direct"].ttft_low_p50_ms, Spread(1.0, 1.0, 3.0, 3))
+
+    def test_figures_and_failures_over_repetitions(self) -> None:
+        over = [
+            _over("direct", 0),
+            _over("ha", 0, cpu_ms_per_request=0.2, cpu_ms_per_stream1=0.3, failures=1),
+            _over("direct", 1),
+            _over("ha", 1, cpu_ms_per_request=0.1, cpu_ms_per_stream1=None, failures=2),
+        ]
+        ha = overhead_rows(over, {})[1]
+        self.assertEqual(ha.cpu_ms_per_request, Spread(0.15000000000000002, 0.1, 0.2, 2))
+        self.assertEqual(ha.cpu_ms_per_stream1, Spread(0.3, 0.3, 0.3, 1))
+        self.assertEqual(ha.failures, 3)
+
+    def test_streams_carried_per_repetition_against_its_direct(self) -> None:
+        ok = {128: {"p50": 0.5, "p99": 1.0}, 2048: {"p50": 1.0, "p99": 5.0}}
+        broke = {128: {"p50": 0.5, "p99": 1.0}, 2048: {"p50": 40.0, "p99": 90.0}}
+        never_open = {128: {"p50": 0.5, "p99": 1.0}, 2048: {"p50": 1.0, "p99": None}}
+        over = [
+            _over("direct", 0, relay_ms=ok),
+            _over("ha", 0, relay_ms=ok),
+            _over("direct", 1, relay_ms=ok),
+            _over("ha", 1, relay_ms=broke),
+            _over("direct", 2, relay_ms=ok),
+            _over("ha", 2, relay_ms=never_open),
+        ]
+        rows = {r.contender: r for r in overhead_rows(over, {})}
+        self.assertEqual(rows["ha"].carried, Spread(128, 128, 2048, 3))
+        self.assertEqual(rows["ha"].carried_why, ("max", "limit", "limit"))
+        self.assertEqual(carried_text(rows["ha"], 128), "128 [128-2,048]")
+        self.assertEqual(rows["direct"].carried, Spread(2048, 2048, 2048, 3))
+        self.assertEqual(carried_text(rows["direct"], 128), "2,048 (the load generator alone)")
+
+    def test_the_generator_caps_what_can_be_shown(self) -> None:
+        capped = {128: {"p50": 0.5, "p99": 1.0}, 2048: {"p50": 30.0, "p99": 60.0}}
+        over = [_over("direct", 0, relay_ms=capped), _over("ha", 0, relay_ms=capped)]
+        ha = overhead_rows(over, {})[1]
+        self.assertEqual(carried_text(ha, 128), ">= 128 (load generator limit)")
+        every = [_over("direct", 0), _over("ha", 0)]
+        self.assertEqual(carried_text(overhead_rows(every, {})[1], 128), ">= 2,048 (max tested)")
+
+    def test_a_step_never_held_open_is_over_the_limit(self) -> None:
+        self.assertTrue(relay_over({"p50": 1.0, "p99": None}, {"p50": 1.0, "p99": 1.0}))
+        base = {"p50": 1.0, "p99": None}
+        self.assertTrue(relay_over(base, base))
+        self.assertFalse(relay_over({"p50": 1.0, "p99": 15.0}, {"p50": 1.0, "p99": 1.0}))
+
+    def test_generator_line_names_processes_and_streams(self) -> None:
+        plan = asdict(OverheadPlan())
+        text = generator_text({"overhead_plan": plan})
+        self.assertIn(f"{plan['clients']} client process(es) x up to 1,024 streams each", text)
+        self.assertIn("2,048 in all", text)
