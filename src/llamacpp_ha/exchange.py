@@ -32,6 +32,7 @@ from .scheduler import Lease, Scheduler
 from .sse import END_BY_PATH, BadStream, EventFramer
 from .transport import Timeouts, Transport, Upstream
 from .usage import Usage, from_answer
+from .watchdog import Watchdog
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,10 @@ class Exchange:
         self._timeouts = hooks.timeouts
         self.deadline = request.started_at + self.limits.request_timeout_s
         self.answer: Answer | None = None
+        self._watchdog: Watchdog | None = None
+        # What the client receives of a stream, for a resume (resume.py): read from each event
+        # as the stream's first answer is framed, before it is sent.
+        self.transcript: Transcript | None = None
         self._admitted = False
         self._key_ticket: str | None = None
         self._on_abort: Callable[[ProxyError], None] | None = None
@@ -219,6 +224,8 @@ class Exchange:
     async def release(self) -> None:
         """Everything admit() and the attempts took; idempotent, and whole even if cancelled."""
         try:
+            if self._watchdog is not None:
+                self._watchdog.close()
             await self.close_answer()
         finally:
             if self._admitted:
@@ -263,9 +270,23 @@ class Exchange:
         self.answer = await _first_good_answer(acquire, self._open, rule)
         return self.answer
 
-    def transcript(self) -> Transcript:
-        """What the client receives of this exchange's stream, for a resume."""
-        return Transcript(self.request.path, self.request.payload)
+    @property
+    def watchdog(self) -> Watchdog:
+        """The exchange's one timer for the deadlines that move with every chunk."""
+        if self._watchdog is None:
+            self._watchdog = Watchdog()
+        return self._watchdog
+
+    def _observer(self) -> Callable[[dict[str, Any] | None], None] | None:
+        """What reads a good stream's events for a resume: the first answer's only, and only
+        when it could be continued at all."""
+        if self.transcript is not None and self.transcript.resumed:
+            return None  # a continuation: its events are rewritten, not read again
+        # A new one for each attempt: only the answer that is relayed counts.
+        self.transcript = Transcript(self.request.path, self.request.payload)
+        if self.transcript.blocker is not None or self.limits.max_resumes < 1:
+            return None
+        return self.transcript.read
 
     async def resume(self, transcript: Transcript, error: UpstreamError) -> Answer | None:
         """The stream broke after `transcript`: its continuation from another backend, or None
@@ -351,9 +372,11 @@ class Exchange:
             answer.head = await self._read_all(name, upstream)
             raise RetryableAnswer(f"backend {name} answered {upstream.status}", answer)
         if upstream.media_type == "text/event-stream":
-            end = END_BY_PATH.get(self.request.path) if upstream.status == 200 else None
-            answer.events = EventFramer(end)
-            answer.rest = self._events(name, upstream, answer.events)
+            end, observe = None, None
+            if upstream.status == 200:
+                end, observe = END_BY_PATH.get(self.request.path), self._observer()
+            answer.events = EventFramer(end, observe)
+            answer.rest = self._events(answer, answer.events)
             answer.head = await anext(answer.rest, b"")
             return
         answer.head = await self._read_all(name, upstream)
@@ -372,24 +395,34 @@ class Exchange:
         """
         idle_s = self._timeouts.idle_s
         stream = upstream.chunks()
-        loop = asyncio.get_running_loop()
-        idle_deadline = loop.time() + idle_s
+        watchdog = self.watchdog
+        idle_until = watchdog.now() + idle_s
+
+        def silent() -> None:  # the read under way fails: the connection is gone
+            upstream.aclose(reuse=False)
+
         while True:
+            watchdog.start(_IDLE, idle_until, silent)
             try:
-                async with asyncio.timeout_at(idle_deadline):
-                    chunk = await anext(stream, b"")
-            except TimeoutError:
-                raise GatewayTimeout(f"backend {name}: no data for {idle_s:g} s") from None
+                chunk = await anext(stream, b"")
+            except UpstreamError:
+                if watchdog.expired != _IDLE:
+                    raise
+                chunk = b""
+            finally:
+                watchdog.stop(_IDLE)
+            if watchdog.expired == _IDLE:
+                raise GatewayTimeout(f"backend {name}: no data for {idle_s:g} s")
             if not chunk:
                 return
             if not sse or _has_data(chunk):
-                idle_deadline = loop.time() + idle_s
+                idle_until = watchdog.now() + idle_s
             yield chunk
 
-    async def _events(
-        self, name: str, upstream: Upstream, framer: EventFramer
-    ) -> AsyncIterator[bytes]:
-        """A stream's body in whole events; ends only if the stream ended as it promised."""
+    async def _events(self, answer: Answer, framer: EventFramer) -> AsyncIterator[bytes]:
+        """A stream's body in whole events; ends only if the stream ended as it promised, and
+        then the upstream is complete (before the last events are relayed)."""
+        name, upstream = answer.backend_name, answer.upstream
         opening = b"" if upstream.status == 200 else None  # until it is known to be SSE
         try:
             async for chunk in self._chunks(name, upstream, sse=True):
@@ -407,18 +440,11 @@ class Exchange:
             framer.finish()
         except BadStream as exc:
             raise BadGateway(f"backend {name}: {exc}") from None
+        self.result.usage = framer.usage
+        await self.upstream_complete(answer)
 
     async def _read_all(self, name: str, upstream: Upstream) -> bytes:
         return b"".join([chunk async for chunk in self._chunks(name, upstream, sse=False)])
-
-    async def rest_of_stream(self, answer: Answer) -> AsyncIterator[bytes]:
-        """The stream after its head; once the backend is done, the upstream is complete."""
-        assert answer.rest is not None
-        assert answer.events is not None
-        async for events in answer.rest:
-            yield events
-        self.result.usage = answer.events.usage
-        await self.upstream_complete(answer)
 
     async def upstream_complete(self, answer: Answer) -> None:
         # The backend is done: free its slot and remember the conversation now, before the
@@ -439,11 +465,16 @@ class Exchange:
             self._hooks.backend_failed(self.answer.lease.backend, error)
 
 
+_IDLE = "idle"  # the backend's silence, in the exchange's watchdog
+
+
 def _excluding(routing: RoutingRequest, tried: frozenset[str]) -> RoutingRequest:
     return replace(routing, exclude=routing.exclude | tried) if tried else routing
 
 
 def _has_data(chunk: bytes) -> bool:
+    if chunk[:1] not in (b":", b"\n", b"\r"):
+        return True  # its first line is a field, or the rest of one: the usual case, at once
     return any(line and not line.startswith(b":") for line in chunk.splitlines())
 
 

@@ -9,10 +9,11 @@ break its own poll.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+
+import orjson
 
 # A backend's error message goes into logs and `/admin/backends`: enough to say what happened.
 _MAX_MESSAGE = 200
@@ -179,7 +180,8 @@ def _busy(slot: Any) -> bool:
 
 def _json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        # orjson: a /slots of many slots is parsed several times faster than by json.
+        return orjson.loads(body)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested beyond the parser
         return None
 

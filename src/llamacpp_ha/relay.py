@@ -39,6 +39,9 @@ _DROPPED_RESPONSE_HEADERS = frozenset(
 )
 
 
+_WRITE = "write"  # the client's taking of a chunk, in the exchange's watchdog
+
+
 class _ClientTooSlow(Exception):
     pass
 
@@ -53,6 +56,7 @@ class RelayResponse(Response):
         self._response_started = False
         self._abort: ProxyError | None = None
         self._aborted = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None  # the task that sends
 
     @property
     def started(self) -> bool:
@@ -93,6 +97,7 @@ class RelayResponse(Response):
                 # Only an exchange the abort actually cut is told why; one that had just
                 # finished has already sent its last byte.
                 if cut and self._abort is not None and not result.client_disconnected:
+                    self._task = asyncio.current_task()  # what a stuck send cancels
                     await self._send_failure(send, self._abort)
         finally:
             await exchange.release()
@@ -101,6 +106,7 @@ class RelayResponse(Response):
 
     async def _relay(self, send: Send) -> None:
         exchange = self.exchange
+        self._task = asyncio.current_task()  # what a stuck send cancels
         try:
             async with asyncio.timeout_at(_loop_deadline(exchange.deadline)):
                 answer = await exchange.first_good_answer()
@@ -133,21 +139,20 @@ class RelayResponse(Response):
         headers.append((b"x-accel-buffering", b"no"))
         await self._send_start(send, answer.status, headers)
         result.ttfb_s = time.monotonic() - exchange.request.started_at
-        # What the client has received, so that a backend dying mid-stream can be replaced by
-        # another that continues from there (resume.py), unseen by the client.
-        transcript = exchange.transcript() if answer.status == 200 else None
+        # What the client has received (read by the exchange as it frames the events), so that
+        # a backend dying mid-stream can be replaced by another that continues from there
+        # (resume.py), unseen by the client.
+        transcript = exchange.transcript if answer.status == 200 else None
         head, continued = answer.head, False
         while True:
             try:
                 await self._send_body(send, head, more=True)
-                if transcript is not None and not continued:
-                    transcript.feed(head)
-                async for chunk in exchange.rest_of_stream(answer):
+                # The rest in whole events; once the backend is done, its slot is free.
+                assert answer.rest is not None
+                async for chunk in answer.rest:
                     if continued:
                         assert transcript is not None
                         chunk = transcript.rewrite(chunk)
-                    elif transcript is not None:
-                        transcript.feed(chunk)
                     await self._send_body(send, chunk, more=True)
                 break
             except UpstreamError as broken:
@@ -173,14 +178,23 @@ class RelayResponse(Response):
 
     async def _send(self, send: Send, message: Message) -> None:
         # A client that stops reading fills the socket buffer and then blocks this send: it
-        # would hold its slot forever, so it is cut after the write timeout.
+        # would hold its slot forever, so it is cut after the write timeout (the exchange's
+        # watchdog cancels the send; nearly every send returns at once).
+        watchdog, task = self.exchange.watchdog, self._task
+        assert task is not None
+        watchdog.start(_WRITE, watchdog.now() + self._write_timeout_s, task.cancel)
         try:
-            async with asyncio.timeout(self._write_timeout_s):
-                await send(message)
-        except TimeoutError:
+            await send(message)
+        except asyncio.CancelledError:
+            if watchdog.expired != _WRITE:
+                raise
+            watchdog.expired = None
+            task.uncancel()
             raise _ClientTooSlow from None
         except OSError:  # the ASGI server reports a gone client this way
             raise _ClientTooSlow from None
+        finally:
+            watchdog.stop(_WRITE)
 
     async def _send_failure(self, send: Send, error: ProxyError) -> None:
         result = self.exchange.result

@@ -40,18 +40,25 @@ class Transcript:
         self.finished = False
         self.resumed = 0
 
+    def read(self, event: dict[str, Any] | None) -> None:
+        """One good event of the stream, as it goes to the client (None: `[DONE]`)."""
+        if event is None:
+            self.finished = True
+        elif self.blocker is None:  # once it cannot be continued, the rest does not matter
+            self._read(event)
+
     def feed(self, events: bytes) -> None:
         """Whole events that have been sent to the client."""
         for data in _data_lines(events):
             if data == b"[DONE]":
-                self.finished = True
+                self.read(None)
                 continue
             try:
                 event = orjson.loads(data)
             except orjson.JSONDecodeError:
                 continue
             if isinstance(event, dict):
-                self._read(event)
+                self.read(event)
 
     def _read(self, event: dict[str, Any]) -> None:
         if not self.ident:

@@ -13,6 +13,7 @@ that stops short of it was truncated, however cleanly its connection closed.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
@@ -47,8 +48,16 @@ class BadStream(Exception):
 
 
 class EventFramer:
-    def __init__(self, end: StreamEnd | None) -> None:
+    """`observe`, when given, is called with every good event's JSON as it is framed (None
+    for `[DONE]`): one parse of each event serves both."""
+
+    def __init__(
+        self,
+        end: StreamEnd | None,
+        observe: Callable[[dict[str, Any] | None], None] | None = None,
+    ) -> None:
         self._end = end
+        self._observe = observe
         self._pending = b""
         self.ended = end is None  # a protocol without a promised end ends whenever it stops
         self._usage_event: dict[str, Any] | None = None
@@ -64,7 +73,26 @@ class EventFramer:
         the protocol, `fault` says how, and nothing more is returned."""
         if self.fault is not None:
             return b""
-        data = self._pending + chunk
+        data = self._pending + chunk if self._pending else chunk
+        if b"\r" in data:
+            return self._feed_crlf(data)
+        # llama-server's own framing, "\n\n" only: split, with no regular expression.
+        end = data.rfind(b"\n\n") + 2
+        if end < 2:
+            self._pending = data
+            return b""
+        complete, self._pending = data[:end], data[end:]
+        start = 0
+        for event in complete[:-2].split(b"\n\n"):
+            try:
+                self._check(event)
+            except BadStream as fault:
+                self.fault = fault
+                return complete[:start]
+            start += len(event) + 2
+        return complete
+
+    def _feed_crlf(self, data: bytes) -> bytes:
         end = max(_after(data, b"\n\n"), _after(data, b"\r\n\r\n"))
         if not end:
             self._pending = data
@@ -92,18 +120,23 @@ class EventFramer:
 
     def _check(self, event: bytes) -> None:
         name = b""
-        data: list[bytes] = []
-        for line in event.splitlines():
-            if line.startswith(b"data:"):
-                data.append(line[5:].removeprefix(b" "))
-            elif line.startswith(b"event:"):
-                name = line[6:].strip()
-        if not data:
-            return  # a comment (keep-alive) or a field we do not use
-        payload = b"\n".join(data)
+        if event.startswith(b"data: ") and b"\n" not in event:
+            payload = event[6:]  # one data line: nearly every event of every backend
+        else:
+            data: list[bytes] = []
+            for line in event.splitlines():
+                if line.startswith(b"data:"):
+                    data.append(line[5:].removeprefix(b" "))
+                elif line.startswith(b"event:"):
+                    name = line[6:].strip()
+            if not data:
+                return  # a comment (keep-alive) or a field we do not use
+            payload = b"\n".join(data)
         if payload == b"[DONE]":
             if self._end is StreamEnd.DONE:
                 self.ended = True
+            if self._observe is not None:
+                self._observe(None)
             return
         try:
             parsed = orjson.loads(payload)
@@ -111,6 +144,8 @@ class EventFramer:
             raise BadStream("an event's data is not JSON") from None
         if not isinstance(parsed, dict):
             return
+        if self._observe is not None:
+            self._observe(parsed)
         if "usage" in parsed or "timings" in parsed:
             self._usage_event = parsed
         if self._end is StreamEnd.STOP:

@@ -100,13 +100,12 @@ class _AiohttpUpstream:
         self.media_type = response.content_type
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        stream = self._response.content.iter_chunked(_CHUNK_BYTES)
-        while True:
-            with _translated(self._backend, "stream"):
-                chunk = await anext(stream, b"")
-            if not chunk:
-                return
-            yield chunk
+        # Whatever has arrived, up to a bound, as it arrives. One translation around the loop,
+        # not a context manager per chunk: only the read raises aiohttp's errors.
+        read = self._response.content.read
+        with _translated(self._backend, "stream"):
+            while chunk := await read(_CHUNK_BYTES):
+                yield chunk
 
     def aclose(self, *, reuse: bool = False) -> None:
         if reuse:
