@@ -44,7 +44,9 @@ class CachedPrompt:
 
     def shared(self, other: CachedPrompt) -> int:
         """Tokens of the longest common prefix (keys are cumulative: equal at n, equal below)."""
-        lo, hi = 0, min(len(self.keys), len(other.keys))
+        if not self.keys or not other.keys or self.keys[0] != other.keys[0]:
+            return 0  # most prompts compared share nothing: said at once
+        lo, hi = 1, min(len(self.keys), len(other.keys))
         while lo < hi:  # the largest depth whose keys are equal
             mid = (lo + hi + 1) // 2
             if self.keys[mid - 1] == other.keys[mid - 1]:
