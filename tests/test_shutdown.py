@@ -96,3 +96,46 @@ class ShutdownTest(unittest.IsolatedAsyncioTestCase):
             self.assertEqual(await asyncio.wait_for(proc.wait(), 10), 0)
             # The backend saw the connection close, so it stopped generating.
             await wait_until(lambda: sim.processing == 0, within_s=2)
+
+
+def _ignores_sighup(pid: int) -> bool:
+    """Whether the process ignores SIGHUP now (its SigIgn mask in /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        lines = status.read().splitlines()
+    for line in lines:
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    return False
+
+
+class EarlySighupTest(unittest.IsolatedAsyncioTestCase):
+    async def test_a_reload_asked_for_during_the_start_does_not_kill_it(self) -> None:
+        # systemd's ExecReload may come right after a start: SIGHUP sent again and again from
+        # the moment the process can hear it (its handler is not installed yet: the app, the
+        # server and their imports come after) until it serves.
+        async with sims(SimConfig(slots=1, profile="test")) as (sim,):
+            port = free_port()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "llamacpp_ha", "--backend", sim.url, "--port", str(port),
+                "--log-level", "warning", stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                await wait_until(lambda: _ignores_sighup(proc.pid), within_s=15)
+                url = f"http://127.0.0.1:{port}/health"
+                async with httpx.AsyncClient() as client, asyncio.timeout(30):
+                    while True:
+                        proc.send_signal(signal.SIGHUP)
+                        try:
+                            if (await client.get(url)).status_code == 200:
+                                break
+                        except httpx.TransportError:
+                            pass
+                        self.assertIsNone(proc.returncode, "SIGHUP killed it")
+                        await asyncio.sleep(0.01)
+                    proc.send_signal(signal.SIGHUP)  # once serving: a reload, not an exit
+                    self.assertEqual((await client.get(url)).status_code, 200)
+                self.assertIsNone(proc.returncode)
+            finally:
+                if proc.returncode is None:
+                    proc.terminate()
+                    await proc.wait()

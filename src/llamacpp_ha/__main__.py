@@ -7,6 +7,7 @@ import hashlib
 import importlib.metadata
 import json
 import secrets
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -219,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(argv[1:])
+        # A reload asked for before the server can reload (systemd's ExecReload right after
+        # a start) is moot, the file is being read now: ignored, rather than death by SIGHUP.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         config = load_config(argv)
         # The app and uvicorn are imported only once there is something to serve.
         from .server import listen_error, serve

@@ -99,8 +99,10 @@ def _worker(
     n: int,
     serve_one: Callable[[ProxyConfig, Callable[[], ProxyConfig] | None, socket.socket], int],
 ) -> None:
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
+    # Until its server reloads on it: a reload passed on during a worker's start is moot.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if config.replica_id is not None:
         name = f"{config.replica_id}-{n}"
         config = config.model_copy(update={"replica_id": name})
