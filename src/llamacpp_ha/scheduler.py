@@ -134,24 +134,24 @@ class RoutingView:
     def _held_busy(self, backend: str, prompt: CachedPrompt) -> tuple[int, float]:
         """The most of `prompt` a busy slot of `backend` is computing or holds, and when that
         slot should free (its request's remaining time)."""
-        slots = self._caches[backend].slots
-        # Only the slots our claims landed on (not every slot of the shadow); the lowest slot
-        # id wins a tie, the last claim on a slot says when it frees.
-        remaining = {
-            c.lands_on: c.remaining_s(self._now)
-            for c in self._ledgers[backend].claims
-            if c.lands_on is not None and 0 <= c.lands_on < len(slots)
-        }
-        best, wait, best_id = 0, 0.0, -1
+        ledger = self._ledgers[backend]
         cap = max(prompt.length - 1, 0)
-        for slot_id, left in remaining.items():
-            slot = slots[slot_id]
-            if not slot.busy:
-                continue
-            shared = min(slot.prompt.shared(prompt), cap)
-            if shared > best or (shared == best and shared and slot_id < best_id):
-                best, wait, best_id = shared, left, slot_id
-        return best, wait
+        # Busy slots grouped by what they hold (not every claim, not every slot: thousands may
+        # be in flight); only those our claims landed on; the lowest slot id wins a tie.
+        best, best_claim, best_id = 0, None, -1
+        for shared, group in self._caches[backend].busy_holders(prompt):
+            shared = min(shared, cap)
+            if shared < best:
+                break
+            for slot in group:
+                claim = ledger.claim_on(slot.id)
+                if claim is not None:
+                    if shared > best or slot.id < best_id:
+                        best, best_claim, best_id = shared, claim, slot.id
+                    break
+        if best_claim is None:
+            return 0, 0.0
+        return best, best_claim.remaining_s(self._now)
 
     def has_room_for(self, backends: Sequence[BackendState], routing: RoutingRequest) -> bool:
         return self.has_room(_fitting(backends, routing))

@@ -95,8 +95,9 @@ class ServerCaches:
         self.slots = [_Slot(i) for i in range(n_slots)]
         self._host_tokens = host_tokens
         self._saved: list[CachedPrompt] = []  # oldest first
-        # Idle slots by the prompt they hold, each list in slot id order.
+        # Idle slots by the prompt they hold, each list in slot id order; and the busy ones.
         self._groups: dict[_Content, list[_Slot]] = {}
+        self._busy_groups: dict[_Content, list[_Slot]] = {}
         # Idle slots whose prompt is not known to be in the host cache (`--cache-idle-slots`
         # saves them at each new task); the others' saving would change nothing.
         self._unsaved: set[_Slot] = set(self.slots)
@@ -135,19 +136,32 @@ class ServerCaches:
     def _set(self, slot: _Slot, prompt: CachedPrompt, busy: bool) -> None:
         """Every change of a slot's prompt or state goes here, to keep the groups true."""
         held = _content(slot.prompt)
-        if not slot.busy and held is not None:
-            group = self._groups[held]
+        if held is not None:
+            groups = self._busy_groups if slot.busy else self._groups
+            group = groups[held]
             del group[bisect.bisect_left(group, slot.id, key=_slot_id)]
             if not group:
-                del self._groups[held]
+                del groups[held]
         slot.prompt, slot.busy = prompt, busy
         if busy:
             self._unsaved.discard(slot)
-            return
-        self._unsaved.add(slot)
+        else:
+            self._unsaved.add(slot)
         content = _content(prompt)
         if content is not None:
-            bisect.insort(self._groups.setdefault(content, []), slot, key=_slot_id)
+            groups = self._busy_groups if busy else self._groups
+            bisect.insort(groups.setdefault(content, []), slot, key=_slot_id)
+
+    def busy_holders(self, prompt: CachedPrompt) -> list[tuple[int, list[_Slot]]]:
+        """The busy slots that share some of `prompt`, grouped by what they hold: (tokens
+        shared, the group's slots in id order), most shared first."""
+        found = []
+        for group in self._busy_groups.values():
+            shared = group[0].prompt.shared(prompt)
+            if shared:
+                found.append((shared, group))
+        found.sort(key=lambda item: -item[0])
+        return found
 
     def track(self, tokens_per_byte: float) -> None:
         """Count what is held at the backend's current ratio when it has moved by over 5 %."""

@@ -61,6 +61,10 @@ class SlotLedger(Protocol):
     @property
     def claims(self) -> frozenset[Claim]: ...
 
+    def claim_on(self, slot_id: int) -> Claim | None:
+        """Our claim whose request should be on llama-server's slot `slot_id`, if any."""
+        ...
+
     def shared(self, elsewhere: int, split: int | None) -> bool:
         """Other balancer replicas hold `elsewhere` slots; or, when they cannot be asked
         (`split`: how many replicas there are), this one takes at most its share. True when
@@ -103,6 +107,9 @@ class SlotTracker:
         self.elsewhere = 0  # held by other balancer replicas (shared state)
         self.split: int | None = None  # those cannot be asked: our share is total / split
         self._claims: set[Claim] = set()
+        # Kept as claims come and go: a routing decision reads them with thousands in flight.
+        self._tokens = 0
+        self._landed: dict[int, Claim] = {}
         self._on_release = on_release
         self._changed = asyncio.Condition()
 
@@ -123,11 +130,14 @@ class SlotTracker:
 
     @property
     def in_flight_tokens(self) -> int:
-        return sum(c.tokens for c in self._claims)
+        return self._tokens
 
     @property
     def claims(self) -> frozenset[Claim]:
         return frozenset(self._claims)
+
+    def claim_on(self, slot_id: int) -> Claim | None:
+        return self._landed.get(slot_id)
 
     def try_claim(
         self,
@@ -144,6 +154,9 @@ class SlotTracker:
             return None
         claim = Claim(self.backend, slot_id, tokens, expected_s, lands_on)
         self._claims.add(claim)
+        self._tokens += tokens
+        if lands_on is not None:
+            self._landed[lands_on] = claim
         return claim
 
     async def release(self, claim: Claim) -> None:
@@ -152,6 +165,9 @@ class SlotTracker:
         if claim not in self._claims:
             raise RuntimeError("release() of a claim this ledger does not hold")
         self._claims.discard(claim)
+        self._tokens -= claim.tokens
+        if claim.lands_on is not None and self._landed.get(claim.lands_on) is claim:
+            del self._landed[claim.lands_on]
         async with self._changed:
             self._changed.notify_all()
         if self._on_release is not None:
