@@ -74,7 +74,7 @@ class RoutingView:
         self._frees: dict[str, list[float]] = {}  # per busy backend: when its slots free
         self._waiting: dict[str, int] = {}  # requests that chose to wait for it, this drain
         self._held: dict[PromptKeys, dict[str, int]] = {}
-        self._prompts: dict[tuple[int, str], CachedPrompt] = {}
+        self._prompts: dict[tuple[int, float, int], CachedPrompt] = {}
 
     def has_room(self, backends: Sequence[BackendState]) -> bool:
         return any(self._seen[b.name].free_slots > 0 for b in backends)
@@ -102,15 +102,21 @@ class RoutingView:
                 cached = prediction.reused if prediction else shadow.best_held(cprompt)
                 if seen.free_slots > 0:
                     later, later_wait = self._held_busy(b.name, cprompt)
-            out.append(
-                replace(
-                    seen,
+            out.append(  # not dataclasses.replace(): it costs several times more
+                BackendCandidate(
+                    seen.name,
+                    seen.free_slots,
+                    seen.total_slots,
+                    seen.in_flight,
+                    seen.in_flight_tokens,
+                    seen.n_ctx,
                     prefix_match=depth,
                     cached_tokens=cached,
+                    prompt_tokens=tokens,
+                    prefill_tps=seen.prefill_tps,
+                    wait_s=0.0 if seen.free_slots > 0 else self._wait_s(b.name),
                     later_cached_tokens=later,
                     later_wait_s=later_wait,
-                    prompt_tokens=tokens,
-                    wait_s=0.0 if seen.free_slots > 0 else self._wait_s(b.name),
                 )
             )
         return out
@@ -119,15 +125,17 @@ class RoutingView:
         self, routing: RoutingRequest, backend: str, per_byte: float | None = None, tokens: int = 0
     ) -> CachedPrompt:
         """The request's prompt in `backend`'s tokens, as its cache shadow takes it."""
-        key = (id(routing.prompt), backend)
+        if per_byte is None:
+            per_byte = self._speeds[backend].tokens_per_byte
+            size = routing.prompt.size
+            tokens = round(size * per_byte) if size else routing.prompt_tokens
+        # Backends that count tokens alike (the same model, or not yet measured) share it.
+        key = (id(routing.prompt), per_byte, tokens)
         found = self._prompts.get(key)
         if found is None:
             prompt = routing.prompt
-            if per_byte is None:
-                per_byte = self._speeds[backend].tokens_per_byte
-                tokens = round(prompt.size * per_byte) if prompt.size else routing.prompt_tokens
             found = self._prompts[key] = CachedPrompt(
-                prompt.keys, tuple(round(end * per_byte) for end in prompt.ends), tokens
+                prompt.keys, tuple([round(end * per_byte) for end in prompt.ends]), tokens
             )
         return found
 
@@ -238,6 +246,7 @@ class Scheduler:
     ) -> None:
         self._queue = queue
         self._registry = registry
+        self._cost_model: CostModel | None = None
         self.policy = policy
         self._index = index
         self.max_queue = max_queue
@@ -255,6 +264,16 @@ class Scheduler:
         self.unconfirmed: set[Lease] = set()  # placed, and waiting for `confirm`
         # Router-mode servers (model_loads.py): a model loaded nowhere is loaded, once.
         self.loads: ModelLoads | None = None
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        # Asked once here, not per decision: isinstance() on a runtime Protocol is slow.
+        self._policy = policy
+        self._cost_model = policy if isinstance(policy, CostModel) else None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
@@ -473,9 +492,9 @@ class Scheduler:
         candidates = view.candidates(eligible, routing)
         choice = self._choose(candidates, routing)
         decision = _Decision(entry, routing, eligible, candidates, choice)
-        if isinstance(self.policy, CostModel):
-            decision.costs = self.policy.costs(candidates, routing)
-            decision.starts = self.policy.starts(candidates)
+        if self._cost_model is not None:
+            decision.costs = self._cost_model.costs(candidates, routing)
+            decision.starts = self._cost_model.starts(candidates)
         if choice is None and decision.costs is not None and not looking:
             # It waits, by choice, for a busy backend that holds its prompt; those behind it
             # that wait for the same backend come after it.

@@ -102,6 +102,9 @@ class ServerCaches:
         # saves them at each new task); the others' saving would change nothing.
         self._unsaved: set[_Slot] = set(self.slots)
         self._forgotten = 0  # times the host cache let something go
+        # What saving a prompt would leave, while the host cache is unchanged: predictions ask
+        # it of the same least recently used slot request after request.
+        self._after_saving: dict[int, tuple[CachedPrompt, list[CachedPrompt]]] = {}
         # Tokens are counted from the text at the backend's measured tokens per byte; what is
         # held was counted at the ratio of its day.
         self.tokens_per_byte: float | None = None
@@ -113,6 +116,8 @@ class ServerCaches:
 
     @saved.setter
     def saved(self, states: list[CachedPrompt]) -> None:
+        if states is not self._saved:
+            self._after_saving.clear()
         kept = {id(s) for s in states}
         if any(id(s) not in kept for s in self._saved):
             self._forgot()
@@ -125,6 +130,7 @@ class ServerCaches:
     @host_tokens.setter
     def host_tokens(self, tokens: int) -> None:
         if tokens != self._host_tokens:
+            self._after_saving.clear()
             self._forgot()
         self._host_tokens = tokens
 
@@ -318,6 +324,17 @@ class ServerCaches:
         saved = self.saved
         if not prompt.length or prompt.length > self.host_tokens:
             return saved
+        known = self._after_saving.get(id(prompt))
+        if known is not None and known[0] is prompt:
+            return known[1]
+        if len(self._after_saving) >= 64:
+            self._after_saving.clear()
+        after = self._saved_with(prompt)
+        self._after_saving[id(prompt)] = (prompt, after)
+        return after
+
+    def _saved_with(self, prompt: CachedPrompt) -> list[CachedPrompt]:
+        saved = self.saved
         if any(_contains(s, prompt) for s in saved):
             return saved
         kept = [s for s in saved if not _contains(prompt, s)]
