@@ -382,7 +382,7 @@ class Exchange:
         answer.head = await self._read_all(name, upstream)
         if upstream.status == 200 and upstream.media_type == "application/json":
             try:
-                parsed = json.loads(answer.head)
+                parsed = _json(answer.head)
             except ValueError:
                 raise BadGateway(f"backend {name}: invalid JSON") from None
             self.result.usage = from_answer(parsed)
@@ -466,6 +466,15 @@ class Exchange:
 
 
 _IDLE = "idle"  # the backend's silence, in the exchange's watchdog
+
+
+def _json(body: bytes) -> Any:
+    """orjson, several times faster; json for what orjson refuses and json takes (NaN, integers
+    beyond 64 bits), so that an answer is judged as before."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
 
 
 def _excluding(routing: RoutingRequest, tried: frozenset[str]) -> RoutingRequest:

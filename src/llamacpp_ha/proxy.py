@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .admin import build_admin_router
 from .balancer import Balancer
@@ -105,6 +105,17 @@ class _App(FastAPI):
     def __init__(self, balancer: Balancer, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._balancer = balancer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)  # the lifespan, as FastAPI runs it
+            return
+        # Starlette's own dispatch: FastAPI's asks OpenTelemetry on every request whether to
+        # trace it (an environment and a tracer lookup); we do not trace the hot path.
+        scope["app"] = self
+        if self.middleware_stack is None:
+            self.middleware_stack = self.build_middleware_stack()
+        await self.middleware_stack(scope, receive, send)
 
     def build_middleware_stack(self) -> ASGIApp:
         balancer, config = self._balancer, self._balancer.config

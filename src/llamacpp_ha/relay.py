@@ -55,7 +55,8 @@ class RelayResponse(Response):
         self._write_timeout_s = exchange.limits.write_timeout_s
         self._response_started = False
         self._abort: ProxyError | None = None
-        self._aborted = asyncio.Event()
+        # Done when abort() is called: a future, not an Event waited on by one more task.
+        self._aborted: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None  # the task that sends
 
     @property
@@ -66,10 +67,13 @@ class RelayResponse(Response):
     def abort(self, error: ProxyError) -> None:
         """End the exchange now with `error` (shutdown after its grace period)."""
         self._abort = error
-        self._aborted.set()
+        if self._aborted is not None and not self._aborted.done():
+            self._aborted.set_result(None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange, result = self.exchange, self.exchange.result
+        loop = asyncio.get_running_loop()
+        self._aborted = aborted = loop.create_future()
         try:
             await exchange.admit(on_abort=self.abort)
         except ProxyError as refused:  # a key over its limits: nothing was taken
@@ -78,12 +82,10 @@ class RelayResponse(Response):
                 await send_error(send, refused)
             return
         try:
-            loop = asyncio.get_running_loop()
             relay = loop.create_task(self._relay(send))
             # The client may leave while we queue, wait for the backend, or stream: whichever
             # comes first, leaving cancels the relay, whose finally closes upstream.
             listen = loop.create_task(_wait_for_disconnect(receive))
-            aborted = loop.create_task(self._aborted.wait())
             try:
                 await asyncio.wait({relay, listen, aborted}, return_when=asyncio.FIRST_COMPLETED)
             finally:
