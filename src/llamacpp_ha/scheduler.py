@@ -354,7 +354,11 @@ class Scheduler:
         entry.future = asyncio.get_running_loop().create_future()
         self._queue.put(entry, front=front)
         self._drain_supervised()
-        if not entry.future.done() and len(self._queue) > self.max_queue:
+        if entry.future.done() and self.confirm is None:
+            # Placed (or refused) by that drain: nothing to wait for. Not with other replicas:
+            # a request told to give way must let the loop run before it claims again.
+            return entry.future.result()
+        if len(self._queue) > self.max_queue:
             self._queue.remove(entry)
             raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
         try:
