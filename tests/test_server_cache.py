@@ -139,6 +139,25 @@ class ServerCachesTest(unittest.TestCase):
             with self.subTest(seed=seed):
                 self.replay_both(seed)
 
+    def test_the_least_recently_used_of_thousands_of_slots(self) -> None:
+        # A prompt like no slot's goes to the least recently used idle slot, the highest id
+        # among equals (llama-server's `<=`): kept in a heap, checked against a plain scan.
+        rng = random.Random(3)
+        caches = ServerCaches(n_slots=2048, host_tokens=0)
+        busy: set[int] = set()
+        for step in range(3000):
+            if busy and rng.random() < 0.45:
+                slot = rng.choice(sorted(busy))
+                busy.discard(slot)
+                caches.release(slot, float(rng.randrange(step + 1)))  # ties, out of order
+                continue
+            idle = [s for s in caches.slots if not s.busy]
+            expected = max(idle, key=lambda s: (-s.last_used, s.id)).id
+            launched = caches.launch(prompt(f"new{step}"))
+            assert launched is not None
+            self.assertEqual(launched.slot, expected, step)
+            busy.add(launched.slot)
+
     def test_it_agrees_with_many_slots_holding_the_same_prompts(self) -> None:
         # Many slots, prompts often sent again unchanged (an idle fleet, a shared document):
         # idle slots with equal content are grouped, and the slot picked must still be the one

@@ -169,7 +169,12 @@ class CostPolicy:
         request may still wait, and only if it holds more of the prompt than every free one:
         waiting is for a cache, never for a shorter queue (infinity otherwise)."""
         left = self._max_cache_wait_s - request.waited_s
-        free_best = max((c.cached_tokens for c in candidates if c.free_slots > 0), default=0)
+        # Only a cache worth having is worth a wait: a few tokens of a tiny prompt (a chat
+        # template's, the same short question) never are, however busy the free backend.
+        free_best = max(
+            max((c.cached_tokens for c in candidates if c.free_slots > 0), default=0),
+            _WORTH_TOKENS - 1,
+        )
         costs = []
         for c in candidates:
             cost = start_s(c) if c.free_slots > 0 else math.inf

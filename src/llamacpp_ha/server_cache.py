@@ -22,6 +22,7 @@ so it heals as the backend works.
 from __future__ import annotations
 
 import bisect
+import heapq
 from dataclasses import dataclass, field
 
 SIMILARITY = 0.1  # --slot-prompt-similarity
@@ -98,6 +99,11 @@ class ServerCaches:
         # Idle slots by the prompt they hold, each list in slot id order; and the busy ones.
         self._groups: dict[_Content, list[_Slot]] = {}
         self._busy_groups: dict[_Content, list[_Slot]] = {}
+        # Idle slots by (last used, -id): the least recently used one, ties to the highest id
+        # (llama-server's `<=`). Entries go stale when a slot is taken or used again, and are
+        # dropped when they come to the top, or all at once when there are too many.
+        self._lru = [(-1.0, -slot.id, slot) for slot in self.slots]
+        heapq.heapify(self._lru)
         # Idle slots whose prompt is not known to be in the host cache (`--cache-idle-slots`
         # saves them at each new task); the others' saving would change nothing.
         self._unsaved: set[_Slot] = set(self.slots)
@@ -232,6 +238,11 @@ class ServerCaches:
             if slot.busy:
                 self._set(slot, slot.prompt, busy=False)
             slot.last_used = now
+            if len(self._lru) > 2 * len(self.slots) + 16:
+                self._lru = [(s.last_used, -s.id, s) for s in self.slots if not s.busy]
+                heapq.heapify(self._lru)
+            else:
+                heapq.heappush(self._lru, (now, -slot.id, slot))
 
     def lost(self, state: CachedPrompt, floor: int) -> None:
         """A restore of `state` was predicted and did not happen: the host cache had already
@@ -291,11 +302,13 @@ class ServerCaches:
             length = best.prompt.length
             keeps = best_sim * prompt.length / length if length else 0.0
             return best, keeps < F_KEEP_SAVE
-        lru: _Slot | None = None
-        for slot in self.slots:
-            if not slot.busy and (lru is None or slot.last_used <= lru.last_used):
-                lru = slot
-        return None if lru is None else (lru, True)
+        lru = self._lru
+        while lru:
+            last_used, _, slot = lru[0]
+            if not slot.busy and slot.last_used == last_used:
+                return slot, True
+            heapq.heappop(lru)
+        return None
 
     def _best_saved(
         self, slot: _Slot, prompt: CachedPrompt, saved: list[CachedPrompt]
