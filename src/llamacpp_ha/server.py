@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import os
 import signal
 import socket
@@ -93,6 +94,12 @@ def serve(
     app = create_app(config)
     app.state.balancer.config_source = source
     server = Server(app, config)
+    # What exists now (every module, the app, its configuration) lives as long as the process:
+    # frozen, the cyclic collector stops walking it at each full collection. Those walks were
+    # the 99th percentile of time to first token under load (+17 ms; +0.2 ms frozen, in the
+    # overhead benchmark with 64 streams flowing), and about 5 % of the CPU per request.
+    gc.collect()
+    gc.freeze()
     # uvicorn handles SIGTERM/SIGINT itself (draining first), then raises the signal again
     # with the previous handler: make that a clean exit rather than death by signal.
     signal.signal(signal.SIGTERM, _exit_cleanly)
