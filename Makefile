@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv test unit unit-py313 e2e check demo run bench bench-quick bench-smoke bench-decision bench-real bench-replicas soak clean
+.PHONY: venv test unit unit-py313 e2e check demo run bench bench-quick bench-smoke bench-overhead bench-decision bench-real bench-replicas soak clean
 
 venv: $(STAMP)
 
@@ -66,6 +66,13 @@ bench-replicas: $(STAMP)
 bench-quick: $(STAMP)
 	bench/setup.sh
 	bench/.venv/bin/python bench/run.py --quick --out test-output/bench-quick
+
+## what each balancer costs (CPU per request and chunk, added latency, streams, memory) and
+## the routing decision, 3 repetitions, no routing workloads (~6 min): bench/results-overhead
+bench-overhead: $(STAMP)
+	bench/setup.sh
+	bench/.venv/bin/python bench/run.py --workloads none --regimes decode-bound \
+	  --contenders direct,ha-default,nginx-lc,haproxy,sglang-ca --out bench/results-overhead
 
 ## one routing decision's cost (policy + index lookup) with 100,000 indexed prefixes, in
 ## process, 3 repetitions (~1 min; also a section of `make bench`): bench/results/DECISION.md

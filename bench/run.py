@@ -423,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         keys = tuple(c.key for c in everyone)
     keys = tuple(default_ha if k == "ha-default" else k for k in keys)
     if args.contenders:
-        keys = tuple(k for k in keys if k in args.contenders.split(","))
+        # "ha-default" names whichever policy is llamacpp-ha's default.
+        asked = {default_ha if k == "ha-default" else k for k in args.contenders.split(",")}
+        keys = tuple(k for k in keys if k in asked)
     contenders = [c for c in everyone if c.key in keys]
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
