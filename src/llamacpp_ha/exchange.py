@@ -236,6 +236,17 @@ class Exchange:
                 self.result.total_s = time.monotonic() - self.request.started_at
                 self._hooks.recorder.finished(self.result)
 
+    def forget(self) -> None:
+        """After `release()`: drop what holds references back to this exchange (the owner's
+        abort hook, the answer and its stream's generator, the watchdog's actions), so that
+        reference counting frees it all at once."""
+        self._on_abort = None
+        if self.answer is not None:
+            self.answer.rest = None
+            self.answer = None
+        self.transcript = None
+        self._watchdog = None
+
     # Finding an answer ---------------------------------------------------------------------
 
     async def first_good_answer(self) -> Answer:

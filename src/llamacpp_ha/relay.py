@@ -103,6 +103,10 @@ class RelayResponse(Response):
                     await self._send_failure(send, self._abort)
         finally:
             await exchange.release()
+            # What refers back to us (the abort hook, the sending task) let go, so that the
+            # exchange's objects are freed when it ends rather than by the cyclic collector.
+            exchange.forget()
+            self._task = None
         if not relay.cancelled() and relay.exception() is not None:
             raise relay.exception()  # type: ignore[misc]
 
