@@ -108,6 +108,12 @@ class Replicas:
         self._warned = False  # one warning per outage (the first contact may fail too)
         self.last_error: str | None = None
         self.live: tuple[str, ...] = (replica_id,)
+        # Back from an outage: the replicas we knew, until each has registered again what it
+        # holds (or a lease's lifetime has passed), and how many shared the fleet then. Until
+        # then shared state undercounts their leases, so this one keeps to its local share.
+        self._awaiting: set[str] = set()
+        self._awaiting_until = 0.0
+        self._recovery_split = 1
         self.stats = ReplicaStats()
         # Per backend: the leases other replicas hold (replica -> count), and ours.
         self._others: dict[str, dict[str, int]] = {}
@@ -299,7 +305,8 @@ class Replicas:
                 sum(self._others.get(backend.name, {}).values()),
                 self._floor.get(backend.name, 0),
             )
-            changed = backend.slots.shared(elsewhere, None)
+            recovering = self._awaiting and time.monotonic() < self._awaiting_until
+            changed = backend.slots.shared(elsewhere, self._recovery_split if recovering else None)
         else:
             # What the others held when Redis went away stands until the next /slots poll
             # says what the backend is really busy with (the ledger then counts it as
@@ -445,6 +452,9 @@ class Replicas:
         self._head = head
         if rejoining:
             self.up = True
+            self._awaiting = set(self.live) - {self.id}
+            self._awaiting_until = time.monotonic() + self.ttl_s
+            self._recovery_split = len(self.live)
             self._warned = False
             self.last_error = None
             log.warning(
@@ -457,6 +467,7 @@ class Replicas:
     def _apply_snapshot(self, snapshot: Snapshot) -> None:
         gone = set(self.live) - set(snapshot.replicas)
         self.live = tuple(sorted({*snapshot.replicas, self.id}))
+        self._awaiting -= set(snapshot.replicas)
         for name, per_replica in snapshot.held.items():
             self._others[name] = {r: n for r, n in per_replica.items() if r != self.id and n}
             self._floor.pop(name, None)
