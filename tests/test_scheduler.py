@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import unittest
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from fleet import make_registry, set_ready
 from llamacpp_ha.errors import NoHealthyBackend, QueueFull, QueueTimeout
@@ -17,7 +18,7 @@ from llamacpp_ha.policies import (
 from llamacpp_ha.prefix_index import CacheIndex, PrefixIndex, PromptKeys, prompt_keys
 from llamacpp_ha.queue import RequestQueue
 from llamacpp_ha.registry import Health, Registry
-from llamacpp_ha.scheduler import Lease, Scheduler
+from llamacpp_ha.scheduler import Lease, RoutingView, Scheduler
 from sim_support import wait_until
 
 
@@ -379,6 +380,28 @@ class CostSchedulingTest(SchedulerFixture):
         self.sessions.record(lease.backend_name, routing.prompt.keys, routing.prompt_tokens)
         await lease.release()
         return lease
+
+    async def test_when_a_slot_frees_follows_what_the_backend_is_learned_to_do(self) -> None:
+        # Claimed while "a" was not yet measured: the stand-in figures (an answer of 256
+        # tokens at 50 a second) put its end seconds away. Once "a" is measured at 2,000
+        # tokens a second and 64-token answers, the same claim should end within a tenth of one.
+        scheduler, registry, _ = self.build_cost(("a", 1, ("m",)))
+        lease = await scheduler.acquire(conversation("x"), timeout_s=1)
+        (a,) = registry.backends
+        view = RoutingView(registry.backends, self.sessions)
+        before = view.candidates(registry.backends, conversation("y"))[0].wait_s
+        a.speeds = replace(
+            a.speeds,
+            decode_tps=2000.0,
+            completion_tokens=64.0,
+            prefill_tps=100_000.0,
+            measured={"decode_tps", "completion_tokens", "prefill_tps"},
+        )
+        view = RoutingView(registry.backends, self.sessions)
+        after = view.candidates(registry.backends, conversation("y"))[0].wait_s
+        self.assertGreater(before, 2.0)
+        self.assertLess(after, 0.1)
+        await lease.release()
 
     async def test_a_freed_slot_goes_to_the_request_behind_that_gains_more(self) -> None:
         scheduler, _, queue = self.build_cost(

@@ -159,7 +159,15 @@ class RoutingView:
                     break
         if best_claim is None:
             return 0, 0.0
-        return best, best_claim.remaining_s(self._now)
+        return best, self._remaining_s(backend, best_claim)
+
+    def _remaining_s(self, backend: str, claim: Claim) -> float:
+        """How long `claim` should still hold its slot, by what `backend` is known to do now:
+        estimates made before the backend was measured (the stand-in figures) are made again."""
+        speeds = self._speeds[backend]
+        return claim.remaining_s(
+            self._now, speeds.expected_s(claim.uncached_tokens, claim.max_tokens)
+        )
 
     def has_room_for(self, backends: Sequence[BackendState], routing: RoutingRequest) -> bool:
         return self.has_room(_fitting(backends, routing))
@@ -172,7 +180,7 @@ class RoutingView:
         typical = speeds.expected_s(0, 0)
         if frees is None:
             ledger = self._ledgers[backend]
-            frees = sorted(c.remaining_s(self._now) for c in ledger.claims)
+            frees = sorted(self._remaining_s(backend, c) for c in ledger.claims)
             frees += [typical] * ledger.external_busy  # not ours: how long, we cannot know
             self._frees[backend] = frees = frees or [typical]
         ahead = self._waiting.get(backend, 0)
@@ -563,9 +571,8 @@ class Scheduler:
         # A slot the client named is where llama-server puts it: so the shadow does too.
         named = slot_id if slot_id is not None else routing.client_slot
         prediction = shadow.predict(cprompt, named)
-        expected_s = backend.speeds.expected_s(
-            max(0, chosen.prompt_tokens - chosen.cached_tokens), routing.max_tokens
-        )
+        uncached = max(0, chosen.prompt_tokens - chosen.cached_tokens)
+        expected_s = backend.speeds.expected_s(uncached, routing.max_tokens)
         # Choosing and claiming happen with no await in between: on one event loop nothing
         # else can take this slot, so select-and-claim is atomic.
         claim = backend.slots.try_claim(
@@ -573,6 +580,7 @@ class Scheduler:
             routing.prompt_tokens,
             expected_s,
             lands_on=prediction.slot if prediction is not None else None,
+            work=(uncached, routing.max_tokens),
         )
         if claim is None:
             raise RuntimeError(f"{choice} was chosen with a free slot and had none")
@@ -642,9 +650,13 @@ _RETRY_DRAIN_S = 0.05
 _REORDER_MARGIN_S = 0.005
 
 
+# What a backend not measured yet borrows from those that are (every figure routing uses).
+_FLEET_FIGURES = ("prefill_tps", "decode_tps", "tokens_per_byte", "completion_tokens")
+
+
 def _like_the_fleet(speeds: Speeds, backends: Sequence[BackendState]) -> Speeds:
     """`speeds`, with the fleet's mean of a figure where it has not measured that one yet."""
-    missing = {"prefill_tps", "tokens_per_byte"} - speeds.measured
+    missing = set(_FLEET_FIGURES) - speeds.measured
     if not missing:
         return speeds
     filled = {}

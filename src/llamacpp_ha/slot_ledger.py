@@ -26,12 +26,18 @@ class Claim:
     expected_s: float = 0.0  # how long it should hold the slot (routing's estimate)
     lands_on: int | None = None  # the slot llama-server should give it, pinned or not
     started_at: float = field(default_factory=time.monotonic)
+    # Its work, so the estimate can be made again as the backend's speeds are learned: the
+    # prompt tokens it should compute and the most it may answer.
+    uncached_tokens: int = 0
+    max_tokens: int = 0
 
-    def remaining_s(self, now: float) -> float:
-        """How long it should still hold the slot. One that has outrun its estimate is not
+    def remaining_s(self, now: float, expected_s: float | None = None) -> float:
+        """How long it should still hold the slot, by `expected_s` (its estimate made again
+        now) or the one made when it was claimed. One that has outrun its estimate is not
         about to end for that: it is taken to need half its estimate again."""
-        left = self.started_at + self.expected_s - now
-        return left if left > 0 else self.expected_s / 2
+        expected = self.expected_s if expected_s is None else expected_s
+        left = self.started_at + expected - now
+        return left if left > 0 else expected / 2
 
 
 class SlotLedger(Protocol):
@@ -77,8 +83,10 @@ class SlotLedger(Protocol):
         tokens: int = 0,
         expected_s: float = 0.0,
         lands_on: int | None = None,
+        work: tuple[int, int] = (0, 0),
     ) -> Claim | None:
-        """A claim on a free slot (that one, if `slot_id` is given), or None."""
+        """A claim on a free slot (that one, if `slot_id` is given), or None. `work`: the
+        prompt tokens it should compute and its `max_tokens`."""
         ...
 
     async def release(self, claim: Claim) -> None:
@@ -145,6 +153,7 @@ class SlotTracker:
         tokens: int = 0,
         expected_s: float = 0.0,
         lands_on: int | None = None,
+        work: tuple[int, int] = (0, 0),
     ) -> Claim | None:
         if self.free <= 0:
             return None
@@ -152,7 +161,15 @@ class SlotTracker:
             not 0 <= slot_id < self.total or any(c.slot_id == slot_id for c in self._claims)
         ):
             return None
-        claim = Claim(self.backend, slot_id, tokens, expected_s, lands_on)
+        claim = Claim(
+            self.backend,
+            slot_id,
+            tokens,
+            expected_s,
+            lands_on,
+            uncached_tokens=work[0],
+            max_tokens=work[1],
+        )
         self._claims.add(claim)
         self._tokens += tokens
         if lands_on is not None:
