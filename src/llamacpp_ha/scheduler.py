@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -35,8 +36,8 @@ from .policies import (
 from .prefix_index import PrefixIndex, PromptKeys
 from .queue import Lease, QueueEntry, RequestQueue
 from .registry import BackendState, Registry
-from .server_cache import CachedPrompt
-from .slot_ledger import Claim
+from .server_cache import CachedPrompt, ServerCaches
+from .slot_ledger import Claim, SlotLedger
 from .speeds import Speeds
 
 __all__ = ["Lease", "RoutingView", "Scheduler"]
@@ -54,23 +55,23 @@ class RoutingView:
         self._now = time.monotonic() if now is None else now
         # A backend not yet measured is taken to work like the measured ones, on average:
         # a stand-in figure against a measured one would decide by the difference.
-        self._speeds = {b.name: _like_the_fleet(b.speeds, backends) for b in backends}
-        self._caches = {b.name: b.caches for b in backends}
-        for name, shadow in self._caches.items():
-            shadow.track(self._speeds[name].tokens_per_byte)
-        self._ledgers = {b.name: b.slots for b in backends}
-        self._seen = {
-            b.name: BackendCandidate(
-                name=b.name,
-                free_slots=b.slots.free,
-                total_slots=b.slots.total,
-                in_flight=b.slots.in_flight,
-                in_flight_tokens=b.slots.in_flight_tokens,
-                n_ctx=b.n_ctx,
-                prefill_tps=self._speeds[b.name].prefill_tps,
+        self._speeds = speeds = _like_the_fleet(backends)
+        self._caches: dict[str, ServerCaches] = {}
+        self._ledgers: dict[str, SlotLedger] = {}
+        self._seen: dict[str, _Seen] = {}
+        for b in backends:  # one pass: a drain builds this for every backend, each time
+            name, slots, shadow = b.name, b.slots, b.caches
+            shadow.track(speeds[name].tokens_per_byte)
+            self._caches[name] = shadow
+            self._ledgers[name] = slots
+            self._seen[name] = _Seen(
+                slots.free,
+                slots.total,
+                slots.in_flight,
+                slots.in_flight_tokens,
+                b.n_ctx,
+                speeds[name].prefill_tps,
             )
-            for b in backends
-        }
         self._frees: dict[str, list[float]] = {}  # per busy backend: when its slots free
         self._waiting: dict[str, int] = {}  # requests that chose to wait for it, this drain
         self._held: dict[PromptKeys, dict[str, int]] = {}
@@ -88,23 +89,24 @@ class RoutingView:
             held = self._held[prompt] = self._index.match(prompt.keys) if prompt.keys else {}
         out = []
         for b in _fitting(backends, routing):
-            seen = self._seen[b.name]
-            per_byte = self._speeds[b.name].tokens_per_byte
-            depth = held.get(b.name, 0)
+            name = b.name
+            seen = self._seen[name]
+            per_byte = self._speeds[name].tokens_per_byte
+            depth = held.get(name, 0)
             tokens = round(prompt.size * per_byte) if prompt.size else routing.prompt_tokens
             cached = later = 0
             later_wait = 0.0
             if depth:
                 # What llama-server's own rules make of what it holds: its cache shadow.
-                shadow = self._caches[b.name]
-                cprompt = self.cached_prompt(routing, b.name, per_byte, tokens)
+                shadow = self._caches[name]
+                cprompt = self.cached_prompt(routing, name, per_byte, tokens)
                 prediction = shadow.predict(cprompt) if seen.free_slots > 0 else None
                 cached = prediction.reused if prediction else shadow.best_held(cprompt)
                 if seen.free_slots > 0:
-                    later, later_wait = self._held_busy(b.name, cprompt)
-            out.append(  # not dataclasses.replace(): it costs several times more
+                    later, later_wait = self._held_busy(name, cprompt)
+            out.append(
                 BackendCandidate(
-                    seen.name,
+                    name,
                     seen.free_slots,
                     seen.total_slots,
                     seen.in_flight,
@@ -114,7 +116,7 @@ class RoutingView:
                     cached_tokens=cached,
                     prompt_tokens=tokens,
                     prefill_tps=seen.prefill_tps,
-                    wait_s=0.0 if seen.free_slots > 0 else self._wait_s(b.name),
+                    wait_s=0.0 if seen.free_slots > 0 else self._wait_s(name),
                     later_cached_tokens=later,
                     later_wait_s=later_wait,
                 )
@@ -192,13 +194,23 @@ class RoutingView:
 
     def claimed(self, claim: Claim) -> None:
         seen = self._seen[claim.backend]
-        self._seen[claim.backend] = replace(
-            seen,
-            free_slots=seen.free_slots - 1,
-            in_flight=seen.in_flight + 1,
-            in_flight_tokens=seen.in_flight_tokens + claim.tokens,
-        )
+        seen.free_slots -= 1
+        seen.in_flight += 1
+        seen.in_flight_tokens += claim.tokens
         self._frees.pop(claim.backend, None)
+
+
+@dataclass(slots=True)
+class _Seen:
+    """One backend as this drain sees it: changed as the drain claims its slots. The policy
+    gets a frozen `BackendCandidate` of it, built only for the backends it is asked about."""
+
+    free_slots: int
+    total_slots: int
+    in_flight: int
+    in_flight_tokens: int
+    n_ctx: int | None
+    prefill_tps: float
 
 
 @dataclass
@@ -221,12 +233,23 @@ class _Decision:
     eligible: list[BackendState]
     candidates: list[BackendCandidate]
     choice: str | None
-    costs: list[float] | None = None
-    starts: list[float] | None = None
+    model: CostModel | None = None  # the policy, when it can say when a request starts
+
+    @functools.cached_property
+    def costs(self) -> list[float]:
+        """What the cost model weighs per candidate; asked only when needed (a request that
+        waits, or reordering), as most decisions place the request at once."""
+        assert self.model is not None
+        return self.model.costs(self.candidates, self.routing)
+
+    @functools.cached_property
+    def starts(self) -> list[float]:
+        assert self.model is not None
+        return self.model.starts(self.candidates)
 
     def gain(self, backend: str) -> float:
         """How much sooner the request starts on `backend` than anywhere else (0 unknown)."""
-        if self.starts is None:
+        if self.model is None:
             return 0.0
         here = math.inf
         elsewhere = math.inf
@@ -503,11 +526,8 @@ class Scheduler:
             routing = replace(routing, waited_s=now - entry.cache_wait_since)
         candidates = view.candidates(eligible, routing)
         choice = self._choose(candidates, routing)
-        decision = _Decision(entry, routing, eligible, candidates, choice)
-        if self._cost_model is not None:
-            decision.costs = self._cost_model.costs(candidates, routing)
-            decision.starts = self._cost_model.starts(candidates)
-        if choice is None and decision.costs is not None and not looking:
+        decision = _Decision(entry, routing, eligible, candidates, choice, self._cost_model)
+        if choice is None and decision.model is not None and not looking:
             # It waits, by choice, for a busy backend that holds its prompt; those behind it
             # that wait for the same backend come after it.
             best = min(range(len(candidates)), key=decision.costs.__getitem__)
@@ -528,11 +548,13 @@ class Scheduler:
         from the chosen backend, and would take it; None to keep strict order."""
         entry, backend = decision.entry, decision.choice
         settings = self.settings
-        if decision.costs is None or backend is None or entry.passed >= settings.reorder_max:
+        if decision.model is None or backend is None or entry.passed >= settings.reorder_max:
             return None
         # The worst extra wait is bounded: once passed over for half the window, it is next
         # (the other half covers the wait for the slot it then gets).
         if entry.passed_at is not None and now - entry.passed_at >= settings.reorder_window_s / 2:
+            return None
+        if not behind:
             return None
         mine = decision.gain(backend)
         best: _Decision | None = None
@@ -654,17 +676,20 @@ _REORDER_MARGIN_S = 0.005
 _FLEET_FIGURES = ("prefill_tps", "decode_tps", "tokens_per_byte", "completion_tokens")
 
 
-def _like_the_fleet(speeds: Speeds, backends: Sequence[BackendState]) -> Speeds:
-    """`speeds`, with the fleet's mean of a figure where it has not measured that one yet."""
-    missing = set(_FLEET_FIGURES) - speeds.measured
-    if not missing:
-        return speeds
-    filled = {}
-    for name in missing:
+def _like_the_fleet(backends: Sequence[BackendState]) -> dict[str, Speeds]:
+    """Each backend's speeds, with the fleet's mean of a figure where it has not measured that
+    one yet."""
+    means = {}
+    for name in _FLEET_FIGURES:
         measured = [getattr(b.speeds, name) for b in backends if name in b.speeds.measured]
         if measured:
-            filled[name] = sum(measured) / len(measured)
-    return replace(speeds, **filled) if filled else speeds
+            means[name] = sum(measured) / len(measured)
+    out = {}
+    for b in backends:
+        speeds = b.speeds
+        filled = {name: v for name, v in means.items() if name not in speeds.measured}
+        out[b.name] = replace(speeds, **filled) if filled else speeds
+    return out
 
 
 def _fitting(backends: Sequence[BackendState], routing: RoutingRequest) -> Sequence[BackendState]:

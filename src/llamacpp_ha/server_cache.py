@@ -168,8 +168,12 @@ class ServerCaches:
         """The busy slots that share some of `prompt`, grouped by what they hold: (tokens
         shared, the group's slots in id order), most shared first."""
         found = []
+        first = _first(prompt)
         for group in self._busy_groups.values():
-            shared = group[0].prompt.shared(prompt)
+            held = group[0].prompt
+            if held.keys[0] != first:
+                continue  # shares nothing; compared inline, as most groups do not
+            shared = held.shared(prompt)
             if shared:
                 found.append((shared, group))
         found.sort(key=lambda item: -item[0])
@@ -269,8 +273,14 @@ class ServerCaches:
     def best_held(self, prompt: CachedPrompt) -> int:
         """Tokens of `prompt` held anywhere here (a slot, busy or not, or a saved state that
         would be restored): what a busy backend may offer once a slot frees."""
-        held = max((s.prompt.shared(prompt) for s in self.slots), default=0)
+        first = _first(prompt)
+        held = max(
+            (s.prompt.shared(prompt) for s in self.slots if s.prompt.keys[:1] == (first,)),
+            default=0,
+        )
         for state in self.saved:
+            if not state.keys or state.keys[0] != first:
+                continue
             shared = state.shared(prompt)
             if shared >= F_KEEP_RESTORE_MIN * state.length:
                 held = max(held, shared)
@@ -290,7 +300,10 @@ class ServerCaches:
                 groups = [[named]] if _content(named.prompt) is not None else []
             else:
                 groups = list(self._groups.values())
+            first = _first(prompt)
             for group in groups:
+                if group[0].prompt.keys[0] != first:
+                    continue  # shares nothing: no similarity
                 f_sim = group[0].prompt.shared(prompt) / prompt.length
                 if f_sim <= SIMILARITY:
                     continue
@@ -318,9 +331,10 @@ class ServerCaches:
         keep_best = own / slot.prompt.length if slot.prompt.length else -1.0
         sim_best = own / prompt.length if prompt.length else 0.0
         found = None
+        first = _first(prompt)
         for state in saved:
-            if not state.length:
-                continue  # nothing to restore (a tiny prompt rescaled to no tokens)
+            if not state.length or not state.keys or state.keys[0] != first:
+                continue  # nothing to restore (a tiny prompt rescaled to no tokens), or shared
             shared = state.shared(prompt)
             keep = shared / state.length
             sim = shared / prompt.length if prompt.length else 0.0
@@ -348,9 +362,22 @@ class ServerCaches:
 
     def _saved_with(self, prompt: CachedPrompt) -> list[CachedPrompt]:
         saved = self.saved
-        if any(_contains(s, prompt) for s in saved):
-            return saved
-        kept = [s for s in saved if not _contains(prompt, s)]
+        first = _first(prompt)
+        if first is None:  # no keys to compare by
+            if any(_contains(s, prompt) for s in saved):
+                return saved
+            kept = [s for s in saved if not _contains(prompt, s)]
+        else:
+            # Only a state that starts alike can hold it, or be held by it (or one with no
+            # keys): compared inline, before the call.
+            for state in saved:
+                if state.keys and state.keys[0] == first and _contains(state, prompt):
+                    return saved
+            kept = [
+                s
+                for s in saved
+                if not ((not s.keys or s.keys[0] == first) and _contains(prompt, s))
+            ]
         used = sum(s.length for s in kept)
         while kept and used + prompt.length > self.host_tokens:
             used -= kept.pop(0).length
@@ -363,6 +390,13 @@ def _contains(big: CachedPrompt, small: CachedPrompt) -> bool:
     if big.length < small.length or len(big.keys) < len(small.keys):
         return False
     return not small.keys or big.keys[len(small.keys) - 1] == small.keys[-1]
+
+
+def _first(prompt: CachedPrompt) -> str | None:
+    """The key two prompts must both start with to share anything (None: nothing shareable).
+    Loops over slots and saved states compare it inline: a call per state costs more than
+    the comparison, and most share nothing."""
+    return prompt.keys[0] if prompt.keys else None
 
 
 def _slot_id(slot: _Slot) -> int:
