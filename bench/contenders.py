@@ -164,11 +164,17 @@ def _start_direct(urls: list[str], slots: list[int], log_dir: Path, cpu: str | N
 # -- llamacpp-ha -----------------------------------------------------------------------------
 
 
+# More command-line options for every llamacpp-ha contender (`run.py --ha-args`): to measure
+# what a setting changes, on the same workloads.
+HA_ARGS: list[str] = []
+
+
 def _ha_starter(routing: str) -> Callable[[list[str], list[int], Path, str | None], Running]:
     def start(urls: list[str], slots: list[int], log_dir: Path, cpu: str | None) -> Running:
         port = procs.free_port()
         command = [sys.executable, "-m", "llamacpp_ha", "--host", "127.0.0.1"]
         command += ["--port", str(port), "--routing", routing, "--log-level", "warning"]
+        command += HA_ARGS
         for url in urls:
             command += ["--backend", url]
         child = procs.spawn(f"llamacpp-ha-{routing}", procs.pinned(command, cpu), log_dir)

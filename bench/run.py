@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp
 
 from bench import ceiling, decision, fleet, loadgen, metrics, overhead, procs, report
+from bench import contenders as contenders_mod
 from bench import workloads as wl
 from bench.contenders import Contender, Running, ha_default_policy, roster
 from bench.regimes import REGIMES, Regime, smoke_regime
@@ -381,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{overhead.OverheadPlan.clients})",
     )
     parser.add_argument(
+        "--ha-args",
+        default="",
+        help="more llamacpp-ha options for its contenders, e.g. '--max-cache-wait 2' (what a "
+        "setting changes, on the same workloads)",
+    )
+    parser.add_argument(
         "--rewrite-report",
         action="store_true",
         help="only write OUT/RESULTS.md again from OUT/results.json (no measurement)",
@@ -389,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rewrite_report:
         report.rewrite(args.out)
         return 0
+    contenders_mod.HA_ARGS[:] = shlex.split(args.ha_args)
     started = time.monotonic()
     busy0, own0 = procs.machine_busy_seconds(), procs.own_seconds()
     cpus = cpu_split()
