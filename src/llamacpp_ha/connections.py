@@ -134,6 +134,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with a bounded request head and bounded connections."""
 
     _guard: ClassVar[ConnectionGuard]
+    # Ours in slots, not in the instance's dict: added to uvicorn's own attributes they grew
+    # every connection's dict by 1.5 KiB (measured with tracemalloc, 400 streams open).
+    __slots__ = (
+        "_admitted",
+        "_head_bytes",
+        "_head_restarted",
+        "_head_timer",
+        "_header_timeout_s",
+        "_in_head",
+        "_linger_timer",
+        "_lingering",
+        "_message_begun",
+        "_refused",
+    )
 
     def __init__(
         self,
