@@ -578,7 +578,7 @@ def _verdict(
     context_decisions: bool,
 ) -> int:
     if not smoke:
-        return 0 if results else 1
+        return 0 if results or over else 1
     problems = list(failures.values())
     if len(results) != expected_runs:
         problems.append(f"{len(results)} of {expected_runs} runs produced results")
