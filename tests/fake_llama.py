@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -45,6 +46,9 @@ class FakeLlamaServer:
         # other answers there, as a real server changes state on a request.
         self.on_post: Callable[[str, Any], None] | None = None
         self.authorization: dict[str, str | None] = {}  # the last one each path was sent
+        # Called with each request's path before it is answered: an event to answer it only
+        # once set (a server that is slow to answer a poll), or None.
+        self.hold: Callable[[str], asyncio.Event | None] | None = None
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -65,6 +69,9 @@ class FakeLlamaServer:
             self.posted.append((request.path, await request.json()))
             if self.on_post is not None:
                 self.on_post(*self.posted[-1])
+        gate = self.hold(request.path) if self.hold is not None else None
+        if gate is not None:
+            await gate.wait()
         found = self.answers.get(request.path_qs) or self.answers.get(request.path)
         status, body = found or (404, b'{"error": {"message": "no"}}')
         return web.Response(status=status, body=body, content_type="application/json")

@@ -18,7 +18,7 @@ import httpx
 from fake_llama import SLOTS_A, SLOTS_B, FakeLlamaServer, captured, models_with, router_fake
 from llamacpp_ha.probe import parse_models, parse_router_props, parse_slots, router_models
 from llamacpp_sim import SimConfig, SimRouter
-from serving import balancer_for, sims
+from serving import Served, balancer_for, sims
 from sim_support import key_shape, missing_keys, wait_until
 
 
@@ -171,6 +171,54 @@ class LoadOnDemandTest(unittest.IsolatedAsyncioTestCase):
             loads = lb.balancer.model_loads.counts
             self.assertEqual(loads.started, {("tiny-b", registry.backends[0].name): 1})
             self.assertEqual(sum(loads.done.values()), 1)
+
+    async def test_a_poll_under_way_is_not_read_as_the_answer_to_a_load(self) -> None:
+        # Seen in the e2e suite under a CPU hog: the load was asked, a poll started since was
+        # still asking, and a drain took the poll before it (which said "unloaded", having
+        # asked before the load) for the server's answer since the load: it gave the load up
+        # as "no idle model to give up yet", and counted it neither done nor failed.
+        gates: dict[str, asyncio.Event] = {}
+        async with router_fake() as fake, balancer_for([fake], wait_ready=False) as lb:
+            try:
+                await self._poll_under_way(fake, lb, gates)
+            finally:
+                for gate in gates.values():
+                    gate.set()  # a failed assertion must not leave a poll waiting forever
+
+    async def _poll_under_way(
+        self, fake: FakeLlamaServer, lb: Served, gates: dict[str, asyncio.Event]
+    ) -> None:
+        registry, loads = lb.balancer.registry, lb.balancer.model_loads
+        await wait_until(lambda: len(registry.backends) == 2)
+        router = registry.backends[0]
+        fake.hold = gates.get
+        # A poll asks /v1/models before the load, and is answered after it: "unloaded".
+        before = gates["/v1/models"] = asyncio.Event()
+        asked = fake.hits["/v1/models"]
+        await wait_until(lambda: fake.hits["/v1/models"] > asked)
+        async with httpx.AsyncClient() as http:
+            first = asyncio.create_task(self.chat(http, lb.url, "tiny-b"))
+            await wait_until(
+                lambda: "tiny-b" in loads._loading and loads._loading["tiny-b"].asked_at is not None
+            )
+            # The next poll starts after the load's answer, and is still asking when...
+            under_way = gates["/health"] = asyncio.Event()
+            del gates["/v1/models"]
+            polled = fake.hits["/health"]
+            before.set()
+            await wait_until(lambda: fake.hits["/health"] > polled)
+            fake.answer("/v1/models", 200, models_with({"tiny-b": {"value": "loading"}}))
+            # ...a drain runs: the one a new request starts.
+            second = asyncio.create_task(self.chat(http, lb.url, "tiny-b"))
+            await wait_until(lambda: len(lb.balancer.queue) == 2)
+            self.assertEqual(loads.loading(), {"tiny-b": router.name})
+            fake.answer(SLOTS_B, *captured("router-slots-model.txt"))
+            fake.answer("/v1/models", 200, models_with({"tiny-b": {"value": "loaded"}}))
+            under_way.set()
+            answers = await asyncio.gather(first, second)
+        self.assertEqual([a.status_code for a in answers], [200, 200])
+        self.assertEqual(loads.counts.started, {("tiny-b", router.name): 1})
+        self.assertEqual(loads.counts.done, {("tiny-b", router.name): 1})
 
     async def test_a_model_that_fails_to_load_is_a_clear_503(self) -> None:
         async with router_fake() as fake, balancer_for([fake], wait_ready=False) as lb:

@@ -146,11 +146,13 @@ class ModelLoads:
             self._fail(model, load, f"model {model!r} is no longer listed by {load.backend}")
         elif (
             load.asked_at is not None
-            and backend is not None
-            and backend.poll_started_at > load.asked_at
+            and router is not None
+            and router.models_polled_at > load.asked_at
             and entry.status == "unloaded"
         ):
-            # The server has answered and been polled since: loading would say so.
+            # The server has answered, and a poll that started since has answered too: loading
+            # would say so. (Not the poll under way: until it answers, what is known is from
+            # the poll before, which may have asked before the load.)
             if entry.failed:
                 code = f" (exit code {entry.exit_code})" if entry.exit_code is not None else ""
                 self._fail(model, load, f"model {model!r} failed to load on {load.backend}{code}")

@@ -120,6 +120,10 @@ class RouterState:
     models: dict[str, RouterModel] = field(default_factory=dict)
     max_loaded: int | None = None
     instances: dict[str, BackendState] = field(default_factory=dict)
+    # When the poll whose /v1/models answer `models` is started: what the server said after
+    # some moment is known only from a poll that started after it, and has answered (the one
+    # under way may not have).
+    models_polled_at: float = 0.0
 
     def loaded(self) -> list[str]:
         """The models that hold a place under `--models-max`: loaded, sleeping or loading."""
@@ -439,6 +443,7 @@ class Registry:
         state = backend.router = backend.router or RouterState()
         before = {m.id: (m.status, m.failed) for m in state.models.values()}
         state.models = {m.id: m for m in served}
+        state.models_polled_at = backend.poll_started_at
         state.max_loaded = parse_router_props(*await self._get(backend, "/props"))
         backend.slots.observe(total=0, busy_on_backend=0)
         backend.n_ctx = None
