@@ -12,7 +12,9 @@ simulator applied each rule, and the one-at-a-time cases fail if one never appli
 
 Two orders: one request at a time (the tiny model), and a seeded concurrent one (the large
 model, slow enough to hold a slot): waves of 2 to 2 x slots requests, each sent once the server
-holds every request sent before it (its own /metrics: processing + deferred), the k-th of a wave
+holds every request sent before it (its own /metrics: processing + deferred) and, on the real
+server, which runs second and slower, once those that had finished in the simulator when it was
+sent there have finished (the same order of events on a busy machine), the k-th of a wave
 generating 40 + 24 k tokens, so that completions follow the order of starts by a wide margin and
 a wave larger than the slots has requests wait. ``id_slot`` and ``timings.cache_n`` are compared
 request by request: at least 95 % identical, and each difference explained in the output (and in
@@ -210,12 +212,24 @@ class Driver:
     async def run_sequential(self, reqs: list[Req]) -> dict[int, Outcome]:
         return {req.index: await self.one(req) for req in reqs}
 
-    async def run_concurrent(self, plan: list[list[Req]]) -> dict[int, Outcome]:
+    async def run_concurrent(
+        self, plan: list[list[Req]], follow: dict[int, Outcome] | None = None
+    ) -> dict[int, Outcome]:
+        """`follow`: the other server's outcomes. Each request is then sent only once those of
+        its wave that had finished there when it was sent have finished here too: the same
+        order of events, whatever the load on the machine did to either server's speed."""
         out: dict[int, Outcome] = {}
         for wave in plan:
             tasks: list[asyncio.Task[Outcome]] = []
+            sent: dict[int, asyncio.Task[Outcome]] = {}
             for req in wave:
-                tasks.append(asyncio.create_task(self.streamed(req)))
+                if follow is not None:
+                    when = follow[req.index].sent
+                    ahead = [t for j, t in sent.items() if follow[j].done <= when]
+                    if ahead:
+                        await asyncio.wait(ahead)
+                task = sent[req.index] = asyncio.create_task(self.streamed(req))
+                tasks.append(task)
                 await self._until_taken(tasks)
             results = await asyncio.gather(*tasks)
             out.update({req.index: r for req, r in zip(wave, results, strict=True)})
@@ -365,12 +379,14 @@ class CacheFidelityTest(unittest.IsolatedAsyncioTestCase):
         reqs = workload(self.SEED + n_slots, setup.n_requests, setup.prompt_scale)
         plan = waves(self.SEED, reqs, n_slots) if concurrent else None
         with fleet(name, model_size=setup.model_size) as group:
-            server = self.real_server(group, setup, n_slots, unified)
-            real = await self.drive(server.url, reqs, plan)
-            server.stop()
             async with SimBackend(self.sim_config(setup, n_slots, unified)) as sim:
                 simulated = await self.drive(sim.url, reqs, plan)
                 counters = sim.engine.caches.counters()
+            # The real server (the slower of the two, the more so on a busy machine) follows the
+            # simulator's order of events: it can wait for a completion, not hasten one.
+            server = self.real_server(group, setup, n_slots, unified)
+            real = await self.drive(server.url, reqs, plan, follow=simulated)
+            server.stop()
             matches, diffs = compare(reqs, plan, real, simulated)
             text = report(f"-np {n_slots}, {mode}", len(reqs), matches, diffs)
             text += "\n  in the simulator: " + ", ".join(f"{k} {v}" for k, v in counters.items())
@@ -383,13 +399,17 @@ class CacheFidelityTest(unittest.IsolatedAsyncioTestCase):
         return matches, len(reqs), text, [d for d in diffs if d.why is None]
 
     async def drive(
-        self, url: str, reqs: list[Req], plan: list[list[Req]] | None
+        self,
+        url: str,
+        reqs: list[Req],
+        plan: list[list[Req]] | None,
+        follow: dict[int, Outcome] | None = None,
     ) -> dict[int, Outcome]:
         driver = Driver(url)
         try:
             if plan is None:
                 return await driver.run_sequential(reqs)
-            return await driver.run_concurrent(plan)
+            return await driver.run_concurrent(plan, follow)
         finally:
             await driver.aclose()
 
