@@ -241,6 +241,41 @@ class LoadOnDemandTest(unittest.IsolatedAsyncioTestCase):
             # The failure is remembered: the next request does not ask for a load again.
             self.assertEqual(fake.posted, [("/models/load", {"model": "tiny-b"})])
 
+    async def test_a_failure_first_heard_by_a_poll_under_way_is_still_answered(self) -> None:
+        # The poll under way when the load is asked hears the failure: too early to count (it
+        # started before the load), and every poll after it says the same, no change to wake
+        # anyone. Queued requests must still look again after the next poll, and get the 503.
+        gates: dict[str, asyncio.Event] = {}
+        async with router_fake() as fake, balancer_for([fake], wait_ready=False) as lb:
+            try:
+                registry = lb.balancer.registry
+                await wait_until(lambda: len(registry.backends) == 2)
+                fake.hold = gates.get
+                before = gates["/v1/models"] = asyncio.Event()
+                asked = fake.hits["/v1/models"]
+                await wait_until(lambda: fake.hits["/v1/models"] > asked)
+                failed = {"value": "unloaded", "failed": True, "exit_code": 1}
+
+                def on_post(path: str, body: Any) -> None:
+                    fake.answer("/v1/models", 200, models_with({"tiny-b": failed}))
+
+                fake.on_post = on_post
+                async with httpx.AsyncClient() as http:
+                    waiting = asyncio.create_task(self.chat(http, lb.url, "tiny-b"))
+                    loads = lb.balancer.model_loads
+                    await wait_until(
+                        lambda: "tiny-b" in loads._loading
+                        and loads._loading["tiny-b"].asked_at is not None
+                    )
+                    del gates["/v1/models"]
+                    before.set()
+                    answer = await asyncio.wait_for(waiting, 10)
+                self.assertEqual(answer.status_code, 503)
+                self.assertEqual(answer.json()["error"]["code"], "model_load_failed")
+            finally:
+                for gate in gates.values():
+                    gate.set()
+
     async def test_a_request_without_a_model_is_refused_with_a_router(self) -> None:
         async with router_fake() as fake, balancer_for([fake], wait_ready=False) as lb:
             await wait_until(lambda: len(lb.balancer.registry.backends) == 2)

@@ -441,7 +441,6 @@ class Registry:
         """A router-mode server: it takes no request itself (no slots of its own); each loaded
         model is an instance with its slots (`/slots?model=`, never autoloading a model)."""
         state = backend.router = backend.router or RouterState()
-        before = {m.id: (m.status, m.failed) for m in state.models.values()}
         state.models = {m.id: m for m in served}
         state.models_polled_at = backend.poll_started_at
         state.max_loaded = parse_router_props(*await self._get(backend, "/props"))
@@ -473,8 +472,10 @@ class Registry:
             gone = name not in state.models or not state.models[name].loaded
             if gone and instance.slots.in_flight == 0:
                 del state.instances[name]
-        if before != {m.id: (m.status, m.failed) for m in served}:
-            self._on_change()  # a model loaded, unloaded or failed: queued requests look again
+        # A model loaded, unloaded or failed, or this poll is the first to answer since a load
+        # was asked (and so may settle it, though it says what the one before said): queued
+        # requests look again. A wake-up with nothing queued costs nothing.
+        self._on_change()
 
     def _instance(self, router: BackendState, model: RouterModel) -> BackendState:
         config = router.config.model_copy(update={"name": f"{router.name}/{model.id}"})
