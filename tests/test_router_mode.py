@@ -264,8 +264,10 @@ class LoadOnDemandTest(unittest.IsolatedAsyncioTestCase):
                     waiting = asyncio.create_task(self.chat(http, lb.url, "tiny-b"))
                     loads = lb.balancer.model_loads
                     await wait_until(
-                        lambda: "tiny-b" in loads._loading
-                        and loads._loading["tiny-b"].asked_at is not None
+                        lambda: (
+                            "tiny-b" in loads._loading
+                            and loads._loading["tiny-b"].asked_at is not None
+                        )
                     )
                     del gates["/v1/models"]
                     before.set()
