@@ -13,15 +13,15 @@ class CatalogueTest(unittest.TestCase):
     def test_one_model_everywhere_accepts_any_name(self) -> None:
         backends = make_registry(("a", 1, ("m",)), ("b", 1, ("m",))).backends
         self.assertTrue(catalogue.single_model(backends))
-        self.assertTrue(catalogue.serves(backends, backends[0], "made-up"))
+        self.assertEqual(catalogue.serving(backends, "made-up"), backends)
         self.assertFalse(catalogue.knows_model(backends, "made-up"))
 
     def test_mixed_fleet_routes_by_name(self) -> None:
         backends = make_registry(("a", 1, ("x",)), ("b", 1, ("y", "z"))).backends
         self.assertFalse(catalogue.single_model(backends))
-        self.assertTrue(catalogue.serves(backends, backends[1], "z"))
-        self.assertFalse(catalogue.serves(backends, backends[0], "z"))
-        self.assertTrue(catalogue.serves(backends, backends[0], None))
+        self.assertEqual(catalogue.serving(backends, "z"), [backends[1]])
+        self.assertEqual(catalogue.serving(backends, "w"), [])
+        self.assertEqual(catalogue.serving(backends, None), backends)
         self.assertTrue(catalogue.knows_model(backends, "y"))
 
     def test_model_list_is_the_union_of_the_ready_backends(self) -> None:

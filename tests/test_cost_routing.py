@@ -21,7 +21,7 @@ import time
 import unittest
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -159,16 +159,15 @@ class CostPolicyTest(unittest.TestCase):
         # A short prompt (the same short question from many clients) that busy slots hold:
         # on a backend of many busy slots the start estimate of a free slot there is large,
         # but a few tokens are no cache to wait for. Take the free slot; a real prefix waits.
-        busy_free = replace(
-            backend("a-free", free=1, total=1024, prompt=12),
+        busy_free = backend("a-free", free=1, total=1024, prompt=12)._replace(
             later_cached_tokens=11,  # a busy slot there holds 11 of its 12 tokens
             later_wait_s=0.01,
         )
-        holder = replace(busy_free, name="b-busy", free_slots=0, wait_s=0.01, cached_tokens=11)
+        holder = busy_free._replace(name="b-busy", free_slots=0, wait_s=0.01, cached_tokens=11)
         policy = CostPolicy()
         self.assertEqual(policy([busy_free], REQUEST), "a-free")
         self.assertEqual(policy([busy_free, holder], REQUEST), "a-free")
-        long_free = replace(busy_free, prompt_tokens=2000, later_cached_tokens=1990)
+        long_free = busy_free._replace(prompt_tokens=2000, later_cached_tokens=1990)
         self.assertIsNone(policy([long_free], REQUEST), policy.costs([long_free], REQUEST))
 
     def test_a_long_cached_prefix_ranks_above_a_short_one(self) -> None:

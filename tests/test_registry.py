@@ -148,8 +148,8 @@ class RegistryTest(unittest.IsolatedAsyncioTestCase):
             for backend in registry.backends:
                 await registry.poll(backend)
             self.assertFalse(registry.single_model())
-            self.assertTrue(registry.serves(registry.get("b0"), "a"))
-            self.assertFalse(registry.serves(registry.get("b0"), "b"))
+            self.assertEqual(registry.serving("a"), [registry.get("b0")])
+            self.assertEqual(registry.serving("b"), [registry.get("b1")])
             self.assertTrue(registry.knows_model("b"))
             self.assertFalse(registry.knows_model("c"))
 

@@ -8,7 +8,7 @@ load; each one loaded is a model instance of its own (`registry.py`), which serv
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .probe import Health, client_entry
@@ -33,11 +33,12 @@ def knows_model(backends: Iterable[BackendState], model: str) -> bool:
     return any(model in b.model_names for b in backends)
 
 
-def serves(backends: Iterable[BackendState], backend: BackendState, model: str | None) -> bool:
-    """Whether `backend` may take a request for `model` (None: any model will do)."""
+def serving(backends: Sequence[BackendState], model: str | None) -> list[BackendState]:
+    """The backends that may take a request for `model` (None: any model will do): the fleet
+    is looked at once, not once per backend (a drain asks this for every request)."""
     if model is None or single_model(backends):
-        return True
-    return model in backend.model_names
+        return list(backends)
+    return [b for b in backends if model in b.model_names]
 
 
 def model_list(backends: Iterable[BackendState]) -> list[dict[str, Any]]:

@@ -33,14 +33,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from .prefix_index import PromptKeys
 
 
-@dataclass(frozen=True)
-class BackendCandidate:
-    """A backend that serves the request's model and is ready, as seen at one instant."""
+class BackendCandidate(NamedTuple):
+    """A backend that serves the request's model and is ready, as seen at one instant.
+
+    A named tuple, not a frozen dataclass: a decision builds one per backend, and a frozen
+    dataclass's `__init__` (a guarded `setattr` per field) cost 1.4 µs of it against 0.26."""
 
     name: str
     free_slots: int

@@ -300,8 +300,8 @@ class Registry:
     def knows_model(self, model: str) -> bool:
         return catalogue.knows_model(self._backends.values(), model)
 
-    def serves(self, backend: BackendState, model: str | None) -> bool:
-        return catalogue.serves(self._backends.values(), backend, model)
+    def serving(self, model: str | None) -> list[BackendState]:
+        return catalogue.serving(self.backends, model)
 
     def model_list(self) -> list[dict[str, Any]]:
         return catalogue.model_list(self._backends.values())

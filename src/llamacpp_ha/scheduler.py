@@ -414,12 +414,9 @@ class Scheduler:
             raise
 
     def _eligible(self, routing: RoutingRequest) -> list[BackendState]:
+        exclude = routing.exclude
         return [
-            b
-            for b in self._registry.backends
-            if b.routable
-            and b.name not in routing.exclude
-            and self._registry.serves(b, routing.model)
+            b for b in self._registry.serving(routing.model) if b.routable and b.name not in exclude
         ]
 
     async def _run(self) -> None:
