@@ -56,3 +56,20 @@ class WatchdogTest(unittest.IsolatedAsyncioTestCase):
         await done
         self.assertEqual(fired, [])
         self.assertIsNone(watchdog.expired)
+
+    async def test_the_others_still_fire_after_one_has(self) -> None:
+        # An idle backend's stream is resumed on another while the request's own deadline
+        # keeps running: that it fires must not wait for the next deadline to be set.
+        watchdog = Watchdog()
+        fired: list[str] = []
+        deadline = asyncio.Event()
+
+        def on_deadline() -> None:
+            fired.append("deadline")
+            deadline.set()
+
+        watchdog.start("deadline", watchdog.now() + 0.1, on_deadline)
+        watchdog.start("idle", watchdog.now() + 0.01, lambda: fired.append("idle"))
+        await asyncio.wait_for(deadline.wait(), 5)
+        self.assertEqual(fired, ["idle", "deadline"])
+        self.assertEqual(watchdog.expired, "deadline")

@@ -61,6 +61,8 @@ class Watchdog:
                 del self._deadlines[name]
                 self.expired = name
                 action()
-                return
-        if self._deadlines:
+                break
+        # The others still hold (an idle backend's stream may be resumed elsewhere, and the
+        # request's own deadline still runs), unless the action armed the timer already.
+        if self._deadlines and self._timer is None:
             self._arm(min(when for when, _ in self._deadlines.values()))
