@@ -16,6 +16,10 @@
   head is complete (an idle or trickling connection is never refused), counts connections and
   request tasks alike, and refuses requests on connections already open too.
 
+- **The client leaving.** A request's scope carries `ON_DISCONNECT` in its `extensions`: a
+  function that registers one callback for the connection's loss, so that a relay learns of it
+  without a task parked in `receive()` for each open stream (~1.2 KiB of each).
+
 Refusals close gently: the answer is written, the write side shut, and what the client still
 sends is read and dropped for `LINGER_S` (a lingering close), so that a client still sending its
 request reads the answer instead of a connection reset.
@@ -53,6 +57,9 @@ MAX_LINGERING = 64
 # Descriptors kept for everything but client connections: backend connections (one per busy
 # slot, plus the polls), the listening sockets, lingering refusals, logs.
 RESERVED_FDS = 256
+# The scope extension (ASGI `scope["extensions"]`) by which a request is told that its
+# connection is gone: `scope["extensions"][ON_DISCONNECT](callback)`, `(None)` to stop.
+ON_DISCONNECT = "llamacpp_ha.on_disconnect"
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         "_linger_timer",
         "_lingering",
         "_message_begun",
+        "_on_lost",
         "_refused",
     )
 
@@ -173,6 +181,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_timer: TimerHandle | None = None
         self._linger_timer: TimerHandle | None = None
+        self._on_lost: Callable[[], object] | None = None
 
     # Connection ------------------------------------------------------------------------
 
@@ -197,6 +206,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._leave_guard()
         self._cancel_timers()
         super().connection_lost(exc)
+        on_lost, self._on_lost = self._on_lost, None
+        if on_lost is not None:
+            on_lost()
+
+    def _watch_loss(self, callback: Callable[[], object] | None) -> None:
+        """`ON_DISCONNECT`: `callback` runs once when the connection is lost (soon, if it is
+        already); None unregisters."""
+        self._on_lost = callback
+        if callback is not None and self.parser is None:  # connection_lost() has run
+            self._on_lost = None
+            self.loop.call_soon(callback)
 
     def handle_websocket_upgrade(self) -> None:
         # The connection leaves this protocol (and the count) for uvicorn's WebSocket one.
@@ -237,6 +257,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_timer()
+        # Before the request's task is created (in uvicorn's on_headers_complete) and so
+        # before the app sees its scope. ASGI's types want each extension's value a dict of
+        # settings; ours is read only by relay.py, and a function spares a dict per request.
+        extensions = self.scope.setdefault("extensions", {})
+        extensions[ON_DISCONNECT] = self._watch_loss  # type: ignore[assignment]
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:

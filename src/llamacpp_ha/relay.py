@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from .connections import ON_DISCONNECT
 from .errors import GatewayTimeout, ProxyError, UpstreamError, send_error
 from .exchange import Answer, Exchange
 
@@ -94,9 +95,15 @@ class RelayResponse(Response):
         task = asyncio.current_task()
         assert task is not None
         # The client may leave while we queue, wait for the backend, or stream: leaving cuts
-        # the relay, whose finally closes upstream.
-        listen = asyncio.get_running_loop().create_task(_wait_for_disconnect(receive))
-        listen.add_done_callback(self._client_left)
+        # the relay, whose finally closes upstream. Our server says so by a callback
+        # (connections.py); under another ASGI server a task waits for http.disconnect.
+        watch = scope.get("extensions", {}).get(ON_DISCONNECT)
+        listen: asyncio.Task[None] | None = None
+        if watch is not None:
+            watch(self._client_gone)
+        else:
+            listen = asyncio.get_running_loop().create_task(_wait_for_disconnect(receive))
+            listen.add_done_callback(self._client_left)
         try:
             # Set before the first await since admit() put the exchange where an abort finds
             # it, so no abort goes unseen.
@@ -109,8 +116,11 @@ class RelayResponse(Response):
                 task.uncancel()
             finally:
                 self._task = None  # no cut from here on
-                listen.remove_done_callback(self._client_left)
-                listen.cancel()
+                if listen is None:
+                    watch(None)
+                else:
+                    listen.remove_done_callback(self._client_left)
+                    listen.cancel()
             if self._cut is not None:
                 result.client_disconnected = self._cut == _CLIENT_LEFT
                 # Only an exchange the abort actually cut is told why; one that had just
@@ -128,6 +138,9 @@ class RelayResponse(Response):
     def _client_left(self, listen: asyncio.Task[None]) -> None:
         if not listen.cancelled():
             self._cut_short(_CLIENT_LEFT)
+
+    def _client_gone(self) -> None:
+        self._cut_short(_CLIENT_LEFT)
 
     async def _relay(self, send: Send) -> None:
         exchange, watchdog = self.exchange, self.exchange.watchdog
