@@ -405,7 +405,7 @@ class Exchange:
         chunk of `:` comments only (keep-alives) does not count as the backend making progress.
         """
         idle_s = self._timeouts.idle_s
-        stream = upstream.chunks()
+        read = upstream.read
         watchdog = self.watchdog
         idle_until = watchdog.now() + idle_s
 
@@ -415,7 +415,7 @@ class Exchange:
         while True:
             watchdog.start(_IDLE, idle_until, silent)
             try:
-                chunk = await anext(stream, b"")
+                chunk = await read()
             except UpstreamError:
                 if watchdog.expired != _IDLE:
                     raise

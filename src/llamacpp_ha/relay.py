@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
@@ -219,8 +219,9 @@ class RelayResponse(Response):
             send, {"type": "http.response.start", "status": status, "headers": headers}
         )
 
-    async def _send_body(self, send: Send, body: bytes, *, more: bool) -> None:
-        await self._send(send, {"type": "http.response.body", "body": body, "more_body": more})
+    def _send_body(self, send: Send, body: bytes, *, more: bool) -> Awaitable[None]:
+        # _send's coroutine itself, not one more wrapped around it for every chunk.
+        return self._send(send, {"type": "http.response.body", "body": body, "more_body": more})
 
     async def _send(self, send: Send, message: Message) -> None:
         # A client that stops reading fills the socket buffer and then blocks this send: it

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,8 +41,9 @@ class Upstream(Protocol):
     @property
     def media_type(self) -> str: ...
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; errors are `UpstreamError`s."""
+    async def read(self) -> bytes:
+        """The body's next part, whatever has arrived (up to a bound); b"" at its end. Errors
+        are `UpstreamError`s."""
         ...
 
     def aclose(self, *, reuse: bool = False) -> None:
@@ -121,13 +122,14 @@ class _AiohttpUpstream:
         media_type = response.headers.get("Content-Type", "application/octet-stream")
         self.media_type = media_type.partition(";")[0].strip().lower()
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        # Whatever has arrived, up to a bound, as it arrives. One translation around the loop,
-        # not a context manager per chunk: only the read raises aiohttp's errors.
-        read = self._response.content.read
-        with _translated(self._backend, "stream"):
-            while chunk := await read(_CHUNK_BYTES):
-                yield chunk
+    async def read(self) -> bytes:
+        # A coroutine per read, not an async generator held for the stream's life: one layer
+        # fewer between a chunk's arrival and its relay, and ~0.6 KiB less per open stream.
+        try:
+            return await self._response.content.read(_CHUNK_BYTES)
+        except BaseException as exc:
+            _translate(exc, self._backend, "stream")
+            raise
 
     def aclose(self, *, reuse: bool = False) -> None:
         if reuse:
