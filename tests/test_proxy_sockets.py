@@ -14,6 +14,7 @@ import unittest
 import httpx
 import openai
 from openai.types.chat import ChatCompletionMessageParam
+from starlette.types import Message
 
 from llamacpp_sim import RecordedRequest, SimBackend, SimConfig
 from serving import balancer_for, sims
@@ -176,6 +177,57 @@ class ProxySocketTest(unittest.IsolatedAsyncioTestCase):
             # The slot is usable again at once.
             response = await self.http.post(lb.url + "/v1/chat/completions", json=chat("next", 2))
             self.assertEqual(response.status_code, 200)
+
+    async def test_under_another_asgi_server_a_client_leaving_mid_stream_frees_the_slot(
+        self,
+    ) -> None:
+        # Our connection protocol tells a relay that its client left by a scope extension;
+        # an ASGI server without it says so only as http.disconnect from receive().
+        async with (
+            sims(SimConfig(slots=1, profile="cpu-1b", time_scale=1)) as fleet,
+            balancer_for(fleet) as lb,
+        ):
+            body = json.dumps(chat("stream me", 400, stream=True)).encode()
+            requests = [{"type": "http.request", "body": body, "more_body": False}]
+            left, streaming = asyncio.Event(), asyncio.Event()
+
+            async def receive() -> Message:
+                if requests:
+                    return requests.pop()
+                await left.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message: Message) -> None:
+                if message["type"] == "http.response.body" and message.get("body"):
+                    streaming.set()
+
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": "/v1/chat/completions",
+                "raw_path": b"/v1/chat/completions",
+                "query_string": b"",
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+                "client": ("127.0.0.1", 40000),
+                "server": ("127.0.0.1", 80),
+            }
+            relayed = asyncio.create_task(lb.app(scope, receive, send))
+            await asyncio.wait_for(streaming.wait(), 10)
+            record = generations(fleet[0])[0]
+            self.assertIsNone(record.outcome)
+            left.set()
+            await asyncio.wait_for(relayed, 5)
+            await asyncio.wait_for(record.done.wait(), 5)
+            self.assertEqual(record.outcome, "client_closed")
+            await wait_until(
+                lambda: lb.balancer.registry.backends[0].slots.in_flight == 0, within_s=2
+            )
 
     async def test_first_chunk_arrives_before_the_stream_ends(self) -> None:
         async with (
