@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from .usage import Usage
 
 
-@dataclass
+# Slotted: every open stream holds one.
+@dataclass(slots=True)
 class ExchangeResult:
     """Filled in as the exchange goes; read once it has been released."""
 
