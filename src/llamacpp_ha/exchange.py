@@ -400,43 +400,17 @@ class Exchange:
 
     # Reading the answer --------------------------------------------------------------------
 
-    async def _chunks(self, name: str, upstream: Upstream, *, sse: bool) -> AsyncIterator[bytes]:
-        """The body as it arrives. Each chunk must come within the idle timeout; for SSE, a
-        chunk of `:` comments only (keep-alives) does not count as the backend making progress.
-        """
-        idle_s = self._timeouts.idle_s
-        read = upstream.read
-        watchdog = self.watchdog
-        idle_until = watchdog.now() + idle_s
-
-        def silent() -> None:  # the read under way fails: the connection is gone
-            upstream.aclose(reuse=False)
-
-        while True:
-            watchdog.start(_IDLE, idle_until, silent)
-            try:
-                chunk = await read()
-            except UpstreamError:
-                if watchdog.expired != _IDLE:
-                    raise
-                chunk = b""
-            finally:
-                watchdog.stop(_IDLE)
-            if watchdog.expired == _IDLE:
-                raise GatewayTimeout(f"backend {name}: no data for {idle_s:g} s")
-            if not chunk:
-                return
-            if not sse or _has_data(chunk):
-                idle_until = watchdog.now() + idle_s
-            yield chunk
+    def _reader(self, name: str, upstream: Upstream, *, sse: bool) -> _BodyReader:
+        return _BodyReader(name, upstream, self.watchdog, self._timeouts.idle_s, sse=sse)
 
     async def _events(self, answer: Answer, framer: EventFramer) -> AsyncIterator[bytes]:
         """A stream's body in whole events; ends only if the stream ended as it promised, and
         then the upstream is complete (before the last events are relayed)."""
         name, upstream = answer.backend_name, answer.upstream
         opening = b"" if upstream.status == 200 else None  # until it is known to be SSE
+        read = self._reader(name, upstream, sse=True).read
         try:
-            async for chunk in self._chunks(name, upstream, sse=True):
+            while chunk := await read():
                 if opening is not None:
                     opening += chunk
                     if not _could_be_sse(opening):
@@ -455,7 +429,10 @@ class Exchange:
         await self.upstream_complete(answer)
 
     async def _read_all(self, name: str, upstream: Upstream) -> bytes:
-        return b"".join([chunk async for chunk in self._chunks(name, upstream, sse=False)])
+        read, parts = self._reader(name, upstream, sse=False).read, []
+        while chunk := await read():
+            parts.append(chunk)
+        return b"".join(parts)
 
     async def upstream_complete(self, answer: Answer) -> None:
         # The backend is done: free its slot and remember the conversation now, before the
@@ -477,6 +454,47 @@ class Exchange:
 
 
 _IDLE = "idle"  # the backend's silence, in the exchange's watchdog
+
+
+class _BodyReader:
+    """A backend's body, read part by part, each part within the idle timeout of the last that
+    made progress; for SSE, a part of `:` comments only (keep-alives) is not progress.
+
+    An object with a coroutine rather than an async generator: one fewer layer between a
+    chunk's arrival and its relay, and no generator frame held for as long as the stream."""
+
+    __slots__ = ("_idle_s", "_name", "_sse", "_until", "_upstream", "_watchdog")
+
+    def __init__(
+        self, name: str, upstream: Upstream, watchdog: Watchdog, idle_s: float, *, sse: bool
+    ) -> None:
+        self._name = name
+        self._upstream = upstream
+        self._watchdog = watchdog
+        self._idle_s = idle_s
+        self._sse = sse
+        self._until = watchdog.now() + idle_s
+
+    def _silent(self) -> None:  # the read under way fails: the connection is gone
+        self._upstream.aclose(reuse=False)
+
+    async def read(self) -> bytes:
+        """The next part; b"" at the body's end."""
+        watchdog = self._watchdog
+        watchdog.start(_IDLE, self._until, self._silent)
+        try:
+            chunk = await self._upstream.read()
+        except UpstreamError:
+            if watchdog.expired != _IDLE:
+                raise
+            chunk = b""
+        finally:
+            watchdog.stop(_IDLE)
+        if watchdog.expired == _IDLE:
+            raise GatewayTimeout(f"backend {self._name}: no data for {self._idle_s:g} s")
+        if chunk and (not self._sse or _has_data(chunk)):
+            self._until = watchdog.now() + self._idle_s
+        return chunk
 
 
 def _json(body: bytes) -> Any:
