@@ -170,6 +170,11 @@ class CostPolicy:
         """Each candidate's expected start, in seconds. A busy backend counts only while the
         request may still wait, and only if it holds more of the prompt than every free one:
         waiting is for a cache, never for a shorter queue (infinity otherwise)."""
+        return self._costs(candidates, request, self.starts(candidates))
+
+    def _costs(
+        self, candidates: Sequence[BackendCandidate], request: RoutingRequest, starts: list[float]
+    ) -> list[float]:
         left = self._max_cache_wait_s - request.waited_s
         # Only a cache worth having is worth a wait: a few tokens of a tiny prompt (a chat
         # template's, the same short question) never are, however busy the free backend.
@@ -178,10 +183,10 @@ class CostPolicy:
             _WORTH_TOKENS - 1,
         )
         costs = []
-        for c in candidates:
-            cost = start_s(c) if c.free_slots > 0 else math.inf
+        for c, start in zip(candidates, starts, strict=True):
+            cost = start if c.free_slots > 0 else math.inf
             if c.free_slots <= 0 and c.wait_s <= left and c.cached_tokens > free_best:
-                cost = start_s(c)
+                cost = start
             if c.later_cached_tokens > free_best and c.later_wait_s <= left:
                 cost = min(cost, later_start_s(c))
             costs.append(cost)
@@ -193,8 +198,9 @@ class CostPolicy:
     def __call__(
         self, candidates: Sequence[BackendCandidate], request: RoutingRequest
     ) -> str | None:
-        costs = self.costs(candidates, request)
-        free = [(start_s(c), c) for c in candidates if c.free_slots > 0]
+        starts = self.starts(candidates)  # once: the costs and the free starts share them
+        costs = self._costs(candidates, request, starts)
+        free = [(start, c) for start, c in zip(starts, candidates, strict=True) if c.free_slots > 0]
         if not free:
             return None
         best_free = min(cost for cost, _ in free)

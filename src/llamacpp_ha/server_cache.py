@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 SIMILARITY = 0.1  # --slot-prompt-similarity
@@ -30,7 +31,7 @@ F_KEEP_SAVE = 0.5  # below it, the picked slot's state is saved and the host cac
 F_KEEP_RESTORE_MIN = 0.25  # a saved state is restored only if it keeps this share of itself
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CachedPrompt:
     """A prompt as keys, with the tokens covered up to each key and its length in tokens."""
 
@@ -111,6 +112,9 @@ class ServerCaches:
         # What saving a prompt would leave, while the host cache is unchanged: predictions ask
         # it of the same least recently used slot request after request.
         self._after_saving: dict[int, tuple[CachedPrompt, list[CachedPrompt]]] = {}
+        # Those lists (and the host cache's own) by their states' first key: a prompt can only
+        # restore a state that starts as it does, and most of a host cache's states do not.
+        self._alike: dict[int, tuple[list[CachedPrompt], dict[str, list[CachedPrompt]]]] = {}
         # Tokens are counted from the text at the backend's measured tokens per byte; what is
         # held was counted at the ratio of its day.
         self.tokens_per_byte: float | None = None
@@ -124,6 +128,7 @@ class ServerCaches:
     def saved(self, states: list[CachedPrompt]) -> None:
         if states is not self._saved:
             self._after_saving.clear()
+            self._alike.clear()
         kept = {id(s) for s in states}
         if any(id(s) not in kept for s in self._saved):
             self._forgot()
@@ -137,6 +142,7 @@ class ServerCaches:
     def host_tokens(self, tokens: int) -> None:
         if tokens != self._host_tokens:
             self._after_saving.clear()
+            self._alike.clear()
             self._forgot()
         self._host_tokens = tokens
 
@@ -202,7 +208,10 @@ class ServerCaches:
     def _predict(self, prompt: CachedPrompt, slot: _Slot, consult: bool) -> Prediction:
         reused = slot.prompt.shared(prompt)
         # The slot's own state is saved first, which may push out the oldest saved ones.
-        restores = self._best_saved(slot, prompt, self._saving(slot.prompt)) if consult else None
+        restores = None
+        if consult:
+            alike = self._starting_alike(self._saving(slot.prompt), prompt)
+            restores = self._best_saved(slot, prompt, reused, alike)
         if restores is not None:
             reused = restores.shared(prompt)
         # llama-server evaluates at least the prompt's last token.
@@ -278,9 +287,7 @@ class ServerCaches:
             (s.prompt.shared(prompt) for s in self.slots if s.prompt.keys[:1] == (first,)),
             default=0,
         )
-        for state in self.saved:
-            if not state.keys or state.keys[0] != first:
-                continue
+        for state in self._starting_alike(self.saved, prompt):
             shared = state.shared(prompt)
             if shared >= F_KEEP_RESTORE_MIN * state.length:
                 held = max(held, shared)
@@ -323,18 +330,35 @@ class ServerCaches:
             heapq.heappop(lru)
         return None
 
+    def _starting_alike(
+        self, states: list[CachedPrompt], prompt: CachedPrompt
+    ) -> Sequence[CachedPrompt]:
+        """The states of `states` (the host cache, or what saving a slot would make of it)
+        that start with `prompt`'s first key, in their order: the only ones it can share with."""
+        if not prompt.keys:
+            return ()
+        known = self._alike.get(id(states))
+        if known is None or known[0] is not states:
+            if len(self._alike) >= 64:
+                self._alike.clear()
+            groups: dict[str, list[CachedPrompt]] = {}
+            for state in states:
+                if state.keys:
+                    groups.setdefault(state.keys[0], []).append(state)
+            known = self._alike[id(states)] = (states, groups)
+        return known[1].get(prompt.keys[0], ())
+
     def _best_saved(
-        self, slot: _Slot, prompt: CachedPrompt, saved: list[CachedPrompt]
+        self, slot: _Slot, prompt: CachedPrompt, own: int, alike: Sequence[CachedPrompt]
     ) -> CachedPrompt | None:
-        """`server_prompt_cache::load()`: the saved state that beats the slot's own."""
-        own = slot.prompt.shared(prompt)
+        """`server_prompt_cache::load()`: the saved state that beats the slot's own (`own`
+        tokens shared with `prompt`), among those that start alike (the host cache's order)."""
         keep_best = own / slot.prompt.length if slot.prompt.length else -1.0
         sim_best = own / prompt.length if prompt.length else 0.0
         found = None
-        first = _first(prompt)
-        for state in saved:
-            if not state.length or not state.keys or state.keys[0] != first:
-                continue  # nothing to restore (a tiny prompt rescaled to no tokens), or shared
+        for state in alike:
+            if not state.length:
+                continue  # nothing to restore (a tiny prompt rescaled to no tokens)
             shared = state.shared(prompt)
             keep = shared / state.length
             sim = shared / prompt.length if prompt.length else 0.0
