@@ -7,6 +7,7 @@ client saw.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import unittest
@@ -72,8 +73,10 @@ class ProxySocketTest(unittest.IsolatedAsyncioTestCase):
             sims(SimConfig(slots=1, profile="cpu-1b", time_scale=4)) as fleet,
             balancer_for(fleet) as lb,
         ):
+            # Far longer than enqueueing the others takes on a loaded machine; it leaves once
+            # they are all queued, and its slot goes to them in order.
             blocker = asyncio.create_task(
-                self.http.post(lb.url + "/v1/chat/completions", json=chat("first", 64))
+                self.http.post(lb.url + "/v1/chat/completions", json=chat("first", 4000))
             )
             await wait_until(lambda: fleet[0].processing == 1)
             waiters = []
@@ -88,7 +91,10 @@ class ProxySocketTest(unittest.IsolatedAsyncioTestCase):
                     return len(lb.balancer.queue) == n
 
                 await wait_until(enqueued)
-            await asyncio.wait_for(asyncio.gather(blocker, *waiters), 20)
+            blocker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await blocker
+            await asyncio.wait_for(asyncio.gather(*waiters), 20)
             seen = [json_body(r)["messages"][0]["content"] for r in generations(fleet[0])]
             self.assertEqual(seen, ["first"] + [f"n{i}" for i in range(6)])
 

@@ -316,12 +316,16 @@ class OperationsAcrossReplicasTest(unittest.IsolatedAsyncioTestCase):
             async with aiohttp.ClientSession() as session:
                 async with session.post(f"{lbs[0].url}/admin/reload", headers=ADMIN) as response:
                     self.assertEqual(response.status, 200)
-                await wait_until(lambda: all(lb.balancer.scheduler.max_queue == 7 for lb in lbs))
+                await wait_until(
+                    lambda: all(lb.balancer.scheduler.max_queue == 7 for lb in lbs), within_s=15
+                )
                 async with session.delete(
                     f"{lbs[1].url}/admin/backends/{name}", headers=ADMIN
                 ) as response:
                     self.assertEqual(response.status, 202)
-                await wait_until(lambda: all(len(lb.balancer.registry.backends) == 1 for lb in lbs))
+                await wait_until(
+                    lambda: all(len(lb.balancer.registry.backends) == 1 for lb in lbs), within_s=15
+                )
 
     async def test_metrics_and_the_monitor_say_which_replica_they_are(self) -> None:
         async with (
@@ -359,7 +363,11 @@ class RedisAwayTest(unittest.IsolatedAsyncioTestCase):
             statuses: list[int] = []
 
             async def client(n: int) -> None:
-                async with aiohttp.ClientSession() as session:
+                # A connection to a replica can idle past the replica's keep-alive (5 s) while
+                # this client talks to the others on a loaded machine; a client must not reuse
+                # one the server may be closing (aiohttp's own default is 15 s).
+                connector = aiohttp.TCPConnector(keepalive_timeout=2)
+                async with aiohttp.ClientSession(connector=connector) as session:
                     for i in range(12):
                         status, _ = await chat(
                             session, lbs[(n + i) % 3].url, [{"role": "user", "content": f"{n}"}]
