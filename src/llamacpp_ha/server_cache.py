@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 SIMILARITY = 0.1  # --slot-prompt-similarity
 F_KEEP_SAVE = 0.5  # below it, the picked slot's state is saved and the host cache consulted
@@ -66,8 +67,10 @@ class _Slot:
     last_used: float = -1.0
 
 
-@dataclass(frozen=True)
-class Prediction:
+class Prediction(NamedTuple):
+    """A named tuple, not a frozen dataclass: a decision makes one per backend with an idle
+    slot, and a frozen dataclass's `__init__` sets each field through a guarded `setattr`."""
+
     slot: int  # the slot the task will get
     reused: int  # prompt tokens it will take from the cache
     restores: CachedPrompt | None = None  # the saved state it restores, if any
@@ -98,8 +101,10 @@ class ServerCaches:
         self._host_tokens = host_tokens
         self._saved: list[CachedPrompt] = []  # oldest first
         # Idle slots by the prompt they hold, each list in slot id order; and the busy ones.
-        self._groups: dict[_Content, list[_Slot]] = {}
-        self._busy_groups: dict[_Content, list[_Slot]] = {}
+        # Both by the prompt's first key: a prompt shares nothing with those that start
+        # otherwise, and is compared only with those that do not.
+        self._groups: dict[str, dict[_Content, list[_Slot]]] = {}
+        self._busy_groups: dict[str, dict[_Content, list[_Slot]]] = {}
         # Idle slots by (last used, -id): the least recently used one, ties to the highest id
         # (llama-server's `<=`). Entries go stale when a slot is taken or used again, and are
         # dropped when they come to the top, or all at once when there are too many.
@@ -155,11 +160,15 @@ class ServerCaches:
         """Every change of a slot's prompt or state goes here, to keep the groups true."""
         held = _content(slot.prompt)
         if held is not None:
-            groups = self._busy_groups if slot.busy else self._groups
+            by_first = self._busy_groups if slot.busy else self._groups
+            first = slot.prompt.keys[0]
+            groups = by_first[first]
             group = groups[held]
             del group[bisect.bisect_left(group, slot.id, key=_slot_id)]
             if not group:
                 del groups[held]
+                if not groups:
+                    del by_first[first]
         slot.prompt, slot.busy = prompt, busy
         if busy:
             self._unsaved.discard(slot)
@@ -167,19 +176,16 @@ class ServerCaches:
             self._unsaved.add(slot)
         content = _content(prompt)
         if content is not None:
-            groups = self._busy_groups if busy else self._groups
+            groups = (self._busy_groups if busy else self._groups).setdefault(prompt.keys[0], {})
             bisect.insort(groups.setdefault(content, []), slot, key=_slot_id)
 
     def busy_holders(self, prompt: CachedPrompt) -> list[tuple[int, list[_Slot]]]:
         """The busy slots that share some of `prompt`, grouped by what they hold: (tokens
         shared, the group's slots in id order), most shared first."""
         found = []
-        first = _first(prompt)
-        for group in self._busy_groups.values():
-            held = group[0].prompt
-            if held.keys[0] != first:
-                continue  # shares nothing; compared inline, as most groups do not
-            shared = held.shared(prompt)
+        alike = self._busy_groups.get(prompt.keys[0]) if prompt.keys else None
+        for group in alike.values() if alike else ():
+            shared = group[0].prompt.shared(prompt)
             if shared:
                 found.append((shared, group))
         found.sort(key=lambda item: -item[0])
@@ -303,14 +309,14 @@ class ServerCaches:
         if prompt.length:
             # The most similar idle slot, the lowest id among equals (llama-server's loop goes
             # through the slots in order and keeps a strictly better one).
-            if named is not None:
-                groups = [[named]] if _content(named.prompt) is not None else []
-            else:
-                groups = list(self._groups.values())
             first = _first(prompt)
+            groups: Iterable[list[_Slot]] = ()
+            if named is not None:
+                if _content(named.prompt) is not None and named.prompt.keys[0] == first:
+                    groups = ([named],)
+            elif first is not None and first in self._groups:
+                groups = self._groups[first].values()  # the others share nothing
             for group in groups:
-                if group[0].prompt.keys[0] != first:
-                    continue  # shares nothing: no similarity
                 f_sim = group[0].prompt.shared(prompt) / prompt.length
                 if f_sim <= SIMILARITY:
                     continue
