@@ -88,8 +88,13 @@ class SharedSlotsTest(unittest.IsolatedAsyncioTestCase):
                 )
             self.assertEqual([status for status, _ in answers], [200] * 36)
             # The burst was three times the slots per replica: each replica queued, and no
-            # backend ever had a request waiting inside it.
-            self.assertEqual([sim.max_deferred for sim in fleet], [0, 0])
+            # backend ever had a request waiting inside it. That holds while Redis answers
+            # within the store's timeout (0.5 s): on a machine so loaded that a replica's loop
+            # stalls past it, that replica serves on local accounting, its share of each
+            # backend (RedisAwayTest), and a backend may hold one request waiting.
+            outages = sum(shared(lb.balancer).stats.outages for lb in lbs)
+            deferred = [sim.max_deferred for sim in fleet]
+            self.assertLessEqual(max(deferred), 0 if outages == 0 else 1, (deferred, outages))
             self.assertEqual([sim.max_concurrent for sim in fleet], [2, 2])
             refused = sum(shared(lb.balancer).stats.refused for lb in lbs)
             claims = sum(shared(lb.balancer).stats.claims for lb in lbs)
