@@ -121,7 +121,8 @@ class FaultTest(unittest.IsolatedAsyncioTestCase):
                 SimConfig(slots=2, profile="test", fault=Fault(hang=True)),
                 SimConfig(slots=2, profile="test"),
             ) as (hung, good),
-            balancer_for([hung, good], first_byte_timeout_s=0.3, routing="round-robin") as lb,
+            # 1 s: the good backend's first byte, on a loaded machine, must come well within it.
+            balancer_for([hung, good], first_byte_timeout_s=1.0, routing="round-robin") as lb,
         ):
             responses = [await self.post(lb.url, chat(f"h{i}")) for i in range(4)]
             self.assertEqual([r.status_code for r in responses], [200] * 4)
