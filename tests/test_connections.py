@@ -7,12 +7,25 @@ import asyncio
 import json
 import logging
 import resource
+import socket
 import time
 import unittest
 import unittest.mock
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import uvicorn
 
 from llamacpp_ha.config import build_config
-from llamacpp_ha.connections import ConnectionGuard, connection_room, raise_open_file_limit
+from llamacpp_ha.connections import (
+    WRITE_CHUNK,
+    ConnectionGuard,
+    ConnectionLimits,
+    connection_room,
+    raise_open_file_limit,
+)
 from llamacpp_sim import SimConfig
 from serving import Served, balancer_for, sims
 from sim_support import wait_until
@@ -285,3 +298,115 @@ class MalformedHttpTest(unittest.IsolatedAsyncioTestCase):
                 self.assertIn(b" 400 ", head.split(b"\r\n")[0], request)
                 self.assertIn(b"content-type: application/json", head.lower(), request)
                 self.assertEqual(json.loads(body)["error"]["type"], "invalid_request_error")
+
+
+class _ChunkApp:
+    """A plain ASGI app that answers with what its request asks for, and records what
+    `WRITE_CHUNK` returned: `/chunked` streams `n` chunks written directly, `/sized` answers
+    with a Content-Length, `/stalled` writes directly until the client is behind."""
+
+    def __init__(self) -> None:
+        self.results: list[bool] = []
+        self.done = asyncio.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        write = scope["extensions"][WRITE_CHUNK]
+        self.results.append(write(b"before the start"))
+        path, sized = scope["path"], scope["path"] == "/sized"
+        headers = [(b"content-length", b"4")] if sized else []
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if sized:
+            self.results.append(write(b"body"))
+            await send({"type": "http.response.body", "body": b"body"})
+        elif path == "/stalled":  # a client that reads nothing: the socket's buffers fill
+            written = 0
+            while write(b"x" * 65536):
+                written += 1
+                assert written < 1_000, "the transport never paused"
+            self.results.append(False)
+            self.done.set()
+            # send() waits for the client to catch up; here the client leaves instead.
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            n = int(scope["query_string"].decode().partition("=")[2] or 3)
+            for i in range(n):
+                self.results.append(write(b"chunk %d;" % i))
+            self.results.append(write(b""))  # nothing to write: no chunk, not the body's end
+            await send({"type": "http.response.body", "body": b"end", "more_body": False})
+        self.done.set()
+
+
+@asynccontextmanager
+async def _served_protocol(app: Any) -> AsyncIterator[str]:
+    """`app` under uvicorn with our connection protocol, on a port of its own."""
+    guard = ConnectionGuard(
+        ConnectionLimits(
+            max_connections=16,
+            header_timeout_s=5.0,
+            keepalive_timeout_s=5.0,
+            max_header_size=lambda: 16384,
+        )
+    )
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # fills soon when unread
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        app, http=guard.protocol, lifespan="off", log_config=None, access_log=False
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await wait_until(lambda: server.started or task.done(), within_s=10)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+        sock.close()
+
+
+class WriteChunkTest(unittest.IsolatedAsyncioTestCase):
+    """`WRITE_CHUNK` writes a streamed body's chunks as uvicorn's `send` would, and declines
+    (False) wherever `send` must decide instead."""
+
+    async def test_chunks_written_directly_arrive_as_one_chunked_body(self) -> None:
+        app = _ChunkApp()
+        async with _served_protocol(app) as url, aiohttp.ClientSession() as http:
+            async with http.get(url + "/chunked?n=3") as response:
+                self.assertEqual(response.headers.get("Transfer-Encoding"), "chunked")
+                body = await response.read()
+            # The same connection serves the next request: the body ended where it should.
+            async with http.get(url + "/chunked?n=1") as again:
+                self.assertEqual(await again.read(), b"chunk 0;end")
+        self.assertEqual(body, b"chunk 0;chunk 1;chunk 2;end")
+        # Before the start: declined. Then every chunk, and the empty one, written.
+        self.assertEqual(app.results, [False, True, True, True, True, False, True, True])
+
+    async def test_a_sized_answer_or_a_head_request_is_left_to_send(self) -> None:
+        app = _ChunkApp()
+        async with _served_protocol(app) as url, aiohttp.ClientSession() as http:
+            async with http.get(url + "/sized") as response:
+                self.assertEqual(await response.read(), b"body")
+            self.assertEqual(app.results, [False, False])
+            app.results.clear()
+            async with http.head(url + "/chunked?n=2") as response:
+                self.assertEqual(await response.read(), b"")
+            self.assertEqual(app.results, [False, False, False, False])
+
+    async def test_a_client_that_does_not_read_makes_it_decline(self) -> None:
+        app = _ChunkApp()
+        async with _served_protocol(app) as url:
+            host, port = url.removeprefix("http://").split(":")
+            _, writer = await asyncio.open_connection(host, int(port), limit=1024)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            transport = writer.transport
+            assert isinstance(transport, asyncio.Transport)
+            transport.pause_reading()  # reads nothing until the app has given up
+            writer.write(b"GET /stalled HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(10):
+                await app.done.wait()
+            self.assertEqual(app.results, [False, False])
+            writer.close()
+            await writer.wait_closed()

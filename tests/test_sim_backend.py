@@ -158,7 +158,9 @@ class ShapesTest(SimTestCase):
 
 
 class CacheTimingTest(SimTestCase):
-    # A real profile, run 25x faster: a cold 600-token prompt takes 3 model seconds.
+    # A real profile, run 25x faster: a cold 600-token prompt takes 3 model seconds. The
+    # prompts below are long enough (a cold one ~0.45 s here) that a loaded machine's delays,
+    # tens of milliseconds on a cached turn, do not decide the ratio.
     config = SimConfig(slots=2, profile="cpu-1b", time_scale=25.0)
 
     async def ttft(self, messages: list[dict[str, str]]) -> tuple[float, str, dict[str, Any]]:
@@ -184,7 +186,7 @@ class CacheTimingTest(SimTestCase):
         return first - started, reply, frames[-1]
 
     async def test_follow_up_turn_hits_cache_and_is_faster(self) -> None:
-        system = {"role": "system", "content": "lorem ipsum dolor sit " * 150}
+        system = {"role": "system", "content": "lorem ipsum dolor sit " * 450}
         turn1 = [system, {"role": "user", "content": "first question"}]
         _ttft1, reply, last1 = await self.ttft(turn1)
         turn2 = [
@@ -200,7 +202,7 @@ class CacheTimingTest(SimTestCase):
             last2["usage"]["prompt_tokens_details"]["cached_tokens"], last2["timings"]["cache_n"]
         )
         # A cold prompt of the same length as turn 2 pays the whole prefill.
-        other = {"role": "system", "content": "magna sed nunc et " * 150}
+        other = {"role": "system", "content": "magna sed nunc et " * 450}
         cold = [other, *turn2[1:]]
         ttft_cold, _, last_cold = await self.ttft(cold)
         self.assertEqual(last_cold["usage"]["prompt_tokens"], n_prompt2)

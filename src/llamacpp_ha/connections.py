@@ -19,6 +19,13 @@
 - **The client leaving.** A request's scope carries `ON_DISCONNECT` in its `extensions`: a
   function that registers one callback for the connection's loss, so that a relay learns of it
   without a task parked in `receive()` for each open stream (~1.2 KiB of each).
+- **A streamed body's chunks, written at once.** The scope also carries `WRITE_CHUNK`: a
+  function that writes one chunk of a chunked response to the connection, as uvicorn's `send`
+  would, without the ASGI message, the middlewares' `send` wrappers and uvicorn's coroutine
+  around each (a relayed token is mostly that). It writes only when `send` would write at once;
+  otherwise (a client that does not keep up, one gone, a response not chunked) it returns False
+  and the chunk goes through `send`, which waits or drops it as ASGI says. Only middlewares that
+  leave the body alone may sit between the two: ours only add headers.
 
 Refusals close gently: the answer is written, the write side shut, and what the client still
 sends is read and dropped for `LINGER_S` (a lingering close), so that a client still sending its
@@ -34,10 +41,15 @@ import sys
 from asyncio import TimerHandle
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.server import ServerState
 
 from .config import ProxyConfig
@@ -60,6 +72,9 @@ RESERVED_FDS = 256
 # The scope extension (ASGI `scope["extensions"]`) by which a request is told that its
 # connection is gone: `scope["extensions"][ON_DISCONNECT](callback)`, `(None)` to stop.
 ON_DISCONNECT = "llamacpp_ha.on_disconnect"
+# The scope extension that writes a chunk of a streamed body directly:
+# `scope["extensions"][WRITE_CHUNK](body)` is True once written, False if `send` must take it.
+WRITE_CHUNK = "llamacpp_ha.write_chunk"
 
 
 @dataclass(frozen=True)
@@ -262,7 +277,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # settings; ours is read only by relay.py, and a function spares a dict per request.
         extensions = self.scope.setdefault("extensions", {})
         extensions[ON_DISCONNECT] = self._watch_loss  # type: ignore[assignment]
+        scope = self.scope
         super().on_headers_complete()
+        # The request's own cycle, created just now (the task that runs the app has not run
+        # yet). Not looked up at each write: with a pipelined request behind this one,
+        # `self.cycle` is already the next request's.
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is scope:  # not an upgrade to a WebSocket
+            extensions[WRITE_CHUNK] = partial(_write_chunk, cycle)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -340,6 +362,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
+
+
+def _write_chunk(cycle: RequestResponseCycle, body: bytes) -> bool:
+    """`WRITE_CHUNK`: what uvicorn's `send` does with a body chunk of a chunked response that is
+    neither the last nor held back, with the same checks first (0.55, `httptools_impl.py`)."""
+    if (
+        not cycle.chunked_encoding  # not started, not chunked (Content-Length), or a HEAD
+        or cycle.response_complete
+        or cycle.disconnected
+        or cycle.flow.write_paused  # send() waits for the client, within our write timeout
+    ):
+        return False
+    if body:  # an empty chunk would end the body
+        cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+    return True
 
 
 def _response(error: ProxyError, default_headers: list[tuple[bytes, bytes]]) -> bytes:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
-from .connections import ON_DISCONNECT
+from .connections import ON_DISCONNECT, WRITE_CHUNK
 from .errors import GatewayTimeout, ProxyError, UpstreamError, send_error
 from .exchange import Answer, Exchange
 
@@ -55,7 +56,15 @@ class RelayResponse:
 
     # A plain slotted class, not a Starlette Response: nothing here is a Response's, and its
     # instance dict and headers were ~0.5 KiB of every open stream.
-    __slots__ = ("_abort", "_cut", "_response_started", "_task", "_write_timeout_s", "exchange")
+    __slots__ = (
+        "_abort",
+        "_cut",
+        "_response_started",
+        "_task",
+        "_write_chunk",
+        "_write_timeout_s",
+        "exchange",
+    )
 
     def __init__(self, exchange: Exchange) -> None:
         self.exchange = exchange
@@ -65,6 +74,8 @@ class RelayResponse:
         self._task: asyncio.Task[None] | None = None  # the task that relays and sends
         # Why the relay was cut short, once it was: _CLIENT_LEFT or _ABORTED.
         self._cut: str | None = None
+        # Our server's direct write of a streamed chunk (connections.py); None under another.
+        self._write_chunk: Callable[[bytes], bool] | None = None
 
     @property
     def started(self) -> bool:
@@ -99,7 +110,9 @@ class RelayResponse:
         # The client may leave while we queue, wait for the backend, or stream: leaving cuts
         # the relay, whose finally closes upstream. Our server says so by a callback
         # (connections.py); under another ASGI server a task waits for http.disconnect.
-        watch = scope.get("extensions", {}).get(ON_DISCONNECT)
+        extensions: dict[str, Any] = scope.get("extensions") or {}
+        watch = extensions.get(ON_DISCONNECT)
+        self._write_chunk = extensions.get(WRITE_CHUNK)
         listen: asyncio.Task[None] | None = None
         if watch is not None:
             watch(self._client_gone)
@@ -118,11 +131,11 @@ class RelayResponse:
                 task.uncancel()
             finally:
                 self._task = None  # no cut from here on
-                if listen is None:
-                    watch(None)
-                else:
+                if listen is not None:
                     listen.remove_done_callback(self._client_left)
                     listen.cancel()
+                elif watch is not None:
+                    watch(None)
             if self._cut is not None:
                 result.client_disconnected = self._cut == _CLIENT_LEFT
                 # Only an exchange the abort actually cut is told why; one that had just
@@ -192,16 +205,21 @@ class RelayResponse:
         # (resume.py), unseen by the client.
         transcript = exchange.transcript if answer.status == 200 else None
         head, continued = answer.head, False
+        # Each chunk written to the connection at once where it can be (nearly always); through
+        # ASGI's send, within the write timeout, where the client is behind.
+        write = self._write_chunk or _never
         while True:
             try:
-                await self._send_body(send, head, more=True)
+                if not write(head):
+                    await self._send_body(send, head, more=True)
                 # The rest in whole events; once the backend is done, its slot is free.
                 assert answer.rest is not None
                 async for chunk in answer.rest:
                     if continued:
                         assert transcript is not None
                         chunk = transcript.rewrite(chunk)
-                    await self._send_body(send, chunk, more=True)
+                    if not write(chunk):
+                        await self._send_body(send, chunk, more=True)
                 break
             except UpstreamError as broken:
                 resumed = None
@@ -262,6 +280,10 @@ class RelayResponse:
                 await self._send_body(send, event, more=False)
         except (_ClientTooSlow, OSError):
             result.client_disconnected = True
+
+
+def _never(body: bytes) -> bool:
+    return False
 
 
 def _response_headers(upstream: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
