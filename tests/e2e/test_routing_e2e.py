@@ -301,7 +301,10 @@ class SecondTurnsUnderConcurrencyTest(unittest.IsolatedAsyncioTestCase):
         cls.addClassCleanup(context.__exit__, None, None, None)
         for name in ("a", "b"):
             cls.fleet.add_backend(name, slots=2, ctx=8192, extra_args=["--cache-ram", "32"])
-        cls.fleet.start(balancer_args=["--routing", "cost"])
+        # The deadline on a wait is what bounds a wrong estimate, not what this test is about:
+        # on a loaded CI machine a 4-token answer has taken over 0.5 s (the default), and two
+        # second turns that routing had rightly kept for their cache went cold elsewhere.
+        cls.fleet.start(balancer_args=["--routing", "cost", "--max-cache-wait", "5"])
 
     async def asyncSetUp(self) -> None:
         self.url = self.fleet.url
