@@ -22,7 +22,8 @@
         ├── BadGateway              502 refused, reset, garbage, closed before answering
         └── GatewayTimeout          504 the backend did not answer in time
 
-`transport.py` is the only place that turns aiohttp exceptions into `UpstreamError`s.
+`transport.py` is the only place that turns aiohttp's exceptions, and our backend connections'
+(`backend_connections.py`), into `UpstreamError`s.
 """
 
 from __future__ import annotations

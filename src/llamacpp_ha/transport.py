@@ -1,10 +1,12 @@
-"""HTTP to backends: the only module that sees aiohttp.
+"""HTTP to backends: the only module that sees aiohttp, or our own connections' faults.
 
-`Transport` owns the one client session. `open()` sends a request and returns an `Upstream`, a
-type of ours (status, headers, media type, the body as chunks); `fetch()` is what a poll needs
-(its caller owns the timeout). Every aiohttp and socket exception is translated into our error
-tree by one context manager, `_translated()`, so nothing above this module knows which HTTP
-client runs underneath (after httpx's `_transports/default.py`).
+`Transport` owns both clients. `open()`, the proxied requests' hot path, goes over connections
+of our own (`backend_connections.py`) and returns an `Upstream`, a type of ours (status,
+headers, media type, the body as chunks); `fetch()`, what a poll or a model load needs (its
+caller owns the timeout), goes through one aiohttp session. Every aiohttp, socket and
+connection exception is translated into our error tree here (by `_translated()` and
+`_fault()`), so nothing above this module knows which HTTP client runs underneath (after
+httpx's `_transports/default.py`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from typing import Protocol
 
 import aiohttp
 
+from .backend_connections import ConnectFailed, ConnectTimedOut, HttpFault, Pool, Response
 from .errors import BadGateway, GatewayTimeout, UpstreamError
-
-_CHUNK_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -111,38 +112,42 @@ def _in_words(exc: BaseException) -> str:
     return "request failed"
 
 
-class _AiohttpUpstream:
-    def __init__(self, backend: str, response: aiohttp.ClientResponse) -> None:
+def _fault(fault: HttpFault, backend: str, phase: str) -> UpstreamError:
+    """Ours for a fault of our own connections, in the words `_translate` uses for aiohttp's."""
+    if isinstance(fault, ConnectTimedOut):
+        return GatewayTimeout(f"backend {backend}: {fault}", unreachable=True)
+    if phase == "stream":
+        return BadGateway(f"backend {backend}: stream broken ({fault})")
+    return BadGateway(f"backend {backend}: {fault}", unreachable=isinstance(fault, ConnectFailed))
+
+
+class _PooledUpstream:
+    __slots__ = ("_backend", "_response", "headers", "media_type", "status")
+
+    def __init__(self, backend: str, response: Response) -> None:
         self._backend = backend
         self._response = response
         self.status = response.status
-        self.headers: Mapping[str, str] = response.headers
-        # Not aiohttp's `content_type`: it parses the parameters too, into objects of ~1.6 KiB
-        # that live as long as the stream (a twentieth of what one open stream costs).
-        media_type = response.headers.get("Content-Type", "application/octet-stream")
+        self.headers: Mapping[str, str] = response.headers  # names in lower case
+        media_type = response.headers.get("content-type", "application/octet-stream")
         self.media_type = media_type.partition(";")[0].strip().lower()
 
     async def read(self) -> bytes:
-        # A coroutine per read, not an async generator held for the stream's life: one layer
-        # fewer between a chunk's arrival and its relay, and ~0.6 KiB less per open stream.
         try:
-            return await self._response.content.read(_CHUNK_BYTES)
-        except BaseException as exc:
-            _translate(exc, self._backend, "stream")
-            raise
+            return await self._response.read()
+        except HttpFault as fault:
+            raise _fault(fault, self._backend, "stream") from None
 
     def aclose(self, *, reuse: bool = False) -> None:
-        if reuse:
-            self._response.release()
-        else:
-            self._response.close()
+        self._response.release(reuse=reuse)
 
 
 class Transport:
-    """One aiohttp session for every request and poll of one app."""
+    """Our connections for the proxied requests, one aiohttp session for polls and loads."""
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._pool = Pool()
 
     async def start(self) -> None:
         # No connection limit: the slot accounting already bounds concurrency per backend,
@@ -156,6 +161,7 @@ class Transport:
         )
 
     async def aclose(self) -> None:
+        self._pool.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -179,23 +185,18 @@ class Transport:
         """Send the request and wait for the status line and headers."""
         try:
             async with asyncio.timeout(timeouts.first_byte_s):
-                with _translated(backend, "open"):
-                    response = await self.session.request(
-                        method,
-                        url,
-                        data=body,
-                        headers=dict(headers),
-                        timeout=aiohttp.ClientTimeout(
-                            total=None, sock_connect=timeouts.connect_s, sock_read=None
-                        ),
-                        auto_decompress=False,
-                        ssl=tls,
-                    )
+                response = await self._pool.request(
+                    method, url, list(headers.items()), body, tls=tls, connect_s=timeouts.connect_s
+                )
         except TimeoutError:
             raise GatewayTimeout(
                 f"backend {backend}: no answer within {timeouts.first_byte_s:g} s"
             ) from None
-        return _AiohttpUpstream(backend, response)
+        except HttpFault as fault:
+            raise _fault(fault, backend, "open") from None
+        except ValueError as exc:  # a header that cannot be sent as it is
+            raise BadGateway(f"backend {backend}: {exc}") from None
+        return _PooledUpstream(backend, response)
 
     async def fetch(
         self,
