@@ -12,6 +12,7 @@ from llamacpp_ha.backend_connections import (
     BodyBroken,
     ClosedEarly,
     ConnectFailed,
+    NoAnswer,
     Pool,
     Response,
 )
@@ -64,7 +65,13 @@ class BackendConnectionsTest(unittest.IsolatedAsyncioTestCase):
 
     async def request(self, pool: Pool, url: str, body: bytes = b"{}") -> Response:
         return await pool.request(
-            "POST", url, [("Content-Type", "application/json")], body, tls=False, connect_s=2
+            "POST",
+            url,
+            [("Content-Type", "application/json")],
+            body,
+            tls=False,
+            connect_s=2,
+            first_byte_s=5,
         )
 
     async def test_requests_are_written_whole_and_answers_read_by_length(self) -> None:
@@ -197,7 +204,20 @@ class BackendConnectionsTest(unittest.IsolatedAsyncioTestCase):
             await self.request(pool, "http://127.0.0.1:1/v1/chat/completions")  # nobody there
         url = await self.serve(close_at_once)
         with self.assertRaisesRegex(ValueError, "line break"):
-            await pool.request("POST", url, [("X-A", "1\r\nX-B: 2")], b"", tls=False, connect_s=2)
+            await pool.request(
+                "POST", url, [("X-A", "1\r\nX-B: 2")], b"", tls=False, connect_s=2, first_byte_s=5
+            )
+
+    async def test_no_headers_within_the_first_byte_timeout(self) -> None:
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            await reader.read()
+
+        url = await self.serve(silent)
+        with self.assertRaisesRegex(NoAnswer, "no answer within 0.2 s"):
+            await self.pool().request(
+                "POST", url, [], b"", tls=False, connect_s=2, first_byte_s=0.2
+            )
 
     async def test_a_body_cut_short_is_a_fault_after_what_arrived(self) -> None:
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

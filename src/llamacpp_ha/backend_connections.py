@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
+import time
 from collections import deque
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -43,6 +44,10 @@ class ConnectFailed(HttpFault):
 
 class ConnectTimedOut(HttpFault):
     pass
+
+
+class NoAnswer(HttpFault):
+    """No status line and headers within the first-byte timeout."""
 
 
 class ClosedEarly(HttpFault):
@@ -133,16 +138,18 @@ class Pool:
         *,
         tls: ssl.SSLContext | bool,
         connect_s: float,
+        first_byte_s: float,
     ) -> Response:
         """Send the request (over an idle connection to the address if one is left) and wait
-        for the answer's headers. The caller bounds the whole by its first-byte timeout."""
+        for the answer's headers, all within `first_byte_s`, connecting within `connect_s`."""
+        started = time.monotonic()
         address = _address(url, tls)
-        connection = self._take(address.key)
+        connection = self._take(address.key, started)
         if connection is None:
-            connection = await self._connect(address, connect_s)
+            connection = await self._connect(address, connect_s, first_byte_s)
         try:
             connection.send(_request_head(method, address, head, len(body)), body)
-            await connection.headers_arrived()
+            await connection.headers_arrived(started + first_byte_s, first_byte_s)
         except BaseException:
             connection.close()
             raise
@@ -155,11 +162,10 @@ class Pool:
                 idle.pop().close()
         self._idle.clear()
 
-    def _take(self, key: Any) -> _Connection | None:
+    def _take(self, key: Any, now: float) -> _Connection | None:
         idle = self._idle.get(key)
         if not idle:
             return None
-        now = asyncio.get_running_loop().time()
         while idle and now - idle[-1].idle_since >= self._idle_s:
             idle.pop().close()  # the oldest, at the end: no timer needed to retire them
         while idle:
@@ -179,10 +185,12 @@ class Pool:
         if idle is not None and connection in idle:
             idle.remove(connection)
 
-    async def _connect(self, address: _Address, timeout_s: float) -> _Connection:
+    async def _connect(
+        self, address: _Address, connect_s: float, first_byte_s: float
+    ) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(min(connect_s, first_byte_s)):
                 _, connection = await loop.create_connection(
                     lambda: _Connection(self, address.key),
                     address.host,
@@ -191,6 +199,8 @@ class Pool:
                     server_hostname=address.host if address.tls is not None else None,
                 )
         except TimeoutError:
+            if first_byte_s < connect_s:
+                raise NoAnswer(f"no answer within {first_byte_s:g} s") from None
             raise ConnectTimedOut("connect timed out") from None
         except ssl.SSLError:
             raise ConnectFailed("TLS handshake failed") from None
@@ -218,6 +228,8 @@ class _Connection(asyncio.Protocol):
         self._pool = pool
         self.key = key
         self._transport: asyncio.Transport | None = None
+        # Kept: every asyncio.get_running_loop() is a getpid() system call before Python 3.12.
+        self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None
         self.idle_since = 0.0
@@ -254,11 +266,22 @@ class _Connection(asyncio.Protocol):
             self._transport.write(head)
             self._transport.write(body)
 
-    async def headers_arrived(self) -> None:
-        while not self._has_headers:
-            if self._fault is not None:
-                raise self._fault
-            await self._wait()
+    async def headers_arrived(self, deadline: float, first_byte_s: float) -> None:
+        """Wait for the answer's headers until `deadline` (time.monotonic()'s)."""
+        # A timer of the connection's own, not an asyncio.timeout: a third of the cost.
+        timer = self._loop.call_later(deadline - time.monotonic(), self._no_answer, first_byte_s)
+        try:
+            while not self._has_headers:
+                if self._fault is not None:
+                    raise self._fault
+                await self._wait()
+        finally:
+            timer.cancel()
+
+    def _no_answer(self, first_byte_s: float) -> None:
+        if not self._has_headers and self._fault is None:
+            self._fault = NoAnswer(f"no answer within {first_byte_s:g} s")
+            self._wake()
 
     async def read(self) -> bytes:
         while not self._body:
@@ -287,7 +310,7 @@ class _Connection(asyncio.Protocol):
         ):
             self._active = False
             self._new_answer()
-            self.idle_since = asyncio.get_running_loop().time()
+            self.idle_since = time.monotonic()
             self._pool._put(self)
         else:
             self.close()
@@ -301,7 +324,7 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
     async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         try:
             await self._waiter
         finally:

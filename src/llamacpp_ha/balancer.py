@@ -339,4 +339,4 @@ class Balancer:
             )
             self.replicas.answered(lease, routing.prompt.keys, tokens, usage.completion_tokens or 0)
         if outcome is not None:
-            self.metrics.cache_predictions.labels(backend.name, outcome).inc()
+            self.metrics.prediction(backend.name, outcome).inc()

@@ -9,6 +9,7 @@ key id (configured ids). Never a key or a prompt.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -184,6 +185,26 @@ class ReplicaCollector(Collector):
         yield elsewhere
 
 
+_Instrument = TypeVar("_Instrument", Counter, Histogram)
+
+
+class _Children(Generic[_Instrument]):
+    """A labelled instrument's children by their label values, kept once made: prometheus'
+    `labels()` takes a lock and builds its key anew on every call, six times a request."""
+
+    __slots__ = ("_children", "_instrument")
+
+    def __init__(self, instrument: _Instrument) -> None:
+        self._instrument: _Instrument = instrument
+        self._children: dict[tuple[str, ...], _Instrument] = {}
+
+    def __call__(self, *values: str) -> _Instrument:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._instrument.labels(*values)
+        return child
+
+
 class Metrics:
     """The app's registry and the instruments that requests update."""
 
@@ -260,13 +281,22 @@ class Metrics:
             registry=r,
         )
 
+        # What every request updates, by label values (`_Children`).
+        self._requests = _Children(self.requests)
+        self._ttft = _Children(self.ttft)
+        self._duration = _Children(self.duration)
+        self._prompt_tokens = _Children(self.prompt_tokens)
+        self._cached_tokens = _Children(self.cached_tokens)
+        self._completion_tokens = _Children(self.completion_tokens)
+        self.prediction = _Children(self.cache_predictions)
+
     def observe(self, result: ExchangeResult, model_of: Callable[[str], str]) -> None:
         backend = result.backend or "none"
         model = result.model or (model_of(result.backend) if result.backend else "")
         if result.client_disconnected:
             self.disconnects.inc()
         status = "disconnected" if result.client_disconnected else str(result.status)
-        self.requests.labels(result.endpoint, model, backend, status).inc()
+        self._requests(result.endpoint, model, backend, status).inc()
         if result.key_id is not None:
             self.key_requests.labels(result.key_id, status).inc()
         if result.attempts > 1:
@@ -277,17 +307,17 @@ class Metrics:
             self.resumes.labels("failed").inc()
         if result.status == 200 and not result.client_disconnected:
             if result.ttfb_s is not None:
-                self.ttft.labels(result.endpoint, backend).observe(result.ttfb_s)
-            self.duration.labels(result.endpoint, backend).observe(result.total_s)
+                self._ttft(result.endpoint, backend).observe(result.ttfb_s)
+            self._duration(result.endpoint, backend).observe(result.total_s)
             self.queue_wait.observe(result.queue_wait_s)
         usage = result.usage
         if result.backend is not None:
             if usage.prompt_tokens:
-                self.prompt_tokens.labels(backend, model).inc(usage.prompt_tokens)
+                self._prompt_tokens(backend, model).inc(usage.prompt_tokens)
             if usage.cached_tokens:
-                self.cached_tokens.labels(backend, model).inc(usage.cached_tokens)
+                self._cached_tokens(backend, model).inc(usage.cached_tokens)
             if usage.completion_tokens:
-                self.completion_tokens.labels(backend, model).inc(usage.completion_tokens)
+                self._completion_tokens(backend, model).inc(usage.completion_tokens)
 
     def rejected(self, code: str) -> None:
         self.rejections.labels(code).inc()

@@ -237,7 +237,10 @@ class ProxyStats:
         return self.succeeded + self.client_errors + self.failed + self.rejected + self.disconnected
 
     def backend(self, name: str) -> BackendStats:
-        return self.backends.setdefault(name, BackendStats())
+        stats = self.backends.get(name)  # not setdefault: it would build one on every call
+        if stats is None:
+            stats = self.backends[name] = BackendStats()
+        return stats
 
     def count_answered_early(self, status: int, code: str | None = None) -> None:
         """A request answered before it reached the queue (bad input, auth, no backend)."""

@@ -11,7 +11,6 @@ httpx's `_transports/default.py`).
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +18,14 @@ from typing import Protocol
 
 import aiohttp
 
-from .backend_connections import ConnectFailed, ConnectTimedOut, HttpFault, Pool, Response
+from .backend_connections import (
+    ConnectFailed,
+    ConnectTimedOut,
+    HttpFault,
+    NoAnswer,
+    Pool,
+    Response,
+)
 from .errors import BadGateway, GatewayTimeout, UpstreamError
 
 
@@ -116,6 +122,8 @@ def _fault(fault: HttpFault, backend: str, phase: str) -> UpstreamError:
     """Ours for a fault of our own connections, in the words `_translate` uses for aiohttp's."""
     if isinstance(fault, ConnectTimedOut):
         return GatewayTimeout(f"backend {backend}: {fault}", unreachable=True)
+    if isinstance(fault, NoAnswer):
+        return GatewayTimeout(f"backend {backend}: {fault}")
     if phase == "stream":
         return BadGateway(f"backend {backend}: stream broken ({fault})")
     return BadGateway(f"backend {backend}: {fault}", unreachable=isinstance(fault, ConnectFailed))
@@ -184,14 +192,15 @@ class Transport:
     ) -> Upstream:
         """Send the request and wait for the status line and headers."""
         try:
-            async with asyncio.timeout(timeouts.first_byte_s):
-                response = await self._pool.request(
-                    method, url, list(headers.items()), body, tls=tls, connect_s=timeouts.connect_s
-                )
-        except TimeoutError:
-            raise GatewayTimeout(
-                f"backend {backend}: no answer within {timeouts.first_byte_s:g} s"
-            ) from None
+            response = await self._pool.request(
+                method,
+                url,
+                list(headers.items()),
+                body,
+                tls=tls,
+                connect_s=timeouts.connect_s,
+                first_byte_s=timeouts.first_byte_s,
+            )
         except HttpFault as fault:
             raise _fault(fault, backend, "open") from None
         except ValueError as exc:  # a header that cannot be sent as it is
