@@ -415,7 +415,7 @@ class Exchange:
                     opening += chunk
                     if not _could_be_sse(opening):
                         raise BadGateway(f"backend {name}: the stream is not server-sent events")
-                    if b"\n" in opening:
+                    if opening.find(b"\n") >= 0:  # not `in`: see EventFramer.feed
                         opening = None
                 events = framer.feed(chunk)
                 if events:

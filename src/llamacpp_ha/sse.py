@@ -74,7 +74,9 @@ class EventFramer:
         if self.fault is not None:
             return b""
         data = self._pending + chunk if self._pending else chunk
-        if b"\r" in data:
+        # find(), not `in`: before Python 3.12, `bytes in bytes` first tries the operand as an
+        # integer and formats the TypeError it then discards (~1,900 instructions a test).
+        if data.find(b"\r") >= 0:
             return self._feed_crlf(data)
         # llama-server's own framing, "\n\n" only: split, with no regular expression.
         end = data.rfind(b"\n\n") + 2
@@ -120,7 +122,7 @@ class EventFramer:
 
     def _check(self, event: bytes) -> None:
         name = b""
-        if event.startswith(b"data: ") and b"\n" not in event:
+        if event.startswith(b"data: ") and event.find(b"\n") < 0:  # find(): see feed()
             payload = event[6:]  # one data line: nearly every event of every backend
         else:
             data: list[bytes] = []
