@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv test unit unit-py313 e2e check demo run bench bench-quick bench-smoke bench-overhead bench-decision bench-real bench-replicas soak clean
+.PHONY: venv test unit unit-py313 e2e check demo run bench bench-quick bench-smoke bench-overhead bench-instructions bench-decision bench-real bench-replicas soak clean
 
 venv: $(STAMP)
 
@@ -83,6 +83,12 @@ bench-overhead: $(STAMP)
 
 ## one routing decision's cost (policy + index lookup) with 100,000 indexed prefixes, in
 ## process, 3 repetitions (~1 min; also a section of `make bench`): bench/results/DECISION.md
+## user-space instructions per request and per chunk under callgrind: the figure that repeats
+## (CPU time here swings by a quarter); ARGS="--src /other/tree/src --src src" compares trees
+bench-instructions: $(STAMP)
+	bench/setup.sh
+	bench/.venv/bin/python bench/instructions.py $(ARGS)
+
 bench-decision: $(STAMP)
 	bench/setup.sh
 	bench/.venv/bin/python bench/decision.py --out bench/results

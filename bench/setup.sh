@@ -2,7 +2,8 @@
 # Bootstraps everything `bench/run.py` needs for the full run, idempotently:
 #   - bench/.venv: its own environment (never the project's .venv), with llamacpp-ha installed
 #     editable, the Python contenders and matplotlib, all pinned to exact versions;
-#   - Debian's nginx, haproxy and redis-server (the replicas section), when missing.
+#   - Debian's nginx, haproxy and redis-server (the replicas section), and valgrind
+#     (bench/instructions.py), when missing.
 # Nothing here is fatal: a contender that cannot be installed is reported, its log kept under
 # bench/.venv/setup-logs/, and run.py records it as unavailable with that reason.
 set -u
@@ -83,6 +84,7 @@ apt_install() {
 apt_install nginx nginx
 apt_install haproxy haproxy
 apt_install redis-server redis-server
+apt_install valgrind valgrind  # bench/instructions.py (make bench-instructions)
 
 note "done"
 exit 0
