@@ -257,6 +257,47 @@ class BackendConnectionsTest(unittest.IsolatedAsyncioTestCase):
         self.assertLessEqual(got, 2 * 2**20)  # what was buffered: about the high-water mark
         response.release()
 
+    async def test_pump_hands_each_part_to_the_sink_until_it_says_stop(self) -> None:
+        parts = [b"data: %d\n\n" % i for i in range(6)]
+        go = [asyncio.Event() for _ in parts]
+
+        async def paced(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for part, event in zip(parts, go, strict=True):
+                await event.wait()  # one part at a time, each once the last was taken
+                writer.write(b"%x\r\n%b\r\n" % (len(part), part))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            await reader.read()
+
+        response = await self.request(self.pool(), await self.serve(paced))
+        got: list[bytes] = []
+
+        def sink(part: bytes) -> bool:
+            got.append(part)
+            if len(got) < len(parts):
+                go[len(got)].set()
+            return len(got) != 3  # the third: stop, as a relay whose client is behind
+
+        go[0].set()
+        self.assertFalse(await response.pump(sink))
+        self.assertEqual(got, parts[:3])
+        self.assertTrue(await response.pump(sink))  # the rest, to the body's end
+        self.assertEqual(got, parts)
+        self.assertEqual(await response.read(), b"")
+
+        def failing(part: bytes) -> bool:
+            raise RuntimeError("the sink's own")
+
+        go = [asyncio.Event() for _ in parts]
+        response = await self.request(self.pool(), await self.serve(paced))
+        go[0].set()
+        with self.assertRaisesRegex(RuntimeError, "the sink's own"):
+            await response.pump(failing)  # raised where the reader waits, not in the loop
+        response.release()
+
     async def test_a_response_released_midway_fails_its_pending_read(self) -> None:
         async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await read_request(reader)

@@ -23,6 +23,7 @@ import functools
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -112,6 +113,15 @@ class Response:
         if self._connection is None:
             raise BodyBroken("the response was closed")
         return await self._connection.read()
+
+    async def pump(self, sink: Callable[[bytes], bool]) -> bool:
+        """Hand the body to `sink` part by part as it arrives, from the connection's own
+        callback, without waking the caller, until the body's end (True) or `sink` returns
+        False (False: it took that part, and wants the caller to act before more comes).
+        What `sink` raises, and the faults `read()` would raise, are raised here."""
+        if self._connection is None:
+            raise BodyBroken("the response was closed")
+        return await self._connection.pump(sink)
 
     def release(self, *, reuse: bool = False) -> None:
         """Idempotent. `reuse` keeps the connection for another request, only once the body
@@ -232,6 +242,9 @@ class _Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None
+        self._sink: Callable[[bytes], bool] | None = None  # while pump() waits
+        self._sink_stopped = False  # the sink returned False
+        self._sink_error: BaseException | None = None  # or raised this
         self.idle_since = 0.0
         self._active = False  # a request was sent and its answer is not done with
         self._paused = False
@@ -290,6 +303,31 @@ class _Connection(asyncio.Protocol):
             if self._complete:
                 return b""
             await self._wait()
+        return self._take_body()
+
+    async def pump(self, sink: Callable[[bytes], bool]) -> bool:
+        while True:
+            if self._body:
+                if not sink(self._take_body()):
+                    return False
+                continue
+            if self._fault is not None:
+                raise self._fault
+            if self._complete:
+                return True
+            self._sink = sink
+            try:
+                await self._wait()
+            finally:
+                self._sink = None
+            if self._sink_error is not None:
+                error, self._sink_error = self._sink_error, None
+                raise error
+            if self._sink_stopped:
+                self._sink_stopped = False
+                return False
+
+    def _take_body(self) -> bytes:
         body = self._body
         data = body[0] if len(body) == 1 else b"".join(body)
         body.clear()
@@ -400,6 +438,18 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        sink = self._sink
+        if sink is not None and not self._body:
+            # pump(): the part goes on at once, and the reader sleeps on.
+            try:
+                if sink(body):
+                    return
+                self._sink_stopped = True
+            except BaseException as exc:  # the reader's to raise, not the event loop's
+                self._sink_error = exc
+            self._sink = None
+            self._wake()
+            return
         self._body.append(body)
         self._buffered += len(body)
         if self._buffered >= _HIGH_WATER and not self._paused and self._transport is not None:

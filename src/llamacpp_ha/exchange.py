@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -146,7 +146,7 @@ class Answer:
         self.lease = lease
         self.upstream = upstream
         self.head = b""  # the whole body, or a stream's first whole events
-        self.rest: AsyncIterator[bytes] | None = None  # the rest of a stream, in whole events
+        self.rest: EventStream | None = None  # the rest of a stream, in whole events
         self.events: EventFramer | None = None
 
     @property
@@ -387,8 +387,9 @@ class Exchange:
             if upstream.status == 200:
                 end, observe = END_BY_PATH.get(self.request.path), self._observer()
             answer.events = EventFramer(end, observe)
-            answer.rest = self._events(answer, answer.events)
-            answer.head = await anext(answer.rest, b"")
+            reader = self._reader(name, upstream, sse=True)
+            answer.rest = EventStream(self, answer, answer.events, reader)
+            answer.head = await answer.rest.next()
             return
         answer.head = await self._read_all(name, upstream)
         if upstream.status == 200 and upstream.media_type == "application/json":
@@ -402,31 +403,6 @@ class Exchange:
 
     def _reader(self, name: str, upstream: Upstream, *, sse: bool) -> _BodyReader:
         return _BodyReader(name, upstream, self.watchdog, self._timeouts.idle_s, sse=sse)
-
-    async def _events(self, answer: Answer, framer: EventFramer) -> AsyncIterator[bytes]:
-        """A stream's body in whole events; ends only if the stream ended as it promised, and
-        then the upstream is complete (before the last events are relayed)."""
-        name, upstream = answer.backend_name, answer.upstream
-        opening = b"" if upstream.status == 200 else None  # until it is known to be SSE
-        read = self._reader(name, upstream, sse=True).read
-        try:
-            while chunk := await read():
-                if opening is not None:
-                    opening += chunk
-                    if not _could_be_sse(opening):
-                        raise BadGateway(f"backend {name}: the stream is not server-sent events")
-                    if opening.find(b"\n") >= 0:  # not `in`: see EventFramer.feed
-                        opening = None
-                events = framer.feed(chunk)
-                if events:
-                    yield events
-                if framer.fault is not None:
-                    break
-            framer.finish()
-        except BadStream as exc:
-            raise BadGateway(f"backend {name}: {exc}") from None
-        self.result.usage = framer.usage
-        await self.upstream_complete(answer)
 
     async def _read_all(self, name: str, upstream: Upstream) -> bytes:
         read, parts = self._reader(name, upstream, sse=False).read, []
@@ -453,6 +429,81 @@ class Exchange:
             self._hooks.backend_failed(self.answer.lease.backend, error)
 
 
+class EventStream:
+    """A stream's body in whole events: pulled (`next()`, its first events) or pushed
+    (`pump()`, the rest). It ends only if the stream ended as it promised, and then the
+    upstream is complete (before the last events are relayed)."""
+
+    __slots__ = ("_answer", "_done", "_exchange", "_framer", "_opening", "_reader", "_refused")
+
+    def __init__(
+        self, exchange: Exchange, answer: Answer, framer: EventFramer, reader: _BodyReader
+    ) -> None:
+        self._exchange = exchange
+        self._answer = answer
+        self._framer = framer
+        self._reader = reader
+        # The body's first bytes, until they are known to be SSE (a 200 only).
+        self._opening: bytes | None = b"" if answer.status == 200 else None
+        self._done = False
+        self._refused = False
+
+    async def next(self) -> bytes:
+        """The next whole events; b"" once the stream is over."""
+        while not self._done:
+            if self._framer.fault is not None:
+                await self._finish()  # raises: after a broken event, nothing more is read
+            chunk = await self._reader.read()
+            if not chunk:
+                await self._finish()
+                break
+            events = self._feed(chunk)
+            if events:
+                return events
+        return b""
+
+    async def pump(self, emit: Callable[[bytes], bool]) -> bool:
+        """The rest, handed to `emit` whole events at a time as they arrive, from the backend
+        connection's own callback (no wake-up of the relay's task for each): True at the
+        stream's end; False if `emit` returned False, to be called again once the client has
+        taken what `emit` could not write."""
+        if not self._done and self._framer.fault is None:
+            self._refused = False
+            await self._reader.pump(lambda chunk: self._take(chunk, emit))
+            if self._refused:
+                return False
+        await self._finish()
+        return True
+
+    def _take(self, chunk: bytes, emit: Callable[[bytes], bool]) -> bool:
+        events = self._feed(chunk)
+        if events and not emit(events):
+            self._refused = True
+            return False
+        return self._framer.fault is None  # after a broken event, nothing more is read
+
+    def _feed(self, chunk: bytes) -> bytes:
+        if self._opening is not None:
+            opening = self._opening + chunk
+            if not _could_be_sse(opening):
+                name = self._answer.backend_name
+                raise BadGateway(f"backend {name}: the stream is not server-sent events")
+            # find(), not `in`: see EventFramer.feed
+            self._opening = None if opening.find(b"\n") >= 0 else opening
+        return self._framer.feed(chunk)
+
+    async def _finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._framer.finish()
+        except BadStream as exc:
+            raise BadGateway(f"backend {self._answer.backend_name}: {exc}") from None
+        self._exchange.result.usage = self._framer.usage
+        await self._exchange.upstream_complete(self._answer)
+
+
 _IDLE = "idle"  # the backend's silence, in the exchange's watchdog
 
 
@@ -477,6 +528,30 @@ class _BodyReader:
 
     def _silent(self) -> None:  # the read under way fails: the connection is gone
         self._upstream.aclose(reuse=False)
+
+    async def pump(self, take: Callable[[bytes], bool]) -> bool:
+        """The body's parts to `take` as they arrive (`Upstream.pump`), within the idle
+        timeout of the last that made progress."""
+        watchdog = self._watchdog
+
+        def progress(chunk: bytes) -> bool:
+            if chunk and (not self._sse or _has_data(chunk)):
+                self._until = watchdog.now() + self._idle_s
+                watchdog.start(_IDLE, self._until, self._silent)
+            return take(chunk)
+
+        watchdog.start(_IDLE, self._until, self._silent)
+        try:
+            ended = await self._upstream.pump(progress)
+        except UpstreamError:
+            if watchdog.expired != _IDLE:
+                raise
+            ended = True
+        finally:
+            watchdog.stop(_IDLE)
+        if watchdog.expired == _IDLE:
+            raise GatewayTimeout(f"backend {self._name}: no data for {self._idle_s:g} s")
+        return ended
 
     async def read(self) -> bytes:
         """The next part; b"" at the body's end."""

@@ -205,21 +205,29 @@ class RelayResponse:
         # (resume.py), unseen by the client.
         transcript = exchange.transcript if answer.status == 200 else None
         head, continued = answer.head, False
-        # Each chunk written to the connection at once where it can be (nearly always); through
-        # ASGI's send, within the write timeout, where the client is behind.
+        # Each chunk written to the connection at once where it can be (nearly always), as it
+        # arrives from the backend; through ASGI's send, within the write timeout, where the
+        # client is behind (or under another ASGI server).
         write = self._write_chunk or _never
+        behind: list[bytes] = []
+
+        def emit(events: bytes) -> bool:
+            if continued:
+                assert transcript is not None
+                events = transcript.rewrite(events)
+            if write(events):
+                return True
+            behind.append(events)
+            return False
+
         while True:
             try:
                 if not write(head):
                     await self._send_body(send, head, more=True)
                 # The rest in whole events; once the backend is done, its slot is free.
                 assert answer.rest is not None
-                async for chunk in answer.rest:
-                    if continued:
-                        assert transcript is not None
-                        chunk = transcript.rewrite(chunk)
-                    if not write(chunk):
-                        await self._send_body(send, chunk, more=True)
+                while not await answer.rest.pump(emit):
+                    await self._send_body(send, behind.pop(), more=True)
                 break
             except UpstreamError as broken:
                 resumed = None

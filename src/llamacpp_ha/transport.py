@@ -12,7 +12,7 @@ httpx's `_transports/default.py`).
 from __future__ import annotations
 
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,6 +51,12 @@ class Upstream(Protocol):
     async def read(self) -> bytes:
         """The body's next part, whatever has arrived (up to a bound); b"" at its end. Errors
         are `UpstreamError`s."""
+        ...
+
+    async def pump(self, sink: Callable[[bytes], bool]) -> bool:
+        """The body's parts handed to `sink` as they arrive, without a wake-up of the caller
+        for each, until the end (True) or until `sink` returns False (False). Errors as
+        `read()`'s; what `sink` raises propagates."""
         ...
 
     def aclose(self, *, reuse: bool = False) -> None:
@@ -143,6 +149,12 @@ class _PooledUpstream:
     async def read(self) -> bytes:
         try:
             return await self._response.read()
+        except HttpFault as fault:
+            raise _fault(fault, self._backend, "stream") from None
+
+    async def pump(self, sink: Callable[[bytes], bool]) -> bool:
+        try:
+            return await self._response.pump(sink)
         except HttpFault as fault:
             raise _fault(fault, self._backend, "stream") from None
 
