@@ -2,8 +2,10 @@
 
 It admits the exchange and releases it in one `try/finally`, on every path (success, backend
 error, client disconnect, cancellation, shutdown), awaited. In between it sends what the
-exchange gives it: the status and headers, then the body chunk by chunk, each within the write
-timeout; it watches for the client leaving and for an abort (shutdown after its grace period).
+exchange gives it: the status and headers, then the body: a stream's events written to the
+client's connection as the backend's connection delivers them (`EventStream.pump`), and through
+ASGI's `send`, within the write timeout, whenever the client is behind; it watches for the
+client leaving and for an abort (shutdown after its grace period).
 """
 
 from __future__ import annotations
