@@ -42,9 +42,11 @@ class BackendConnectionsTest(unittest.IsolatedAsyncioTestCase):
     async def serve(self, handler: Handler) -> str:
         """A server calling `handler` for each connection; its URL. Counts connections."""
         self.connections = 0
+        writers: set[asyncio.StreamWriter] = set()
 
         async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.connections += 1
+            writers.add(writer)
             try:
                 await handler(reader, writer)
             except (asyncio.IncompleteReadError, ConnectionError):
@@ -52,9 +54,16 @@ class BackendConnectionsTest(unittest.IsolatedAsyncioTestCase):
             finally:
                 writer.close()
 
+        async def stop() -> None:
+            # From 3.12 on, wait_closed waits for every connection's handler, and a handler
+            # reading to EOF would wait for the pool's idle connection: close them here.
+            server.close()
+            for writer in writers:
+                writer.close()
+            await server.wait_closed()
+
         server = await asyncio.start_server(on_connection, "127.0.0.1", 0)
-        self.addAsyncCleanup(server.wait_closed)
-        self.addCleanup(server.close)
+        self.addAsyncCleanup(stop)
         port = server.sockets[0].getsockname()[1]
         return f"http://127.0.0.1:{port}/v1/chat/completions"
 
