@@ -5,8 +5,8 @@ here (its URL objects, header multidicts, tracing hooks and timers; then a `Stre
 front of every body part). Here a connection is an asyncio protocol that feeds what arrives
 to httptools' response parser (llhttp, the C parser uvicorn uses for our own side) and hands
 each body part to the one reader waiting for it (`read()`), or, while a reader `pump()`s, to
-its callback at once, so that a relayed stream wakes no task per chunk. Polls and model loads are not hot and keep
-aiohttp (`transport.py`).
+its callback at once, so that a relayed stream wakes no task per chunk. Polls and model
+loads are not hot and keep aiohttp (`transport.py`).
 
 What it owns: connecting (within the connect timeout, over TLS when asked); writing a request;
 reading the answer's status line, headers and body (`Content-Length`, chunked, or up to the
