@@ -113,16 +113,28 @@ class RoundRobinPolicy:
     def __call__(
         self, candidates: Sequence[BackendCandidate], request: RoutingRequest
     ) -> str | None:
-        ordered = sorted(candidates, key=lambda c: c.name)
+        if len(candidates) == 1:  # most calls, from the other policies' ties
+            only = candidates[0]
+            if only.free_slots <= 0:
+                return None
+            self._last[request.model] = only.name
+            return only.name
+        ordered = sorted(candidates, key=_name)
         last = self._last.get(request.model)
         # Start just after the last pick, wrapping around; names make this stable when
         # backends come and go, unlike an index into a list that changes.
-        after = [c for c in ordered if last is not None and c.name > last]
-        for candidate in after + [c for c in ordered if c not in after]:
+        start = 0
+        if last is not None:
+            start = next((i for i, c in enumerate(ordered) if c.name > last), len(ordered))
+        for candidate in ordered[start:] + ordered[:start]:
             if candidate.free_slots > 0:
                 self._last[request.model] = candidate.name
                 return candidate.name
         return None
+
+
+def _name(candidate: BackendCandidate) -> str:
+    return candidate.name
 
 
 class LeastBusyPolicy:
@@ -132,11 +144,11 @@ class LeastBusyPolicy:
     def __call__(
         self, candidates: Sequence[BackendCandidate], request: RoutingRequest
     ) -> str | None:
-        free = [c for c in candidates if c.free_slots > 0]
-        if not free:
+        shares = [(_busy_share(c), c) for c in candidates if c.free_slots > 0]
+        if not shares:
             return None
-        least = min(_busy_share(c) for c in free)
-        return self._rotation([c for c in free if _busy_share(c) == least], request)
+        least = min(share for share, _ in shares)
+        return self._rotation([c for share, c in shares if share == least], request)
 
 
 def _busy_share(candidate: BackendCandidate) -> float:
@@ -178,22 +190,27 @@ class CostPolicy:
         left = self._max_cache_wait_s - request.waited_s
         # Only a cache worth having is worth a wait: a few tokens of a tiny prompt (a chat
         # template's, the same short question) never are, however busy the free backend.
-        free_best = max(
-            max((c.cached_tokens for c in candidates if c.free_slots > 0), default=0),
-            _WORTH_TOKENS - 1,
-        )
+        free_best = _WORTH_TOKENS - 1
+        for c in candidates:
+            if c.free_slots > 0 and c.cached_tokens > free_best:
+                free_best = c.cached_tokens
+        # Loops, not min()/max() over generators: a decision runs this for every backend,
+        # and the builtins' calls were most of its cost.
         costs = []
         for c, start in zip(candidates, starts, strict=True):
-            cost = start if c.free_slots > 0 else math.inf
-            if c.free_slots <= 0 and c.wait_s <= left and c.cached_tokens > free_best:
+            if c.free_slots > 0 or (c.wait_s <= left and c.cached_tokens > free_best):
                 cost = start
+            else:
+                cost = math.inf
             if c.later_cached_tokens > free_best and c.later_wait_s <= left:
-                cost = min(cost, later_start_s(c))
+                later = later_start_s(c)
+                if later < cost:
+                    cost = later
             costs.append(cost)
         return costs
 
     def starts(self, candidates: Sequence[BackendCandidate]) -> list[float]:
-        return [start_s(c) for c in candidates]
+        return list(map(start_s, candidates))
 
     def __call__(
         self, candidates: Sequence[BackendCandidate], request: RoutingRequest
@@ -203,10 +220,15 @@ class CostPolicy:
         free = [(start, c) for start, c in zip(starts, candidates, strict=True) if c.free_slots > 0]
         if not free:
             return None
-        best_free = min(cost for cost, _ in free)
+        best_free, most_cached = free[0][0], free[0][1].cached_tokens
+        for start, c in free:
+            if start < best_free:
+                best_free = start
+            if c.cached_tokens > most_cached:
+                most_cached = c.cached_tokens
         if min(costs) < best_free:
             return None  # a busy slot that holds the prompt will start it sooner: wait
-        if max(c.cached_tokens for _, c in free) < _WORTH_TOKENS:
+        if most_cached < _WORTH_TOKENS:
             tied = [c for _, c in free]  # nothing worth keeping: only how busy they are counts
         else:
             tied = [c for cost, c in free if cost <= best_free * (1 + _TIE) + _TIE_S]
@@ -226,13 +248,17 @@ _TIE_S = 0.002
 def start_s(candidate: BackendCandidate) -> float:
     """Expected seconds until `candidate` sends the request's first token."""
     c = candidate
-    uncached = max(0, c.prompt_tokens - c.cached_tokens)
+    uncached = c.prompt_tokens - c.cached_tokens
     # Computing the prompt stalls every stream decoding there as long as it takes: its cost
     # is borne by the request and by each of them (LMetric's prefill tokens x batch size).
-    busy = c.total_slots - max(c.free_slots, 0)
-    if c.free_slots <= 0:
-        busy -= 1  # it starts once one of them has finished
-    return c.wait_s + uncached / max(c.prefill_tps, 1e-9) * (1 + max(busy, 0))
+    # A busy backend starts it once one of its requests has finished.
+    busy = c.total_slots - c.free_slots if c.free_slots > 0 else c.total_slots - 1
+    rate = c.prefill_tps
+    # Conditionals, not max(): four builtin calls per backend per decision were a third of
+    # the policy's cost.
+    return c.wait_s + (uncached if uncached > 0 else 0) / (1e-9 if rate < 1e-9 else rate) * (
+        1 + (busy if busy > 0 else 0)
+    )
 
 
 def later_start_s(candidate: BackendCandidate) -> float:

@@ -61,7 +61,9 @@ class RoutingView:
         self._seen: dict[str, _Seen] = {}
         for b in backends:  # one pass: a drain builds this for every backend, each time
             name, slots, shadow = b.name, b.slots, b.caches
-            shadow.track(speeds[name].tokens_per_byte)
+            per_byte = speeds[name].tokens_per_byte
+            if shadow.tokens_per_byte != per_byte:  # most drains: unchanged, nothing to do
+                shadow.track(per_byte)
             self._caches[name] = shadow
             self._ledgers[name] = slots
             self._seen[name] = _Seen(
@@ -88,37 +90,47 @@ class RoutingView:
         if held is None:
             held = self._held[prompt] = self._index.match(prompt.keys) if prompt.keys else {}
         out = []
+        # Backends that count tokens alike (the same model, or not yet measured) share the
+        # prompt's size in tokens and its shape for the cache shadow: made once per ratio.
+        per_byte_seen: float | None = None
+        tokens = 0
+        cprompt: CachedPrompt | None = None
         for b in _fitting(backends, routing):
             name = b.name
             seen = self._seen[name]
             per_byte = self._speeds[name].tokens_per_byte
+            if per_byte != per_byte_seen:
+                per_byte_seen, cprompt = per_byte, None
+                tokens = round(prompt.size * per_byte) if prompt.size else routing.prompt_tokens
             depth = held.get(name, 0)
-            tokens = round(prompt.size * per_byte) if prompt.size else routing.prompt_tokens
+            free = seen.free_slots
             cached = later = 0
             later_wait = 0.0
             if depth:
                 # What llama-server's own rules make of what it holds: its cache shadow.
                 shadow = self._caches[name]
-                cprompt = self.cached_prompt(routing, name, per_byte, tokens)
-                prediction = shadow.predict(cprompt) if seen.free_slots > 0 else None
+                if cprompt is None:
+                    cprompt = self.cached_prompt(routing, name, per_byte, tokens)
+                prediction = shadow.predict(cprompt) if free > 0 else None
                 cached = prediction.reused if prediction else shadow.best_held(cprompt)
-                if seen.free_slots > 0:
+                if free > 0:
                     later, later_wait = self._held_busy(name, cprompt)
+            # Positional: a named tuple built from keywords costs a third more.
             out.append(
                 BackendCandidate(
                     name,
-                    seen.free_slots,
+                    free,
                     seen.total_slots,
                     seen.in_flight,
                     seen.in_flight_tokens,
                     seen.n_ctx,
-                    prefix_match=depth,
-                    cached_tokens=cached,
-                    prompt_tokens=tokens,
-                    prefill_tps=seen.prefill_tps,
-                    wait_s=0.0 if seen.free_slots > 0 else self._wait_s(name),
-                    later_cached_tokens=later,
-                    later_wait_s=later_wait,
+                    depth,  # prefix_match
+                    cached,  # cached_tokens
+                    tokens,  # prompt_tokens
+                    seen.prefill_tps,
+                    0.0 if free > 0 else self._wait_s(name),  # wait_s
+                    later,  # later_cached_tokens
+                    later_wait,  # later_wait_s
                 )
             )
         return out
@@ -144,12 +156,15 @@ class RoutingView:
     def _held_busy(self, backend: str, prompt: CachedPrompt) -> tuple[int, float]:
         """The most of `prompt` a busy slot of `backend` is computing or holds, and when that
         slot should free (its request's remaining time)."""
+        holders = self._caches[backend].busy_holders(prompt)
+        if not holders:
+            return 0, 0.0
         ledger = self._ledgers[backend]
         cap = max(prompt.length - 1, 0)
         # Busy slots grouped by what they hold (not every claim, not every slot: thousands may
         # be in flight); only those our claims landed on; the lowest slot id wins a tie.
         best, best_claim, best_id = 0, None, -1
-        for shared, group in self._caches[backend].busy_holders(prompt):
+        for shared, group in holders:
             shared = min(shared, cap)
             if shared < best:
                 break

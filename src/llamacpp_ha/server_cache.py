@@ -182,13 +182,15 @@ class ServerCaches:
     def busy_holders(self, prompt: CachedPrompt) -> list[tuple[int, list[_Slot]]]:
         """The busy slots that share some of `prompt`, grouped by what they hold: (tokens
         shared, the group's slots in id order), most shared first."""
-        found = []
         alike = self._busy_groups.get(prompt.keys[0]) if prompt.keys else None
-        for group in alike.values() if alike else ():
+        if not alike:
+            return []  # most prompts: no busy slot starts as they do
+        found = []
+        for group in alike.values():
             shared = group[0].prompt.shared(prompt)
             if shared:
                 found.append((shared, group))
-        found.sort(key=lambda item: -item[0])
+        found.sort(key=_first_item, reverse=True)
         return found
 
     def track(self, tokens_per_byte: float) -> None:
@@ -431,3 +433,7 @@ def _first(prompt: CachedPrompt) -> str | None:
 
 def _slot_id(slot: _Slot) -> int:
     return slot.id
+
+
+def _first_item(item: tuple[int, list[_Slot]]) -> int:
+    return item[0]
