@@ -3,6 +3,9 @@ from __future__ import annotations
 import unittest
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from llamacpp_ha.prefix_index import BLOCK_BYTES, MIN_CAPACITY_TOKENS, CacheIndex, prompt_keys
 
 
@@ -223,3 +226,53 @@ class CacheIndexTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def walk_every_key(index: CacheIndex, keys: tuple[str, ...]) -> dict[str, int]:
+    """What `match` must say, found the slow way: each backend's deepest key that it holds."""
+    held: dict[str, int] = {}
+    for depth in range(len(keys), 0, -1):
+        for backend in index._holders.get(keys[depth - 1], ()):
+            held.setdefault(backend, depth)
+    return held
+
+
+# Conversations as paths in a small tree of texts: prompts that share their first turns share
+# their first keys, as a fleet's traffic does (system prompts, a conversation's turns).
+_TEXTS = st.sampled_from(["sys", "other", "hi", "a" * 600, "b", "c" * 300, "d"])
+_PROMPTS = st.lists(_TEXTS, min_size=1, max_size=6)
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["record", "record", "record", "correct", "forget"]),
+        st.sampled_from(["gpu-a", "gpu-b", "gpu-c", "gpu-d"]),
+        _PROMPTS,
+        st.integers(min_value=50, max_value=3000),
+    ),
+    max_size=40,
+)
+
+
+class MatchByDepthsTest(unittest.TestCase):
+    """`match` looks only at the depths where the holders change (a binary search): it must
+    say what a walk over every key says, whatever was recorded, evicted, corrected or forgotten."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(ops=_OPS, probes=st.lists(_PROMPTS, min_size=1, max_size=5))
+    def test_it_agrees_with_a_walk_over_every_key(
+        self, ops: list[tuple[str, str, list[str], int]], probes: list[list[str]]
+    ) -> None:
+        index = CacheIndex(ttl_s=600, max_entries=60)
+        for backend in ("gpu-a", "gpu-b", "gpu-c", "gpu-d"):
+            index.set_capacity(backend, MIN_CAPACITY_TOKENS)  # small: evictions happen
+        for op, backend, texts, tokens in ops:
+            keys = keys_of(*texts)
+            if op == "record":
+                index.record(backend, keys, tokens)
+            elif op == "correct":
+                held = index.match(keys).get(backend, 0)
+                index.correct(backend, keys, held, held // 2)
+            else:
+                index.forget_backend(backend)
+            for probe in [texts, *probes]:
+                probe_keys = keys_of(*probe)
+                self.assertEqual(index.match(probe_keys), walk_every_key(index, probe_keys))

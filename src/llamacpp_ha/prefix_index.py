@@ -197,14 +197,35 @@ class CacheIndex:
         return (0, 0) if cache is None else (cache.used, cache.estimate)
 
     def match(self, keys: Sequence[str]) -> dict[str, int]:
+        # Keys are cumulative, and a backend holds every key of each prompt it holds: who holds
+        # a key also holds those before it, so the holders only grow toward the first key.
+        # Each depth where they grow is found by a binary search, not by a step per key: a
+        # long prompt has hundreds of keys, and a fleet only a few such depths.
         held: dict[str, int] = {}
-        for depth in range(len(keys), 0, -1):
-            holders = self._holders.get(keys[depth - 1])
-            if holders:
-                for backend in holders:
-                    held.setdefault(backend, depth)
-                if len(held) == len(self._backends):
+        holders_of = self._holders.get
+        backends = len(self._backends)
+        top = len(keys)  # depths 1..top are still to look at
+        while top and len(held) < backends:
+            known = len(held)
+            holders = holders_of(keys[top - 1])
+            if holders is None or len(holders) <= known:
+                # The deepest depth in 1..top whose holders are more than those found.
+                lo, hi = 0, top - 1
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    found = holders_of(keys[mid - 1])
+                    if found is not None and len(found) > known:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                if not lo:
                     break
+                top = lo
+                holders = holders_of(keys[top - 1])
+                assert holders is not None
+            for backend in holders:
+                held.setdefault(backend, top)
+            top -= 1
         return held
 
     def record(self, backend: str, keys: Sequence[str], tokens: int) -> None:

@@ -47,16 +47,23 @@ class CachedPrompt:
 
     def shared(self, other: CachedPrompt) -> int:
         """Tokens of the longest common prefix (keys are cumulative: equal at n, equal below)."""
-        if not self.keys or not other.keys or self.keys[0] != other.keys[0]:
+        mine, theirs = self.keys, other.keys
+        if not mine or not theirs or mine[0] != theirs[0]:
             return 0  # most prompts compared share nothing: said at once
-        lo, hi = 1, min(len(self.keys), len(other.keys))
-        while lo < hi:  # the largest depth whose keys are equal
-            mid = (lo + hi + 1) // 2
-            if self.keys[mid - 1] == other.keys[mid - 1]:
-                lo = mid
-            else:
-                hi = mid - 1
-        return min(self.tokens_at[lo - 1], other.tokens_at[lo - 1]) if lo else 0
+        depth = len(mine) if len(mine) < len(theirs) else len(theirs)
+        # One holding all of the other (a conversation's next turn) is said at once too.
+        if mine[depth - 1] != theirs[depth - 1]:
+            lo, hi = 1, depth - 1
+            while lo < hi:  # the largest depth whose keys are equal
+                mid = (lo + hi + 1) // 2
+                if mine[mid - 1] == theirs[mid - 1]:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            depth = lo
+        # Conditionals, not min(): this runs several times per backend per decision.
+        at, other_at = self.tokens_at[depth - 1], other.tokens_at[depth - 1]
+        return at if at < other_at else other_at
 
 
 @dataclass(eq=False)
@@ -211,7 +218,7 @@ class ServerCaches:
     def predict(self, prompt: CachedPrompt, id_slot: int | None = None) -> Prediction | None:
         """Where `prompt` would go and what it would reuse; None when no slot is idle."""
         chosen = self._choose(prompt, id_slot)
-        return None if chosen is None else self._predict(prompt, *chosen)
+        return None if chosen is None else self._predict(prompt, chosen[0], chosen[1])
 
     def _predict(self, prompt: CachedPrompt, slot: _Slot, consult: bool) -> Prediction:
         reused = slot.prompt.shared(prompt)
@@ -219,11 +226,12 @@ class ServerCaches:
         restores = None
         if consult:
             alike = self._starting_alike(self._saving(slot.prompt), prompt)
-            restores = self._best_saved(slot, prompt, reused, alike)
-        if restores is not None:
-            reused = restores.shared(prompt)
+            best = self._best_saved(slot, prompt, reused, alike)
+            if best is not None:
+                restores, reused = best
         # llama-server evaluates at least the prompt's last token.
-        return Prediction(slot.id, min(reused, max(prompt.length - 1, 0)), restores)
+        last = prompt.length - 1
+        return Prediction(slot.id, reused if reused < last else (last if last > 0 else 0), restores)
 
     def launch(self, prompt: CachedPrompt, id_slot: int | None = None) -> Prediction | None:
         """The task is sent: apply what `predict()` says to the shadow."""
@@ -303,21 +311,25 @@ class ServerCaches:
 
     def _choose(self, prompt: CachedPrompt, id_slot: int | None) -> tuple[_Slot, bool] | None:
         """`get_available_slot()`: the slot, and whether the host cache is consulted."""
-        named = self.slots[id_slot] if id_slot is not None and id_slot < len(self.slots) else None
-        if named is not None and named.busy:
-            return None
+        named = None
+        if id_slot is not None:
+            named = self.slots[id_slot] if id_slot < len(self.slots) else None
+            if named is not None and named.busy:
+                return None
         best: _Slot | None = named
         best_sim = 0.0
         if prompt.length:
             # The most similar idle slot, the lowest id among equals (llama-server's loop goes
             # through the slots in order and keeps a strictly better one).
-            first = _first(prompt)
+            first = prompt.keys[0] if prompt.keys else None
             groups: Iterable[list[_Slot]] = ()
             if named is not None:
                 if _content(named.prompt) is not None and named.prompt.keys[0] == first:
                     groups = ([named],)
-            elif first is not None and first in self._groups:
-                groups = self._groups[first].values()  # the others share nothing
+            elif first is not None:
+                alike = self._groups.get(first)
+                if alike:
+                    groups = alike.values()  # the others share nothing
             for group in groups:
                 f_sim = group[0].prompt.shared(prompt) / prompt.length
                 if f_sim <= SIMILARITY:
@@ -358,30 +370,32 @@ class ServerCaches:
 
     def _best_saved(
         self, slot: _Slot, prompt: CachedPrompt, own: int, alike: Sequence[CachedPrompt]
-    ) -> CachedPrompt | None:
+    ) -> tuple[CachedPrompt, int] | None:
         """`server_prompt_cache::load()`: the saved state that beats the slot's own (`own`
-        tokens shared with `prompt`), among those that start alike (the host cache's order)."""
-        keep_best = own / slot.prompt.length if slot.prompt.length else -1.0
-        sim_best = own / prompt.length if prompt.length else 0.0
+        tokens shared with `prompt`), among those that start alike (the host cache's order),
+        and the tokens it shares."""
+        held, length = slot.prompt.length, prompt.length
+        keep_best = own / held if held else -1.0
+        sim_best = own / length if length else 0.0
         found = None
         for state in alike:
             if not state.length:
                 continue  # nothing to restore (a tiny prompt rescaled to no tokens)
             shared = state.shared(prompt)
             keep = shared / state.length
-            sim = shared / prompt.length if prompt.length else 0.0
             if keep < F_KEEP_RESTORE_MIN:
                 continue
+            sim = shared / length if length else 0.0
             if keep_best < keep and sim_best < sim:
-                keep_best, sim_best, found = keep, sim, state
+                keep_best, sim_best, found = keep, sim, (state, shared)
         return found
 
     def _saving(self, prompt: CachedPrompt) -> list[CachedPrompt]:
         """The saved states once `prompt` is saved (`server_prompt_cache::alloc()`): not again
         if a saved state contains it; the saved states it contains dropped; the oldest go
         first to make room."""
-        saved = self.saved
-        if not prompt.length or prompt.length > self.host_tokens:
+        saved = self._saved
+        if not prompt.length or prompt.length > self._host_tokens:
             return saved
         known = self._after_saving.get(id(prompt))
         if known is not None and known[0] is prompt:
@@ -393,7 +407,7 @@ class ServerCaches:
         return after
 
     def _saved_with(self, prompt: CachedPrompt) -> list[CachedPrompt]:
-        saved = self.saved
+        saved = self._saved
         first = _first(prompt)
         if first is None:  # no keys to compare by
             if any(_contains(s, prompt) for s in saved):
