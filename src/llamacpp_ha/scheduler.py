@@ -691,6 +691,12 @@ _FLEET_FIGURES = ("prefill_tps", "decode_tps", "tokens_per_byte", "completion_to
 def _like_the_fleet(backends: Sequence[BackendState]) -> dict[str, Speeds]:
     """Each backend's speeds, with the fleet's mean of a figure where it has not measured that
     one yet."""
+    if backends:
+        # Most drains: every backend has measured the same figures (all of them, once the
+        # fleet has served a little; none, at first), so no figure is borrowed.
+        first = backends[0].speeds.measured
+        if all(b.speeds.measured == first for b in backends):
+            return {b.name: b.speeds for b in backends}
     means = {}
     for name in _FLEET_FIGURES:
         measured = [getattr(b.speeds, name) for b in backends if name in b.speeds.measured]
