@@ -7,10 +7,11 @@ tokens, and the last test replays a random sequence through both and compares wh
 
 from __future__ import annotations
 
+import copy
 import random
 import unittest
 
-from llamacpp_ha.server_cache import CachedPrompt, ServerCaches
+from llamacpp_ha.server_cache import CachedPrompt, Prediction, ServerCaches
 from llamacpp_sim.prompt_cache import HostCache, PromptCaches, StateSize
 
 BLOCK = 10  # tokens per key in these prompts
@@ -46,6 +47,37 @@ class ServerCachesTest(unittest.TestCase):
         slot, _ = self.run_task(prompt("s", "a"))
         self.run_task(prompt("t", "b"))
         self.assertEqual(self.run_task(prompt("s", "a", "x")), (slot, 20))
+
+    def test_a_prediction_asked_again_follows_every_change(self) -> None:
+        # A prediction is kept while the shadow is unchanged (a request asks it when weighed,
+        # placed and launched): after each change below, with no other prompt asked in
+        # between, the same prompt's next ask must say what a shadow that kept nothing says.
+        follow_up = prompt("s", "a", "x")
+
+        def asked_again() -> Prediction | None:
+            again = self.caches.predict(follow_up)
+            fresh = copy.deepcopy(self.caches)
+            fresh._planned = None
+            self.assertEqual(again, fresh.predict(follow_up))
+            return again
+
+        first = self.caches.launch(prompt("s", "a"))
+        assert first is not None
+        self.assertEqual(asked_again(), (1 - first.slot, 0, None))  # its slot is busy
+        self.caches.release(first.slot, 1.0)
+        self.assertEqual(asked_again(), (first.slot, 20, None))
+        self.caches.track(1.0)
+        self.caches.track(2.0)  # the backend counts twice the tokens per byte: rescaled
+        asked_again()
+        self.run_task(prompt("t", "b"))
+        self.run_task(prompt("u", "c"))  # the conversation's slot is given to another
+        restored = asked_again()
+        assert restored is not None
+        self.assertIsNotNone(restored.restores)  # from the host cache
+        self.caches.saved = []  # the host cache let it go
+        self.assertEqual(asked_again(), (restored.slot, 0, None))
+        self.caches.host_tokens = 10
+        asked_again()
 
     def test_the_last_token_is_always_computed(self) -> None:
         self.run_task(prompt("s", "a"))

@@ -130,6 +130,9 @@ class ServerCaches:
         # Tokens are counted from the text at the backend's measured tokens per byte; what is
         # held was counted at the ratio of its day.
         self.tokens_per_byte: float | None = None
+        # The last prediction, while nothing it depends on has changed: a request's is asked
+        # when it is weighed, again when it is placed, and once more when it is launched.
+        self._planned: tuple[CachedPrompt, int | None, _Slot, bool, Prediction] | None = None
 
     @property
     def saved(self) -> list[CachedPrompt]:
@@ -138,6 +141,7 @@ class ServerCaches:
 
     @saved.setter
     def saved(self, states: list[CachedPrompt]) -> None:
+        self._planned = None
         if states is not self._saved:
             self._after_saving.clear()
             self._alike.clear()
@@ -152,6 +156,7 @@ class ServerCaches:
 
     @host_tokens.setter
     def host_tokens(self, tokens: int) -> None:
+        self._planned = None
         if tokens != self._host_tokens:
             self._after_saving.clear()
             self._alike.clear()
@@ -165,6 +170,7 @@ class ServerCaches:
 
     def _set(self, slot: _Slot, prompt: CachedPrompt, busy: bool) -> None:
         """Every change of a slot's prompt or state goes here, to keep the groups true."""
+        self._planned = None
         held = _content(slot.prompt)
         if held is not None:
             by_first = self._busy_groups if slot.busy else self._groups
@@ -217,8 +223,23 @@ class ServerCaches:
 
     def predict(self, prompt: CachedPrompt, id_slot: int | None = None) -> Prediction | None:
         """Where `prompt` would go and what it would reuse; None when no slot is idle."""
+        planned = self._plan(prompt, id_slot)
+        return None if planned is None else planned[4]
+
+    def _plan(
+        self, prompt: CachedPrompt, id_slot: int | None
+    ) -> tuple[CachedPrompt, int | None, _Slot, bool, Prediction] | None:
+        """The slot `prompt` would get, whether the host cache is consulted, and what it would
+        reuse: made once while the shadow is unchanged."""
+        planned = self._planned
+        if planned is not None and planned[0] is prompt and planned[1] == id_slot:
+            return planned
         chosen = self._choose(prompt, id_slot)
-        return None if chosen is None else self._predict(prompt, chosen[0], chosen[1])
+        if chosen is None:
+            return None
+        slot, consult = chosen
+        planned = self._planned = (prompt, id_slot, slot, consult, self._predict(prompt, *chosen))
+        return planned
 
     def _predict(self, prompt: CachedPrompt, slot: _Slot, consult: bool) -> Prediction:
         reused = slot.prompt.shared(prompt)
@@ -235,11 +256,10 @@ class ServerCaches:
 
     def launch(self, prompt: CachedPrompt, id_slot: int | None = None) -> Prediction | None:
         """The task is sent: apply what `predict()` says to the shadow."""
-        chosen = self._choose(prompt, id_slot)
-        if chosen is None:
+        planned = self._plan(prompt, id_slot)
+        if planned is None:
             return None
-        slot, consult = chosen
-        prediction = self._predict(prompt, slot, consult)
+        _, _, slot, consult, prediction = planned
         if consult:
             saved = self._saving(slot.prompt)
             if prediction.restores is not None and prediction.restores in saved:
@@ -262,6 +282,7 @@ class ServerCaches:
         return prediction
 
     def release(self, slot_id: int, now: float) -> None:
+        self._planned = None
         if 0 <= slot_id < len(self.slots):
             slot = self.slots[slot_id]
             if slot.busy:
