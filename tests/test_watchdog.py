@@ -30,6 +30,20 @@ class WatchdogTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(len(calls), 1)
         self.assertGreaterEqual(calls[0], later)
 
+    async def test_a_deadline_its_owner_moved_later_fires_at_the_later_time(self) -> None:
+        watchdog = Watchdog()
+        calls: list[float] = []
+        deadline = watchdog.start(
+            "idle", watchdog.now() + 0.01, lambda: calls.append(watchdog.now())
+        )
+        later = deadline.when = watchdog.now() + 0.2  # what the idle deadline does every chunk
+        done = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_at(later + 0.05, done.set_result, None)
+        await done
+        self.assertEqual(len(calls), 1)
+        self.assertGreaterEqual(calls[0], later)
+        self.assertEqual(watchdog.expired, "idle")
+
     async def test_a_stopped_deadline_never_fires_and_the_other_still_does(self) -> None:
         watchdog = Watchdog()
         fired: list[str] = []

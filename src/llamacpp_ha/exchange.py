@@ -434,7 +434,17 @@ class EventStream:
     (`pump()`, the rest). It ends only if the stream ended as it promised, and then the
     upstream is complete (before the last events are relayed)."""
 
-    __slots__ = ("_answer", "_done", "_exchange", "_framer", "_opening", "_reader", "_refused")
+    __slots__ = (
+        "_answer",
+        "_done",
+        "_emit",
+        "_exchange",
+        "_framer",
+        "_opening",
+        "_reader",
+        "_refused",
+        "_rewrite",
+    )
 
     def __init__(
         self, exchange: Exchange, answer: Answer, framer: EventFramer, reader: _BodyReader
@@ -446,7 +456,10 @@ class EventStream:
         # The body's first bytes, until they are known to be SSE (a 200 only).
         self._opening: bytes | None = b"" if answer.status == 200 else None
         self._done = False
-        self._refused = False
+        # While pump() runs: where the events go, what changes them first, and what was refused.
+        self._emit: Callable[[bytes], bool] | None = None
+        self._rewrite: Callable[[bytes], bytes] | None = None
+        self._refused: bytes | None = None
 
     async def next(self) -> bytes:
         """The next whole events; b"" once the stream is over."""
@@ -462,25 +475,37 @@ class EventStream:
                 return events
         return b""
 
-    async def pump(self, emit: Callable[[bytes], bool]) -> bool:
+    async def pump(
+        self,
+        emit: Callable[[bytes], bool],
+        rewrite: Callable[[bytes], bytes] | None = None,
+    ) -> bytes | None:
         """The rest, handed to `emit` whole events at a time as they arrive, from the backend
-        connection's own callback (no wake-up of the relay's task for each): True at the
-        stream's end; False if `emit` returned False, to be called again once the client has
-        taken what `emit` could not write."""
+        connection's own callback (no wake-up of the relay's task for each), each first passed
+        through `rewrite` when given (a continuation's). None at the stream's end; if `emit`
+        returned False, the events it did not take, to be sent before this is called again."""
         if not self._done and self._framer.fault is None:
-            self._refused = False
-            await self._reader.pump(lambda chunk: self._take(chunk, emit))
-            if self._refused:
-                return False
+            self._refused = None
+            self._emit, self._rewrite = emit, rewrite
+            try:
+                await self._reader.pump(self._take)
+            finally:
+                self._emit = self._rewrite = None
+            if self._refused is not None:
+                return self._refused
         await self._finish()
-        return True
+        return None
 
-    def _take(self, chunk: bytes, emit: Callable[[bytes], bool]) -> bool:
-        events = self._feed(chunk)
-        if events and not emit(events):
-            self._refused = True
+    def _take(self, chunk: bytes) -> bool:
+        # Called for every chunk of every stream: the framer at once once the opening is known.
+        framer = self._framer
+        events = framer.feed(chunk) if self._opening is None else self._feed(chunk)
+        if events and self._rewrite is not None:
+            events = self._rewrite(events)
+        if events and not self._emit(events):  # type: ignore[misc]
+            self._refused = events
             return False
-        return self._framer.fault is None  # after a broken event, nothing more is read
+        return framer.fault is None  # after a broken event, nothing more is read
 
     def _feed(self, chunk: bytes) -> bytes:
         if self._opening is not None:
@@ -532,15 +557,15 @@ class _BodyReader:
     async def pump(self, take: Callable[[bytes], bool]) -> bool:
         """The body's parts to `take` as they arrive (`Upstream.pump`), within the idle
         timeout of the last that made progress."""
-        watchdog = self._watchdog
+        watchdog, clock, idle_s, sse = self._watchdog, self._watchdog.clock, self._idle_s, self._sse
+        deadline = watchdog.start(_IDLE, self._until, self._silent)
 
         def progress(chunk: bytes) -> bool:
-            if chunk and (not self._sse or _has_data(chunk)):
-                self._until = watchdog.now() + self._idle_s
-                watchdog.start(_IDLE, self._until, self._silent)
+            # The first byte decides nearly always: a field's name, or the rest of one.
+            if chunk and (not sse or chunk[0] not in _NOT_A_FIELD or _has_data(chunk)):
+                deadline.when = clock() + idle_s  # later: the watchdog re-arms when it fires
             return take(chunk)
 
-        watchdog.start(_IDLE, self._until, self._silent)
         try:
             ended = await self._upstream.pump(progress)
         except UpstreamError:
@@ -548,6 +573,7 @@ class _BodyReader:
                 raise
             ended = True
         finally:
+            self._until = deadline.when
             watchdog.stop(_IDLE)
         if watchdog.expired == _IDLE:
             raise GatewayTimeout(f"backend {self._name}: no data for {self._idle_s:g} s")
@@ -585,8 +611,12 @@ def _excluding(routing: RoutingRequest, tried: frozenset[str]) -> RoutingRequest
     return replace(routing, exclude=routing.exclude | tried) if tried else routing
 
 
+# The first bytes of a part that may hold no field: a comment, or a line's end.
+_NOT_A_FIELD = frozenset(b":\n\r")
+
+
 def _has_data(chunk: bytes) -> bool:
-    if chunk[:1] not in (b":", b"\n", b"\r"):
+    if chunk[0] not in _NOT_A_FIELD:
         return True  # its first line is a field, or the rest of one: the usual case, at once
     return any(line and not line.startswith(b":") for line in chunk.splitlines())
 

@@ -206,30 +206,19 @@ class RelayResponse:
         # a backend dying mid-stream can be replaced by another that continues from there
         # (resume.py), unseen by the client.
         transcript = exchange.transcript if answer.status == 200 else None
-        head, continued = answer.head, False
+        head, rewrite = answer.head, None
         # Each chunk written to the connection at once where it can be (nearly always), as it
         # arrives from the backend; through ASGI's send, within the write timeout, where the
         # client is behind (or under another ASGI server).
         write = self._write_chunk or _never
-        behind: list[bytes] = []
-
-        def emit(events: bytes) -> bool:
-            if continued:
-                assert transcript is not None
-                events = transcript.rewrite(events)
-            if write(events):
-                return True
-            behind.append(events)
-            return False
-
         while True:
             try:
                 if not write(head):
                     await self._send_body(send, head, more=True)
                 # The rest in whole events; once the backend is done, its slot is free.
                 assert answer.rest is not None
-                while not await answer.rest.pump(emit):
-                    await self._send_body(send, behind.pop(), more=True)
+                while (behind := await answer.rest.pump(write, rewrite)) is not None:
+                    await self._send_body(send, behind, more=True)
                 break
             except UpstreamError as broken:
                 resumed = None
@@ -237,8 +226,9 @@ class RelayResponse:
                     resumed = await exchange.resume(transcript, broken)
                 if resumed is None:
                     raise
-                answer, continued = resumed, True
-                head = transcript.rewrite(resumed.head) if transcript is not None else b""
+                assert transcript is not None
+                answer, rewrite = resumed, transcript.rewrite
+                head = transcript.rewrite(resumed.head)
         await self._send_body(send, b"", more=False)
 
     async def _send_start(
