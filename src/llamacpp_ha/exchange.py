@@ -288,7 +288,7 @@ class Exchange:
             self._watchdog = Watchdog()
         return self._watchdog
 
-    def _observer(self) -> Callable[[dict[str, Any] | None], None] | None:
+    def _observer(self) -> Transcript | None:
         """What reads a good stream's events for a resume: the first answer's only, and only
         when it could be continued at all."""
         if self.transcript is not None and self.transcript.resumed:
@@ -297,7 +297,7 @@ class Exchange:
         self.transcript = Transcript(self.request.path, self.request.payload)
         if self.transcript.blocker is not None or self.limits.max_resumes < 1:
             return None
-        return self.transcript.read
+        return self.transcript
 
     async def resume(self, transcript: Transcript, error: UpstreamError) -> Answer | None:
         """The stream broke after `transcript`: its continuation from another backend, or None

@@ -39,7 +39,6 @@ class Transcript:
         self.blocker: str | None = _refuses(path, payload)
         self.finished = False
         self.resumed = 0
-        self._chat = path == CHAT
 
     def read(self, event: dict[str, Any] | None) -> None:
         """One good event of the stream, as it goes to the client (None: `[DONE]`)."""
@@ -48,22 +47,14 @@ class Transcript:
             return
         if self.blocker is not None:  # once it cannot be continued, the rest does not matter
             return
-        if self._chat and self.ident:
-            # A token of a chat stream, the most frequent event by far: its one choice's
-            # delta holds its text and nothing else, so nothing else needs a look.
-            choices = event.get("choices")
-            if type(choices) is list and len(choices) == 1:
-                choice = choices[0]
-                if type(choice) is dict and choice.get("finish_reason") is None:
-                    delta = choice.get("delta")
-                    if type(delta) is dict and len(delta) == 1:
-                        piece = delta.get("content")
-                        if type(piece) is str:
-                            if piece:
-                                self.text.append(piece)
-                                self.tokens += 1
-                            return
         self._read(event)
+
+    def read_text(self, text: str) -> None:
+        """A chat token's text (`sse.EventReader`): an event of one not finished choice whose
+        delta is this text alone."""
+        if self.blocker is None and text:
+            self.text.append(text)
+            self.tokens += 1
 
     def feed(self, events: bytes) -> None:
         """Whole events that have been sent to the client."""

@@ -13,9 +13,8 @@ that stops short of it was truncated, however cleanly its connection closed.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -47,22 +46,98 @@ class BadStream(Exception):
     """The stream broke its protocol; the message says how, without quoting it."""
 
 
-class EventFramer:
-    """`observe`, when given, is called with every good event's JSON as it is framed (None
-    for `[DONE]`): one parse of each event serves both."""
+class EventReader(Protocol):
+    """What reads a stream's good events as they are framed (`resume.Transcript`)."""
 
-    def __init__(
-        self,
-        end: StreamEnd | None,
-        observe: Callable[[dict[str, Any] | None], None] | None = None,
-    ) -> None:
+    def read(self, event: dict[str, Any] | None) -> None:
+        """A good event's JSON (None for `[DONE]`): the one parse serves both."""
+
+    def read_text(self, text: str) -> None:
+        """A chat token's text, from an event known by its bytes to be of the shape that every
+        token of the stream so far had (`_TokenShape`): its text is all that differs."""
+
+
+class _TokenShape:
+    """A chat stream's token event as its backend writes them: `head`, then the token's text as
+    a JSON string, then `tail`. llama-server writes each token of a stream with the same bytes
+    around the text (the same id, created, model), so an event whose data is `head`, one JSON
+    string and `tail` is valid JSON of the same shape, a token and nothing more: parsing the
+    string alone checks it whole, at a fraction of the cost of parsing the event."""
+
+    __slots__ = ("head", "shortest", "tail", "tail_at")
+
+    def __init__(self, head: bytes, tail: bytes) -> None:
+        self.head = head
+        self.tail = tail
+        self.tail_at = -len(tail)
+        self.shortest = len(head) + len(tail) + 2  # the text "", its two quotes
+
+    @classmethod
+    def of(cls, data: bytes, event: dict[str, Any]) -> _TokenShape | None:
+        """The shape of `event` (parsed from `data`) if it is a token: one choice, not
+        finished, whose delta is its text only; None for any other event."""
+        if "usage" in event or "timings" in event:
+            return None
+        choices = event.get("choices")
+        if type(choices) is not list or len(choices) != 1:
+            return None
+        choice = choices[0]
+        if type(choice) is not dict or choice.get("finish_reason") is not None:
+            return None
+        delta = choice.get("delta")
+        if type(delta) is not dict or len(delta) != 1:
+            return None
+        text = delta.get("content")
+        if type(text) is not str:
+            return None
+        # Where the text is written: after the only `"delta":{"content":` (none can be in a
+        # string, where quotes are escaped), exactly as orjson would write it; a backend that
+        # writes it otherwise (spaces, other escapes) just has every event parsed.
+        at = data.find(_TOKEN_KEY)
+        if at < 0 or data.rfind(_TOKEN_KEY) != at:
+            return None
+        start = at + len(_TOKEN_KEY)
+        written = orjson.dumps(text)
+        if data[start : start + len(written)] != written:
+            return None
+        return cls(data[:start], data[start + len(written) :])
+
+    def text(self, data: bytes) -> str | None:
+        """The token's text if `data` is an event of this shape; None otherwise (it may still
+        be good JSON, of another shape)."""
+        if len(data) < self.shortest or not data.startswith(self.head):
+            return None
+        if not data.endswith(self.tail):
+            return None
+        try:
+            text = orjson.loads(data[len(self.head) : self.tail_at])
+        except orjson.JSONDecodeError:
+            return None
+        return text if type(text) is str else None
+
+
+_TOKEN_KEY = b'"delta":{"content":'
+# Events parsed whole that a stream looks at for a token's shape without a token of that shape
+# coming, before it stops looking: a backend whose tokens differ in more than their text (a
+# counter, timings), or that writes them otherwise, would pay for the look at each one. One
+# that matches is looked at again (llama-server's `created` moves on every second).
+_SHAPE_TRIES = 8
+
+
+class EventFramer:
+    """`reader`, when given, reads every good event as it is framed (`EventReader`)."""
+
+    def __init__(self, end: StreamEnd | None, reader: EventReader | None = None) -> None:
         self._end = end
         # Compared for every event: booleans, as a member lookup on an Enum class costs
         # several times more before Python 3.12.
         self._ends_done = end is StreamEnd.DONE
         self._ends_stop = end is StreamEnd.STOP
         self._ends_message_stop = end is StreamEnd.MESSAGE_STOP
-        self._observe = observe
+        self._reader = reader
+        # A chat token's shape, learned from the last one parsed whole (OpenAI-style only).
+        self._token: _TokenShape | None = None
+        self._shape_tries = _SHAPE_TRIES if self._ends_done else 0
         self._pending = b""
         self.ended = end is None  # a protocol without a promised end ends whenever it stops
         self._usage_event: dict[str, Any] | None = None
@@ -155,17 +230,28 @@ class EventFramer:
         if payload == b"[DONE]":
             if self._ends_done:
                 self.ended = True
-            if self._observe is not None:
-                self._observe(None)
+            if self._reader is not None:
+                self._reader.read(None)
             return
+        token = self._token
+        if token is not None:
+            text = token.text(payload)
+            if text is not None:
+                self._shape_tries = _SHAPE_TRIES  # it pays: look again when it stops matching
+                if self._reader is not None:
+                    self._reader.read_text(text)
+                return
         try:
             parsed = orjson.loads(payload)
         except orjson.JSONDecodeError:
             raise BadStream("an event's data is not JSON") from None
         if not isinstance(parsed, dict):
             return
-        if self._observe is not None:
-            self._observe(parsed)
+        if self._reader is not None:
+            self._reader.read(parsed)
+        if self._shape_tries:
+            self._shape_tries -= 1
+            self._token = _TokenShape.of(payload, parsed) or self._token
         if "usage" in parsed or "timings" in parsed:
             self._usage_event = parsed
         if self._ends_stop:

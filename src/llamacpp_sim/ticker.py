@@ -13,12 +13,12 @@ and nothing of the simulator's engine runs: no tokenizer, no slots, no queue, no
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
 from aiohttp import web
 
+from llamacpp_sim import shapes
 from llamacpp_sim.config import SimConfig
 
 _HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -43,20 +43,22 @@ def _interval_s(body: dict[str, Any]) -> float:
 
 
 def _event(model: str, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+    # llama-server's bytes: its fields in its order, compact JSON (shapes.dumps).
     event = {
-        "id": "chatcmpl-ticker",
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
         "choices": choices,
+        "created": int(time.time()),
+        "id": "chatcmpl-ticker",
+        "model": model,
+        "system_fingerprint": shapes.BUILD_INFO,
+        "object": "chat.completion.chunk",
         **extra,
     }
-    return b"data: " + json.dumps(event).encode() + b"\n\n"
+    return b"data: " + shapes.dumps(event).encode() + b"\n\n"
 
 
 def _chunk(model: str, content: str | None, finish: str | None = None) -> bytes:
     delta: dict[str, Any] = {} if content is None else {"content": content}
-    return _event(model, [{"index": 0, "delta": delta, "finish_reason": finish}])
+    return _event(model, [{"finish_reason": finish, "index": 0, "delta": delta}])
 
 
 class TickerBackend:
@@ -162,7 +164,7 @@ class TickerBackend:
         resp = web.StreamResponse(headers=_HEADERS)
         await resp.prepare(request)
         role = {"role": "assistant"}
-        await resp.write(_event(model, [{"index": 0, "delta": role, "finish_reason": None}]))
+        await resp.write(_event(model, [{"finish_reason": None, "index": 0, "delta": role}]))
         for i in range(n):
             if i and interval:
                 await asyncio.sleep(interval)
