@@ -153,6 +153,21 @@ class EventFramer:
         the protocol, `fault` says how, and nothing more is returned."""
         if self.fault is not None:
             return b""
+        if (
+            not self._pending
+            and chunk[-1:] == b"\n"
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk.startswith(b"data: ")
+            and chunk.find(b"\r") < 0
+        ):
+            # One event of one data line, all of the chunk: what llama-server sends for each
+            # token, so the most frequent path of all, without the split and the line checks.
+            try:
+                self._data(chunk[6:-2])
+            except BadStream as fault:
+                self.fault = fault
+                return b""
+            return chunk
         data = self._pending + chunk if self._pending else chunk
         # find(), not `in`: before Python 3.12, `bytes in bytes` first tries the operand as an
         # integer and formats the TypeError it then discards (~1,900 instructions a test).
@@ -164,15 +179,6 @@ class EventFramer:
             self._pending = data
             return b""
         complete, self._pending = data[:end], data[end:]
-        if end == len(data) and complete.find(b"\n") == end - 2 and complete.startswith(b"data: "):
-            # One event of one data line, all of the chunk: what llama-server sends for each
-            # token, so the most frequent path of all, without the split and the line checks.
-            try:
-                self._data(complete[6:-2])
-            except BadStream as fault:
-                self.fault = fault
-                return b""
-            return complete
         start = 0
         for event in complete[:-2].split(b"\n\n"):
             try:
