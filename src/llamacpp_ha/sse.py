@@ -76,7 +76,12 @@ class _TokenShape:
     def of(cls, data: bytes, event: dict[str, Any]) -> _TokenShape | None:
         """The shape of `event` (parsed from `data`) if it is a token: one choice, not
         finished, whose delta is its text only; None for any other event."""
-        if "usage" in event or "timings" in event:
+        # Where the text is written: after the only `"delta":{"content":` (none can be in a
+        # string, where quotes are escaped), exactly as orjson would write it; a backend that
+        # writes it otherwise (spaces, other escapes) just has every event parsed. Looked for
+        # first: one search turns away the events around the tokens (role, finish, usage).
+        at = data.find(_TOKEN_KEY)
+        if at < 0 or "usage" in event or "timings" in event:
             return None
         choices = event.get("choices")
         if type(choices) is not list or len(choices) != 1:
@@ -90,11 +95,7 @@ class _TokenShape:
         text = delta.get("content")
         if type(text) is not str:
             return None
-        # Where the text is written: after the only `"delta":{"content":` (none can be in a
-        # string, where quotes are escaped), exactly as orjson would write it; a backend that
-        # writes it otherwise (spaces, other escapes) just has every event parsed.
-        at = data.find(_TOKEN_KEY)
-        if at < 0 or data.rfind(_TOKEN_KEY) != at:
+        if data.rfind(_TOKEN_KEY) != at:
             return None
         start = at + len(_TOKEN_KEY)
         written = orjson.dumps(text)
