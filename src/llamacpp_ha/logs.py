@@ -81,6 +81,12 @@ def access(message: str, fields: dict[str, Any], level: int = logging.INFO) -> N
     ACCESS.log(level, message, extra={"fields": fields})
 
 
+def access_enabled(level: int = logging.INFO) -> bool:
+    """Whether an access line at `level` is written: asked first, so that a request's fields
+    are not gathered for a line that is not (`--log-level warning`)."""
+    return ACCESS.isEnabledFor(level)
+
+
 def location(exc: BaseException) -> str:
     """Where `exc` was raised (" at file:line"), to log with its type instead of its message."""
     where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None

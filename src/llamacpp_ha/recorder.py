@@ -37,6 +37,8 @@ class Recorder:
         self.metrics.observe(result, self._model_of)
         if result.error_code in CAPACITY_CODES:
             self.metrics.rejected(result.error_code)
+        if not logs.access_enabled():
+            return
         usage = result.usage
         outcome = "disconnected" if result.client_disconnected else result.status
         logs.access(
