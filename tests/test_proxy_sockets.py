@@ -264,11 +264,19 @@ class ProxySocketTest(unittest.IsolatedAsyncioTestCase):
             homes: dict[int, set[int]] = {}
 
             async def conversation(n: int) -> None:
+                # Each conversation opens on its own document, so its home holds far more than
+                # the policy's threshold for a cache worth keeping (a prompt of a few tokens may
+                # rightly move when its home is full), and llama-server's slot choice by
+                # similarity finds the conversation's own slot, not a neighbour's.
+                document = " ".join(f"fact {n}.{i} is {n * 7919 + i * 104729}" for i in range(60))
                 messages: list[ChatCompletionMessageParam] = [
                     {"role": "system", "content": "You are terse."}
                 ]
                 for turn in range(4):
-                    messages.append({"role": "user", "content": f"conversation {n} turn {turn}"})
+                    opening = f": {document}" if turn == 0 else ""
+                    messages.append(
+                        {"role": "user", "content": f"conversation {n} turn {turn}{opening}"}
+                    )
                     reply = await client.chat.completions.create(
                         model="sim-model", messages=messages, max_tokens=6
                     )
