@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -387,7 +387,9 @@ class StateStore:
         finally:
             with contextlib.suppress(RedisError, OSError, RuntimeError, TimeoutError):
                 async with asyncio.timeout(self._timeout_s * 2):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    # PubSub.aclose() is typed from redis 8.2 on, not before: a typed name for both.
+                    close: Callable[[], Awaitable[object]] = pubsub.aclose
+                    await close()
 
     async def _run(self, call: Awaitable[Any]) -> Any:
         try:
