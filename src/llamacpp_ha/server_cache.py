@@ -237,12 +237,13 @@ class ServerCaches:
         chosen = self._choose(prompt, id_slot)
         if chosen is None:
             return None
-        slot, consult = chosen
-        planned = self._planned = (prompt, id_slot, slot, consult, self._predict(prompt, *chosen))
+        slot, consult, reused = chosen
+        prediction = self._predict(prompt, slot, consult, reused)
+        planned = self._planned = (prompt, id_slot, slot, consult, prediction)
         return planned
 
-    def _predict(self, prompt: CachedPrompt, slot: _Slot, consult: bool) -> Prediction:
-        reused = slot.prompt.shared(prompt)
+    def _predict(self, prompt: CachedPrompt, slot: _Slot, consult: bool, reused: int) -> Prediction:
+        # `reused`: what the slot itself shares with the prompt (its choice counted it).
         # The slot's own state is saved first, which may push out the oldest saved ones.
         restores = None
         if consult:
@@ -330,8 +331,9 @@ class ServerCaches:
                 held = max(held, shared)
         return min(held, max(prompt.length - 1, 0))
 
-    def _choose(self, prompt: CachedPrompt, id_slot: int | None) -> tuple[_Slot, bool] | None:
-        """`get_available_slot()`: the slot, and whether the host cache is consulted."""
+    def _choose(self, prompt: CachedPrompt, id_slot: int | None) -> tuple[_Slot, bool, int] | None:
+        """`get_available_slot()`: the slot, whether the host cache is consulted, and the
+        tokens the slot shares with the prompt."""
         named = None
         if id_slot is not None:
             named = self.slots[id_slot] if id_slot < len(self.slots) else None
@@ -339,6 +341,7 @@ class ServerCaches:
                 return None
         best: _Slot | None = named
         best_sim = 0.0
+        best_shared = 0
         if prompt.length:
             # The most similar idle slot, the lowest id among equals (llama-server's loop goes
             # through the slots in order and keeps a strictly better one).
@@ -352,22 +355,25 @@ class ServerCaches:
                 if alike:
                     groups = alike.values()  # the others share nothing
             for group in groups:
-                f_sim = group[0].prompt.shared(prompt) / prompt.length
+                shared = group[0].prompt.shared(prompt)
+                f_sim = shared / prompt.length
                 if f_sim <= SIMILARITY:
                     continue
                 if f_sim > best_sim or (
                     f_sim == best_sim and best is not None and group[0].id < best.id
                 ):
-                    best, best_sim = group[0], f_sim
+                    best, best_sim, best_shared = group[0], f_sim, shared
         if best is not None:
+            if best is named and not best_sim:  # named, and not similar: not counted above
+                best_shared = named.prompt.shared(prompt)
             length = best.prompt.length
             keeps = best_sim * prompt.length / length if length else 0.0
-            return best, keeps < F_KEEP_SAVE
+            return best, keeps < F_KEEP_SAVE, best_shared
         lru = self._lru
         while lru:
             last_used, _, slot = lru[0]
             if not slot.busy and slot.last_used == last_used:
-                return slot, True
+                return slot, True, slot.prompt.shared(prompt)
             heapq.heappop(lru)
         return None
 
