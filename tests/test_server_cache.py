@@ -226,6 +226,8 @@ class ServerCachesTest(unittest.TestCase):
                 conversations[c].append(f"t{step}")
             p = prompt(*conversations[c])
             tokens = [hash(k) % 100_000 for k in p.keys for _ in range(BLOCK)]
+            # What a busy backend may offer, found through the slot groups: as every slot says.
+            self.assertEqual(shadow.best_held(p), _held_by_every_slot(shadow, p), step)
             ours, theirs = shadow.launch(p), model.launch(tokens)
             assert ours is not None
             assert theirs is not None
@@ -235,6 +237,17 @@ class ServerCachesTest(unittest.TestCase):
             agreed += ours.reused == theirs.cache_n and ours.slot == theirs.slot_id
         self.assertGreater(launched, 100)
         self.assertEqual(agreed, launched)
+
+
+def _held_by_every_slot(shadow: ServerCaches, p: CachedPrompt) -> int:
+    """`best_held()` by its definition: every slot, busy or idle, and every saved state that
+    would be restored."""
+    held = max((s.prompt.shared(p) for s in shadow.slots), default=0)
+    for state in shadow.saved:
+        shared = state.shared(p)
+        if shared >= 0.25 * state.length:
+            held = max(held, shared)
+    return min(held, max(p.length - 1, 0))
 
 
 if __name__ == "__main__":

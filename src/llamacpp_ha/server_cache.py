@@ -320,11 +320,16 @@ class ServerCaches:
     def best_held(self, prompt: CachedPrompt) -> int:
         """Tokens of `prompt` held anywhere here (a slot, busy or not, or a saved state that
         would be restored): what a busy backend may offer once a slot frees."""
-        first = _first(prompt)
-        held = max(
-            (s.prompt.shared(prompt) for s in self.slots if s.prompt.keys[:1] == (first,)),
-            default=0,
-        )
+        held = 0
+        if prompt.keys:
+            # Only the slots whose prompt starts alike, one of each group: its slots hold the
+            # same prompt to the same depth.
+            first = prompt.keys[0]
+            for by_first in (self._groups, self._busy_groups):
+                for group in by_first.get(first, {}).values():
+                    shared = group[0].prompt.shared(prompt)
+                    if shared > held:
+                        held = shared
         for state in self._starting_alike(self.saved, prompt):
             shared = state.shared(prompt)
             if shared >= F_KEEP_RESTORE_MIN * state.length:
