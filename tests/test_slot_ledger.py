@@ -60,6 +60,31 @@ class SlotTrackerTest(unittest.IsolatedAsyncioTestCase):
         tracker.observe(total=2, busy_on_backend=0)  # ours have not started there yet
         self.assertEqual(tracker.free, 0)
 
+    async def test_a_read_asked_before_a_release_does_not_hold_the_freed_slot(self) -> None:
+        tracker = SlotTracker()
+        tracker.observe(total=1, busy_on_backend=0)
+        claim = tracker.try_claim()
+        assert claim is not None
+        asked = tracker.freed
+        await tracker.release(claim)
+        # The backend answered while our request still held its slot.
+        tracker.observe(total=1, busy_on_backend=1, freed_when_asked=asked)
+        self.assertEqual((tracker.external_busy, tracker.free), (0, 1))
+        # A read asked after the release that still finds the slot busy: traffic around us.
+        tracker.observe(total=1, busy_on_backend=1, freed_when_asked=tracker.freed)
+        self.assertEqual((tracker.external_busy, tracker.free), (1, 0))
+
+    def test_a_read_asked_before_another_replica_freed_a_slot_does_not_hold_it(self) -> None:
+        tracker = SlotTracker()
+        tracker.observe(total=2, busy_on_backend=0)
+        tracker.shared(elsewhere=2, split=None)
+        asked = tracker.freed
+        tracker.shared(elsewhere=1, split=None)  # another replica's request ended
+        tracker.observe(total=2, busy_on_backend=2, freed_when_asked=asked)
+        self.assertEqual((tracker.external_busy, tracker.free), (0, 1))
+        tracker.observe(total=2, busy_on_backend=2, freed_when_asked=tracker.freed)
+        self.assertEqual((tracker.external_busy, tracker.free), (1, 0))
+
     def test_shrinking_backend_never_overfills(self) -> None:
         tracker = SlotTracker()
         tracker.observe(total=4, busy_on_backend=0)

@@ -432,12 +432,13 @@ class Registry:
             await self._probe_router(backend, served)
             return None
         backend.router = None
+        freed = backend.slots.freed
         slots = await self._read_slots(backend)
         if isinstance(slots, Unavailable):
             return slots
         if slots is not None:
             backend.n_ctx = slots.n_ctx if slots.n_ctx is not None else backend.n_ctx
-            if backend.slots.observe(total=slots.total, busy_on_backend=slots.busy):
+            if backend.slots.observe(slots.total, slots.busy, freed_when_asked=freed):
                 self._on_change()
         return None
 
@@ -458,6 +459,7 @@ class Registry:
                     instance = state.instances[model.id] = self._instance(backend, model)
                 instance.model_entries = (entries.get(model.id, {"id": model.id}),)
                 query = f"model={quote(model.id, safe='')}&autoload=false"
+                freed = instance.slots.freed
                 slots = parse_slots(*await self._get(backend, f"/slots?{query}"))
                 if slots is None:  # --no-slots, or it unloaded since /v1/models
                     props = parse_props(*await self._get(backend, f"/props?{query}"))
@@ -466,7 +468,7 @@ class Registry:
                         continue
                     slots = props
                 instance.n_ctx = slots.n_ctx if slots.n_ctx is not None else instance.n_ctx
-                if instance.slots.observe(total=slots.total, busy_on_backend=slots.busy):
+                if instance.slots.observe(slots.total, slots.busy, freed_when_asked=freed):
                     self._on_change()
                 self._set_health(instance, Health.READY, None)
             elif instance is not None:

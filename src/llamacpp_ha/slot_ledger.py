@@ -93,8 +93,16 @@ class SlotLedger(Protocol):
         """Give the slot back; awaited, so the next drain sees it free."""
         ...
 
-    def observe(self, total: int, busy_on_backend: int) -> bool:
-        """Reconcile with the backend's own view; True when free capacity changed."""
+    @property
+    def freed(self) -> int:
+        """How many slots have been given back so far, ours and other replicas'."""
+        ...
+
+    def observe(
+        self, total: int, busy_on_backend: int, freed_when_asked: int | None = None
+    ) -> bool:
+        """Reconcile with the backend's own view, read when `freed` was `freed_when_asked`;
+        True when free capacity changed."""
         ...
 
     async def wait_idle(self) -> None:
@@ -114,6 +122,7 @@ class SlotTracker:
         self.external_busy = 0
         self.elsewhere = 0  # held by other balancer replicas (shared state)
         self.split: int | None = None  # those cannot be asked: our share is total / split
+        self.freed = 0
         self._claims: set[Claim] = set()
         # Kept as claims come and go: a routing decision reads them with thousands in flight.
         self._tokens = 0
@@ -182,6 +191,7 @@ class SlotTracker:
         if claim not in self._claims:
             raise RuntimeError("release() of a claim this ledger does not hold")
         self._claims.discard(claim)
+        self.freed += 1
         self._tokens -= claim.tokens
         if claim.lands_on is not None and self._landed.get(claim.lands_on) is claim:
             del self._landed[claim.lands_on]
@@ -190,7 +200,9 @@ class SlotTracker:
         if self._on_release is not None:
             self._on_release()
 
-    def observe(self, total: int, busy_on_backend: int) -> bool:
+    def observe(
+        self, total: int, busy_on_backend: int, freed_when_asked: int | None = None
+    ) -> bool:
         before = self.free
         self.total = max(0, total)
         if self.split is not None:
@@ -200,12 +212,18 @@ class SlotTracker:
         # Requests we sent that the backend has not started yet make busy_on_backend smaller
         # than in_flight; only the excess is traffic that reached it around us (or around
         # every replica: what the others hold is counted apart).
-        self.external_busy = max(0, busy_on_backend - self.in_flight - self.elsewhere)
+        # Slots freed while the read was on its way may still be busy in it: they count as
+        # free, or a free slot would wait for the next poll (and a request queued at another
+        # replica would lose its turn to a younger one).
+        stale = 0 if freed_when_asked is None else self.freed - freed_when_asked
+        self.external_busy = max(0, busy_on_backend - self.in_flight - self.elsewhere - stale)
         return self.free != before
 
     def shared(self, elsewhere: int, split: int | None) -> bool:
         before = self.free
-        self.elsewhere = max(0, elsewhere)
+        elsewhere = max(0, elsewhere)
+        self.freed += max(0, self.elsewhere - elsewhere)
+        self.elsewhere = elsewhere
         self.split = split
         return self.free != before
 
