@@ -20,6 +20,7 @@ import aiohttp
 
 from llamacpp_ha.balancer import Balancer
 from llamacpp_ha.replicas import Replicas
+from llamacpp_ha.state_store import ClaimAnswer, ClaimRequest, StateStore
 from llamacpp_sim import SimBackend, SimConfig
 from redis_server import redis_server
 from serving import Served, balancer_for, free_port, sims
@@ -170,6 +171,50 @@ class SharedSlotsTest(unittest.IsolatedAsyncioTestCase):
                     ]
                     self.assertEqual(served[-2:], [f"early{round_}", f"late{round_}"])
             self.assertEqual(sim.max_deferred, 0)
+
+
+class HeadOrderTest(unittest.IsolatedAsyncioTestCase):
+    """A replica's writes of its oldest waiting request reach Redis in any order (claims and
+    updates travel on different connections): the one it made last must stand."""
+
+    async def asyncSetUp(self) -> None:
+        self.redis = await self.enterAsyncContext(redis_server())
+        self.store = StateStore(self.redis.url)
+        self.addAsyncCleanup(self.store.aclose)
+        await self.store.refresh("a", 3000, {"b": []}, {}, head_seq=1, replace=True)
+        await self.store.refresh("z", 3000, {"b": []}, {}, head_seq=1, replace=True)
+
+    async def claim_at_z(self, seq: int = 1) -> ClaimAnswer:
+        """A request that arrived at `z` at 5,000 ms claims the only slot."""
+        claim = ClaimRequest(
+            backend="b", replica="z", lease=f"z|{seq}", limit=1, ttl_ms=3000,
+            arrived_ms=5000, head_ms=None, head_seq=seq,
+        )  # fmt: skip
+        return await self.store.claim(claim)
+
+    async def test_an_earlier_write_that_lands_last_changes_nothing(self) -> None:
+        await self.store.set_head("a", None, seq=3)  # a's request was placed
+        await self.store.set_head("a", 1000, seq=2)  # made before, landed after
+        self.assertEqual(await self.claim_at_z(), ClaimAnswer(True, 1, 0))
+
+    async def test_a_claim_that_lands_after_a_later_write_leaves_that_write(self) -> None:
+        await self.store.set_head("a", 1000, seq=3)
+        limit_one = ClaimRequest(
+            backend="b", replica="a", lease="a|1", limit=1, ttl_ms=3000,
+            arrived_ms=900, head_ms=None, head_seq=2,
+        )  # fmt: skip
+        self.assertTrue((await self.store.claim(limit_one)).taken)
+        # a still waits with the request of 1,000 ms: z, younger, gives way once the slot frees.
+        await self.store.release("b", "a", "a|1")
+        self.assertEqual(await self.claim_at_z(), ClaimAnswer(False, 0, 1))
+
+    async def test_a_replica_that_starts_again_numbers_its_writes_afresh(self) -> None:
+        await self.store.set_head("a", 1000, seq=50)
+        await self.store.refresh("a", 3000, {"b": []}, {}, head_seq=1, replace=True)
+        self.assertEqual(await self.claim_at_z(), ClaimAnswer(True, 1, 0))
+        await self.store.set_head("a", 1000, seq=2)
+        await self.store.release("b", "z", "z|1")
+        self.assertEqual(await self.claim_at_z(2), ClaimAnswer(False, 0, 1))
 
 
 class SharedRoutingTest(unittest.IsolatedAsyncioTestCase):

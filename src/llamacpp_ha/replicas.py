@@ -121,8 +121,11 @@ class Replicas:
         self._mine: dict[str, set[str]] = {}
         self._flights: dict[str, set[str]] = {}  # per client key: our requests in flight
         self._releasing: dict[str, set[asyncio.Task[None]]] = {}  # per backend, not yet done
-        # Our oldest waiting request as shared state has it (wall ms), for the fleet-wide order.
+        # Our oldest waiting request (wall ms) as our last write to shared state said, for
+        # the fleet-wide order, and that write's number: several can be in flight at once
+        # (claims say it too), and Redis keeps the last one made whatever order they land in.
         self._head: float | None = None
+        self._head_seq = 0
         self._head_syncing = False
         self.fair_grace_ms = MIN_FAIR_GRACE_MS
         self._serial = itertools.count(1)
@@ -189,6 +192,7 @@ class Replicas:
         arrived_ms = _wall_ms(lease.arrived_at)
         if self.up:
             head = self._head_ms(excluding=lease)
+            self._head_seq += 1
             claim = ClaimRequest(
                 backend=backend.name,
                 replica=self.id,
@@ -197,6 +201,7 @@ class Replicas:
                 ttl_ms=self._ttl_ms,
                 arrived_ms=arrived_ms,
                 head_ms=head,
+                head_seq=self._head_seq,
                 grace_ms=self.fair_grace_ms,
                 fair=deferred < _MAX_DEFERRALS,
                 note=_encode(["sent", self.id, lease_id, backend.name, *_prompt_fields(lease)]),
@@ -226,12 +231,16 @@ class Replicas:
         self.stats.timed(took_s)
         self.stats.claims += 1
         backend = lease.backend
+        # What the claim wrote as our head, unless a later write was made meanwhile (the
+        # scheduler tells us of the queue once the lease has left `unconfirmed`).
+        latest = claim.head_seq == self._head_seq
         if answer.taken:
-            self._head = head
-            self.queue_changed()  # it may have changed during the round trip
+            if latest:
+                self._head = head
             return "taken"
         self._forget(lease)
-        self._head = claim.arrived_ms if head is None else min(head, claim.arrived_ms)
+        if latest:
+            self._head = claim.arrived_ms if head is None else min(head, claim.arrived_ms)
         mine = len(self._mine.get(backend.name, ()))
         if answer.older:
             self.stats.deferred += 1
@@ -265,8 +274,9 @@ class Replicas:
     async def _sync_head(self) -> None:
         try:
             while (head := self._head_ms()) != self._head:
-                await self.store.set_head(self.id, head)
                 self._head = head
+                self._head_seq += 1
+                await self.store.set_head(self.id, head, self._head_seq)
         finally:
             self._head_syncing = False
 
@@ -440,16 +450,23 @@ class Replicas:
         flights = {key: sorted(ids) for key, ids in self._flights.items()}
         rejoining = not self.up
         started = time.perf_counter()
+        head = self._head_ms()
+        self._head = head
+        self._head_seq += 1
         try:
-            head = self._head_ms()
             snapshot = await self.store.refresh(
-                self.id, self._ttl_ms, leases, flights, head_ms=head, replace=rejoining
+                self.id,
+                self._ttl_ms,
+                leases,
+                flights,
+                head_ms=head,
+                head_seq=self._head_seq,
+                replace=rejoining,
             )
         except StateUnavailable as exc:
             self._lost(str(exc))
             return
         self.stats.timed(time.perf_counter() - started)
-        self._head = head
         if rejoining:
             self.up = True
             self._awaiting = set(self.live) - {self.id}

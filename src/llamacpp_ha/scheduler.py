@@ -377,6 +377,10 @@ class Scheduler:
                 raise
             finally:
                 self.unconfirmed.discard(lease)
+                # No longer waiting, for the fleet-wide order; told after the discard, or
+                # shared state could keep it as our oldest waiting request.
+                if self.queue_changed is not None:
+                    self.queue_changed()
             if outcome == "taken":
                 lease.queue_wait_s = time.monotonic() - started
                 return lease

@@ -11,6 +11,7 @@ The keys, under `llamacpp-ha:`:
     key:{id}:rate       sorted set: the key's admissions in the last minute -> when
     replicas            sorted set: replica -> when its heartbeat expires
     heads               sorted set: replica -> when its oldest waiting request arrived (wall ms)
+    heads:seq           hash: replica -> the sequence number of its last write to heads
     events              the pub/sub channel every replica listens to
 
 A lease that is not refreshed expires: the first script to touch that backend afterwards
@@ -39,6 +40,7 @@ PREFIX = "llamacpp-ha:"
 CHANNEL = PREFIX + "events"
 _REPLICAS = PREFIX + "replicas"
 _HEADS = PREFIX + "heads"
+_HEAD_SEQS = PREFIX + "heads:seq"
 
 
 class StateUnavailable(Exception):
@@ -63,6 +65,19 @@ local function held(key, replica)
   end
   return n
 end
+-- A replica's oldest waiting request (wall ms, or '' for none): of its writes, the one it made
+-- last wins, in whatever order they reach Redis (several are in flight at once); `force` for a
+-- replica that starts again, whose numbers start again too.
+local function set_head(heads, seqs, replica, seq, head, force)
+  seq = tonumber(seq)
+  if not force and seq <= tonumber(redis.call('HGET', seqs, replica) or 0) then return end
+  redis.call('HSET', seqs, replica, seq)
+  if head == '' then
+    redis.call('ZREM', heads, replica)
+  else
+    redis.call('ZADD', heads, tonumber(head), replica)
+  end
+end
 local function sweep(key, backend, channel, now)
   local gone = redis.call('ZRANGEBYSCORE', key, '-inf', now)
   if #gone == 0 then return end
@@ -78,10 +93,11 @@ local function sweep(key, backend, channel, now)
 end
 """
 
-# KEYS: leases, heads, replicas. ARGV: backend, channel, replica, lease, limit, ttl_ms, note
-# (or ''), the request's arrival (wall ms), this replica's oldest waiting request once this one
-# is placed (wall ms, or ''), how much older another replica's must be to go first (ms), and
-# '1' to let it. Returns {taken, leases held, replicas with an older request waiting}.
+# KEYS: leases, heads, replicas, heads:seq. ARGV: backend, channel, replica, lease, limit,
+# ttl_ms, note (or ''), the request's arrival (wall ms), this replica's oldest waiting request
+# once this one is placed (wall ms, or ''), how much older another replica's must be to go
+# first (ms), '1' to let it, and the head write's sequence number. Returns {taken, leases
+# held, replicas with an older request waiting}.
 _CLAIM = (
     _PRELUDE
     + """
@@ -93,7 +109,7 @@ local replica, age = ARGV[3], tonumber(ARGV[8])
 local function waits()  -- this request waits: it is this replica's oldest if none is older
   local head = age
   if ARGV[9] ~= '' then head = math.min(head, tonumber(ARGV[9])) end
-  redis.call('ZADD', KEYS[2], head, replica)
+  set_head(KEYS[2], KEYS[4], replica, ARGV[12], head, false)
 end
 if n >= tonumber(ARGV[5]) then waits() return {0, n, 0} end
 if ARGV[11] == '1' then
@@ -105,11 +121,7 @@ if ARGV[11] == '1' then
   if older > 0 and tonumber(ARGV[5]) - n <= older then waits() return {0, n, older} end
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[6]), ARGV[4])
-if ARGV[9] == '' then
-  redis.call('ZREM', KEYS[2], replica)
-else
-  redis.call('ZADD', KEYS[2], tonumber(ARGV[9]), replica)
-end
+set_head(KEYS[2], KEYS[4], replica, ARGV[12], ARGV[9], false)
 redis.call('PUBLISH', ARGV[2], cjson.encode({'held', replica, ARGV[1], held(KEYS[1], replica)}))
 if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[7]) end
 return {1, n + 1, 0}
@@ -129,10 +141,11 @@ return removed
 """
 )
 
-# KEYS: replicas, then one leases key per backend, then the keys' flight sets, then heads.
-# ARGV: replica, ttl_ms, channel, replace ('1': the listed leases are all this replica holds),
-# then JSON: the backends (in KEYS order), their leases, the flight sets' leases; then this
-# replica's oldest waiting request (wall ms, or '').
+# KEYS: replicas, then one leases key per backend, then the keys' flight sets, then heads and
+# heads:seq. ARGV: replica, ttl_ms, channel, replace ('1': the listed leases are all this
+# replica holds, and its head writes are numbered from here), then JSON: the backends (in KEYS
+# order), their leases, the flight sets' leases; then this replica's oldest waiting request
+# (wall ms, or '') and that write's sequence number.
 _REFRESH = (
     _PRELUDE
     + """
@@ -171,14 +184,14 @@ for i, flight in ipairs(flights) do
 end
 redis.call('ZADD', KEYS[1], now + ttl, replica)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if ARGV[8] == '' then
-  redis.call('ZREM', KEYS[#KEYS], replica)
-else
-  redis.call('ZADD', KEYS[#KEYS], tonumber(ARGV[8]), replica)
-end
+set_head(KEYS[#KEYS - 1], KEYS[#KEYS], replica, ARGV[9], ARGV[8], replace)
 return {cjson.encode(counts), cjson.encode(redis.call('ZRANGE', KEYS[1], 0, -1))}
 """
 )
+
+# KEYS: heads, heads:seq. ARGV: replica, the write's sequence number, its oldest waiting request
+# (wall ms, or '').
+_SET_HEAD = _PRELUDE + "set_head(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], false)"
 
 # KEYS: the key's flight set, its rate set. ARGV: lease, max concurrent (or ''), requests per
 # minute (or ''), ttl_ms. Returns {1} or {0, 'concurrent' | 'rate', ms until it may try again}.
@@ -225,6 +238,7 @@ class ClaimRequest:
     ttl_ms: int
     arrived_ms: float  # when the request arrived (wall clock)
     head_ms: float | None  # this replica's oldest waiting request once this one is placed
+    head_seq: int = 0  # that head write's number among the replica's (the last made wins)
     grace_ms: int = 0
     fair: bool = True
     note: bytes = b""  # published with the lease when it is taken
@@ -272,6 +286,7 @@ class StateStore:
         self._claim = self._client.register_script(_CLAIM)
         self._release = self._client.register_script(_RELEASE)
         self._refresh = self._client.register_script(_REFRESH)
+        self._set_head = self._client.register_script(_SET_HEAD)
         self._admit_key = self._client.register_script(_ADMIT_KEY)
 
     async def aclose(self) -> None:
@@ -288,9 +303,9 @@ class StateStore:
         args: list[_Arg] = [
             c.backend, CHANNEL, c.replica, c.lease, c.limit, c.ttl_ms, c.note,
             round(c.arrived_ms), "" if c.head_ms is None else round(c.head_ms), c.grace_ms,
-            "1" if c.fair else "0",
+            "1" if c.fair else "0", c.head_seq,
         ]  # fmt: skip
-        keys = [lease_key(c.backend), _HEADS, _REPLICAS]
+        keys = [lease_key(c.backend), _HEADS, _REPLICAS, _HEAD_SEQS]
         taken, held, older = await self._run(self._claim(keys=keys, args=args))
         return ClaimAnswer(bool(taken), int(held), int(older))
 
@@ -299,14 +314,14 @@ class StateStore:
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.zrem(_REPLICAS, replica)
             pipe.zrem(_HEADS, replica)
+            pipe.hdel(_HEAD_SEQS, replica)
             await self._run(pipe.execute())
 
-    async def set_head(self, replica: str, head_ms: float | None) -> None:
-        """This replica's oldest waiting request (wall ms), or none waiting."""
-        if head_ms is None:
-            await self._run(self._client.zrem(_HEADS, replica))
-        else:
-            await self._run(self._client.zadd(_HEADS, {replica: round(head_ms)}))
+    async def set_head(self, replica: str, head_ms: float | None, seq: int) -> None:
+        """This replica's oldest waiting request (wall ms), or none waiting; a write numbered
+        below one already made (`seq`) changes nothing."""
+        args: list[_Arg] = [replica, seq, "" if head_ms is None else round(head_ms)]
+        await self._run(self._set_head(keys=[_HEADS, _HEAD_SEQS], args=args))
 
     async def release(self, backend: str, replica: str, lease: str, note: bytes = b"") -> None:
         args: list[_Arg] = [backend, CHANNEL, replica, lease, note]
@@ -320,16 +335,19 @@ class StateStore:
         flights: Mapping[str, Sequence[str]],
         *,
         head_ms: float | None = None,
+        head_seq: int = 0,
         replace: bool = False,
     ) -> Snapshot:
         """Extend this replica's leases and heartbeat, sweep expired leases, and read who holds
-        what. `replace`: the leases listed are all it holds (after Redis was away)."""
+        what. `replace`: the leases listed are all it holds (after Redis was away, or on its
+        first contact), and its head writes are numbered from `head_seq` on."""
         backends = list(leases)
         keys = [
             _REPLICAS,
             *(lease_key(b) for b in backends),
             *(flight_key(k) for k in flights),
             _HEADS,
+            _HEAD_SEQS,
         ]
         args: list[_Arg] = [
             replica,
@@ -340,6 +358,7 @@ class StateStore:
             _json_list([list(leases[b]) for b in backends]),
             _json_list([list(v) for v in flights.values()]),
             "" if head_ms is None else round(head_ms),
+            head_seq,
         ]
         counts, replicas = await self._run(self._refresh(keys=keys, args=args))
         held = orjson.loads(counts)
