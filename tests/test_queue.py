@@ -44,6 +44,18 @@ class QueueTest(unittest.IsolatedAsyncioTestCase):
         queue.put(b, front=True)
         self.assertEqual(list(queue), [b, a])
 
+    async def test_first_is_the_entry_served_next(self) -> None:
+        queue = RequestQueue()
+        self.assertIsNone(queue.first())
+        a, b, c = _entry(), _entry(), _entry()
+        queue.put(a)
+        queue.put(b)
+        self.assertIs(queue.first(), a)
+        queue.put(c, front=True)
+        self.assertIs(queue.first(), c)
+        queue.remove(c)
+        self.assertIs(queue.first(), a)
+
     async def test_iteration_tolerates_removal(self) -> None:
         queue = RequestQueue()
         entries = [_entry() for _ in range(3)]

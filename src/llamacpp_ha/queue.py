@@ -107,6 +107,10 @@ class RequestQueue:
         ordered.insert(position, entry)
         self._entries = dict.fromkeys(ordered)
 
+    def first(self) -> QueueEntry | None:
+        """The entry served next, without the copy that iterating makes."""
+        return next(iter(self._entries), None)
+
     def remove(self, entry: QueueEntry) -> None:
         self._entries.pop(entry, None)
 

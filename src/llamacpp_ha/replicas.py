@@ -284,7 +284,7 @@ class Replicas:
         """When our oldest waiting request arrived (wall clock, ms), or None: queued, or
         placed here and not yet confirmed in shared state (but `excluding`)."""
         waiting = [lease.arrived_at for lease in self._unconfirmed if lease is not excluding]
-        first = next(iter(self._queue), None)
+        first = self._queue.first()  # after every drain: no copy of a long queue
         if first is not None:
             waiting.append(first.enqueued_at)
         return _wall_ms(min(waiting)) if waiting else None
