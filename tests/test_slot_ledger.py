@@ -85,6 +85,27 @@ class SlotTrackerTest(unittest.IsolatedAsyncioTestCase):
         tracker.observe(total=2, busy_on_backend=2, freed_when_asked=tracker.freed)
         self.assertEqual((tracker.external_busy, tracker.free), (1, 0))
 
+    async def test_traffic_around_us_that_grew_during_a_racing_read_still_counts(self) -> None:
+        tracker = SlotTracker()
+        tracker.observe(total=4, busy_on_backend=0)
+        claim = tracker.try_claim()
+        assert claim is not None
+        asked = tracker.freed
+        await tracker.release(claim)
+        # Busy 3: ours (ended or not) and at least two requests that reached it around us.
+        tracker.observe(total=4, busy_on_backend=3, freed_when_asked=asked)
+        self.assertEqual((tracker.external_busy, tracker.free), (2, 2))
+        # The traffic around us ends; a read racing another release of ours shows 1 busy:
+        # ours, or one of theirs. It stays counted, as before the race, until a clean read.
+        claim = tracker.try_claim()
+        assert claim is not None
+        asked = tracker.freed
+        await tracker.release(claim)
+        tracker.observe(total=4, busy_on_backend=1, freed_when_asked=asked)
+        self.assertEqual(tracker.external_busy, 1)
+        tracker.observe(total=4, busy_on_backend=0, freed_when_asked=tracker.freed)
+        self.assertEqual(tracker.external_busy, 0)
+
     def test_shrinking_backend_never_overfills(self) -> None:
         tracker = SlotTracker()
         tracker.observe(total=4, busy_on_backend=0)

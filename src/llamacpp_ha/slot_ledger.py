@@ -212,11 +212,16 @@ class SlotTracker:
         # Requests we sent that the backend has not started yet make busy_on_backend smaller
         # than in_flight; only the excess is traffic that reached it around us (or around
         # every replica: what the others hold is counted apart).
-        # Slots freed while the read was on its way may still be busy in it: they count as
-        # free, or a free slot would wait for the next poll (and a request queued at another
-        # replica would lose its turn to a younger one).
+        most = max(0, busy_on_backend - self.in_flight - self.elsewhere)
+        # Slots freed while the read was on its way may still be busy in it, or not: the
+        # traffic around us is then between `least` and `most`. The last estimate stands
+        # where it lies between them: counting those slots busy would keep a free slot idle
+        # until the next poll (and a request queued at another replica would lose its turn
+        # to a younger one); counting them free could overfill the backend when the traffic
+        # around us has grown.
         stale = 0 if freed_when_asked is None else self.freed - freed_when_asked
-        self.external_busy = max(0, busy_on_backend - self.in_flight - self.elsewhere - stale)
+        least = max(0, most - stale)
+        self.external_busy = min(most, max(least, self.external_busy))
         return self.free != before
 
     def shared(self, elsewhere: int, split: int | None) -> bool:
