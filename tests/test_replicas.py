@@ -20,7 +20,7 @@ import aiohttp
 
 from llamacpp_ha.balancer import Balancer
 from llamacpp_ha.replicas import Replicas
-from llamacpp_ha.state_store import ClaimAnswer, ClaimRequest, StateStore
+from llamacpp_ha.state_store import ClaimAnswer, ClaimRequest, Head, StateStore
 from llamacpp_sim import SimBackend, SimConfig
 from redis_server import redis_server
 from serving import Served, balancer_for, free_port, sims
@@ -173,6 +173,48 @@ class SharedSlotsTest(unittest.IsolatedAsyncioTestCase):
             self.assertEqual(sim.max_deferred, 0)
 
 
+class TwoModelsTest(unittest.IsolatedAsyncioTestCase):
+    async def test_a_request_waiting_for_another_model_holds_up_no_one(self) -> None:
+        configs = [
+            SimConfig(slots=1, profile="test", default_max_tokens=16, model=model)
+            for model in ("model-a", "model-b")
+        ]
+        async with (
+            redis_server() as redis,
+            sims(*configs) as (sim_a, sim_b),
+            AsyncExitStack() as stack,
+        ):
+            x, y = await replicas_of(stack, [sim_a, sim_b], redis.url, 2)
+            for lb in (x, y):
+                shared(lb.balancer).fair_grace_ms = 0
+            hold = chat_body([{"role": "user", "content": "hold"}], max_tokens=400, stream=True)
+            async with aiohttp.ClientSession() as session:
+                # model-b's only slot is held; x queues another request for it.
+                async with session.post(
+                    x.url + "/v1/chat/completions", json={**hold, "model": "model-b"}
+                ) as long:
+                    self.assertEqual(long.status, 200)
+                    await wait_until(lambda: sim_b.processing == 1)
+                    waiting = asyncio.create_task(
+                        chat(session, x.url, [{"role": "user", "content": "b"}], model="model-b")
+                    )
+                    await wait_until(
+                        lambda: len(x.balancer.queue) == 1 and shared(x.balancer).pending == 0
+                    )
+                    # y's younger request for model-a takes model-a's free slot at once.
+                    for turn in range(3):
+                        status, _ = await chat(
+                            session, y.url, [{"role": "user", "content": f"a{turn}"}],
+                            model="model-a",
+                        )  # fmt: skip
+                        self.assertEqual(status, 200)
+                    self.assertEqual(shared(y.balancer).stats.deferred, 0)
+                    self.assertFalse(waiting.done())
+                    await long.read()
+                status, _ = await waiting
+            self.assertEqual(status, 200)
+
+
 class HeadOrderTest(unittest.IsolatedAsyncioTestCase):
     """A replica's writes of its oldest waiting request reach Redis in any order (claims and
     updates travel on different connections): the one it made last must stand."""
@@ -184,24 +226,26 @@ class HeadOrderTest(unittest.IsolatedAsyncioTestCase):
         await self.store.refresh("a", 3000, {"b": []}, {}, head_seq=1, replace=True)
         await self.store.refresh("z", 3000, {"b": []}, {}, head_seq=1, replace=True)
 
-    async def claim_at_z(self, seq: int = 1) -> ClaimAnswer:
-        """A request that arrived at `z` at 5,000 ms claims the only slot."""
+    async def claim_at_z(self, seq: int = 1, model: str = "") -> ClaimAnswer:
+        """A request that arrived at `z` at 5,000 ms claims the only slot of `b` (which serves
+        models m1 and m2)."""
         claim = ClaimRequest(
             backend="b", replica="z", lease=f"z|{seq}", limit=1, ttl_ms=3000,
-            arrived_ms=5000, head_ms=None, head_seq=seq,
+            arrived_ms=5000, head=None, head_seq=seq, model=model,
+            served=frozenset({"m1", "m2"}),
         )  # fmt: skip
         return await self.store.claim(claim)
 
     async def test_an_earlier_write_that_lands_last_changes_nothing(self) -> None:
         await self.store.set_head("a", None, seq=3)  # a's request was placed
-        await self.store.set_head("a", 1000, seq=2)  # made before, landed after
+        await self.store.set_head("a", Head(1000), seq=2)  # made before, landed after
         self.assertEqual(await self.claim_at_z(), ClaimAnswer(True, 1, 0))
 
     async def test_a_claim_that_lands_after_a_later_write_leaves_that_write(self) -> None:
-        await self.store.set_head("a", 1000, seq=3)
+        await self.store.set_head("a", Head(1000), seq=3)
         limit_one = ClaimRequest(
             backend="b", replica="a", lease="a|1", limit=1, ttl_ms=3000,
-            arrived_ms=900, head_ms=None, head_seq=2,
+            arrived_ms=900, head=None, head_seq=2,
         )  # fmt: skip
         self.assertTrue((await self.store.claim(limit_one)).taken)
         # a still waits with the request of 1,000 ms: z, younger, gives way once the slot frees.
@@ -209,12 +253,58 @@ class HeadOrderTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(await self.claim_at_z(), ClaimAnswer(False, 0, 1))
 
     async def test_a_replica_that_starts_again_numbers_its_writes_afresh(self) -> None:
-        await self.store.set_head("a", 1000, seq=50)
+        await self.store.set_head("a", Head(1000), seq=50)
         await self.store.refresh("a", 3000, {"b": []}, {}, head_seq=1, replace=True)
         self.assertEqual(await self.claim_at_z(), ClaimAnswer(True, 1, 0))
-        await self.store.set_head("a", 1000, seq=2)
+        await self.store.set_head("a", Head(1000), seq=2)
         await self.store.release("b", "z", "z|1")
         self.assertEqual(await self.claim_at_z(2), ClaimAnswer(False, 0, 1))
+
+
+class HeadModelTest(unittest.IsolatedAsyncioTestCase):
+    """An older request waiting at another replica goes first only where it could be served:
+    one for a model the backend does not serve must not hold up the backend's own requests."""
+
+    async def asyncSetUp(self) -> None:
+        self.redis = await self.enterAsyncContext(redis_server())
+        self.store = StateStore(self.redis.url)
+        self.addAsyncCleanup(self.store.aclose)
+        for replica in ("a", "z"):
+            await self.store.refresh(replica, 3000, {"b": []}, {}, head_seq=1, replace=True)
+
+    async def claim_at_z(self, model: str) -> ClaimAnswer:
+        claim = ClaimRequest(
+            backend="b", replica="z", lease="z|1", limit=1, ttl_ms=3000, arrived_ms=5000,
+            head=None, head_seq=2, model=model, served=frozenset({"m1", "m2"}),
+        )  # fmt: skip
+        return await self.store.claim(claim)
+
+    async def test_an_older_request_for_a_model_the_backend_does_not_serve_waits(self) -> None:
+        await self.store.set_head("a", Head(1000, "other"), seq=2)
+        self.assertEqual(await self.claim_at_z("m1"), ClaimAnswer(True, 1, 0))
+
+    async def test_an_older_request_for_a_model_the_backend_serves_goes_first(self) -> None:
+        await self.store.set_head("a", Head(1000, "m2"), seq=2)
+        self.assertEqual(await self.claim_at_z("m1"), ClaimAnswer(False, 0, 1))
+
+    async def test_an_older_request_for_any_model_goes_first(self) -> None:
+        await self.store.set_head("a", Head(1000), seq=2)
+        self.assertEqual(await self.claim_at_z("m1"), ClaimAnswer(False, 0, 1))
+
+    async def test_a_request_that_gives_way_says_which_model_it_waits_for(self) -> None:
+        await self.store.set_head("a", Head(1000, "m2"), seq=2)
+        self.assertFalse((await self.claim_at_z("m1")).taken)  # z now waits, since 5,000 ms
+        # For a model only z's request could use, a's younger claim gives way to z's.
+        claim = ClaimRequest(
+            backend="c", replica="a", lease="a|1", limit=1, ttl_ms=3000, arrived_ms=6000,
+            head=None, head_seq=3, model="m1", served=frozenset({"m1"}),
+        )  # fmt: skip
+        self.assertEqual(await self.store.claim(claim), ClaimAnswer(False, 0, 1))
+        claim = ClaimRequest(
+            backend="d", replica="a", lease="a|2", limit=1, ttl_ms=3000, arrived_ms=6000,
+            head=None, head_seq=4, model="m3", served=frozenset({"m3"}),
+        )  # fmt: skip
+        self.assertEqual(await self.store.claim(claim), ClaimAnswer(True, 1, 0))
 
 
 class SharedRoutingTest(unittest.IsolatedAsyncioTestCase):

@@ -30,6 +30,7 @@ class Lease:
         self.claim = claim
         self.queue_wait_s = queue_wait_s
         self.arrived_at = time.monotonic()  # when its request first queued
+        self.model: str | None = None  # the model its request asked for
         # What routing expected the backend to hold of the prompt: keys, and tokens; and the
         # prompt as the backend's cache shadow holds it.
         self.predicted_depth = predicted_depth

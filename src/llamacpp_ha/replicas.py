@@ -38,7 +38,14 @@ import orjson
 from .config import without_credentials
 from .prefix_index import PrefixIndex
 from .replay import RoutingReplay
-from .state_store import ClaimAnswer, ClaimRequest, Snapshot, StateStore, StateUnavailable
+from .state_store import (
+    ClaimAnswer,
+    ClaimRequest,
+    Head,
+    Snapshot,
+    StateStore,
+    StateUnavailable,
+)
 
 if TYPE_CHECKING:
     from .queue import Lease, RequestQueue
@@ -124,7 +131,7 @@ class Replicas:
         # Our oldest waiting request (wall ms) as our last write to shared state said, for
         # the fleet-wide order, and that write's number: several can be in flight at once
         # (claims say it too), and Redis keeps the last one made whatever order they land in.
-        self._head: float | None = None
+        self._head: Head | None = None
         self._head_seq = 0
         self._head_syncing = False
         self.fair_grace_ms = MIN_FAIR_GRACE_MS
@@ -191,7 +198,7 @@ class Replicas:
             await asyncio.wait(set(releasing))
         arrived_ms = _wall_ms(lease.arrived_at)
         if self.up:
-            head = self._head_ms(excluding=lease)
+            head = self._oldest(excluding=lease)
             self._head_seq += 1
             claim = ClaimRequest(
                 backend=backend.name,
@@ -200,8 +207,10 @@ class Replicas:
                 limit=max(0, ledger.total - ledger.external_busy),
                 ttl_ms=self._ttl_ms,
                 arrived_ms=arrived_ms,
-                head_ms=head,
+                head=head,
                 head_seq=self._head_seq,
+                model=self._model_key(lease.model),
+                served=backend.model_names,
                 grace_ms=self.fair_grace_ms,
                 fair=deferred < _MAX_DEFERRALS,
                 note=_encode(["sent", self.id, lease_id, backend.name, *_prompt_fields(lease)]),
@@ -225,7 +234,7 @@ class Replicas:
         lease: Lease,
         claim: ClaimRequest,
         answer: ClaimAnswer,
-        head: float | None,
+        head: Head | None,
         took_s: float,
     ) -> str:
         self.stats.timed(took_s)
@@ -240,7 +249,8 @@ class Replicas:
             return "taken"
         self._forget(lease)
         if latest:
-            self._head = claim.arrived_ms if head is None else min(head, claim.arrived_ms)
+            ours = Head(claim.arrived_ms, claim.model)
+            self._head = ours if head is None or ours.arrived_ms < head.arrived_ms else head
         mine = len(self._mine.get(backend.name, ()))
         if answer.older:
             self.stats.deferred += 1
@@ -266,28 +276,36 @@ class Replicas:
 
     def queue_changed(self) -> None:
         """After each drain: tell shared state when our oldest waiting request changed."""
-        head = self._head_ms()
+        head = self._oldest()
         if self.up and head != self._head and not self._head_syncing:
             self._head_syncing = True
             self._spawn(self._sync_head())
 
     async def _sync_head(self) -> None:
         try:
-            while (head := self._head_ms()) != self._head:
+            while (head := self._oldest()) != self._head:
                 self._head = head
                 self._head_seq += 1
                 await self.store.set_head(self.id, head, self._head_seq)
         finally:
             self._head_syncing = False
 
-    def _head_ms(self, excluding: Lease | None = None) -> float | None:
-        """When our oldest waiting request arrived (wall clock, ms), or None: queued, or
-        placed here and not yet confirmed in shared state (but `excluding`)."""
-        waiting = [lease.arrived_at for lease in self._unconfirmed if lease is not excluding]
+    def _oldest(self, excluding: Lease | None = None) -> Head | None:
+        """Our oldest waiting request, queued or placed here and not yet confirmed in shared
+        state (but `excluding`): when it arrived and the model it is for; None if none."""
+        at, model = math.inf, None
+        for lease in self._unconfirmed:
+            if lease is not excluding and lease.arrived_at < at:
+                at, model = lease.arrived_at, lease.model
         first = self._queue.first()  # after every drain: no copy of a long queue
-        if first is not None:
-            waiting.append(first.enqueued_at)
-        return _wall_ms(min(waiting)) if waiting else None
+        if first is not None and first.enqueued_at < at:
+            at, model = first.enqueued_at, first.routing.model
+        return None if at == math.inf else Head(_wall_ms(at), self._model_key(model))
+
+    def _model_key(self, model: str | None) -> str:
+        """The model a request waits for, as the fleet-wide order compares them: '' when any
+        backend will do (no model named, or a fleet of one model)."""
+        return "" if model is None or self._registry.single_model() else model
 
     def _forget(self, lease: Lease) -> None:
         if lease.shared_id is not None:
@@ -450,7 +468,7 @@ class Replicas:
         flights = {key: sorted(ids) for key, ids in self._flights.items()}
         rejoining = not self.up
         started = time.perf_counter()
-        head = self._head_ms()
+        head = self._oldest()
         self._head = head
         self._head_seq += 1
         try:
@@ -459,7 +477,7 @@ class Replicas:
                 self._ttl_ms,
                 leases,
                 flights,
-                head_ms=head,
+                head=head,
                 head_seq=self._head_seq,
                 replace=rejoining,
             )

@@ -649,6 +649,7 @@ class Scheduler:
         lease.cached_prompt = cprompt
         lease.restores = prediction.restores if prediction is not None else None
         lease.arrived_at = entry.enqueued_at
+        lease.model = routing.model
         backend.last_used_at = now
         if self.confirm is not None:
             self.unconfirmed.add(lease)

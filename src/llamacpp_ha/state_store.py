@@ -12,6 +12,7 @@ The keys, under `llamacpp-ha:`:
     replicas            sorted set: replica -> when its heartbeat expires
     heads               sorted set: replica -> when its oldest waiting request arrived (wall ms)
     heads:seq           hash: replica -> the sequence number of its last write to heads
+    heads:model         hash: replica -> the model its oldest waiting request is for ('' any)
     events              the pub/sub channel every replica listens to
 
 A lease that is not refreshed expires: the first script to touch that backend afterwards
@@ -25,7 +26,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import redis.asyncio as aioredis
@@ -41,6 +42,7 @@ CHANNEL = PREFIX + "events"
 _REPLICAS = PREFIX + "replicas"
 _HEADS = PREFIX + "heads"
 _HEAD_SEQS = PREFIX + "heads:seq"
+_HEAD_MODELS = PREFIX + "heads:model"
 
 
 class StateUnavailable(Exception):
@@ -65,17 +67,19 @@ local function held(key, replica)
   end
   return n
 end
--- A replica's oldest waiting request (wall ms, or '' for none): of its writes, the one it made
--- last wins, in whatever order they reach Redis (several are in flight at once); `force` for a
--- replica that starts again, whose numbers start again too.
-local function set_head(heads, seqs, replica, seq, head, force)
+-- A replica's oldest waiting request (wall ms, or '' for none) and the model it is for: of its
+-- writes, the one it made last wins, in whatever order they reach Redis (several are in flight
+-- at once); `force` for a replica that starts again, whose numbers start again too.
+local function set_head(heads, seqs, models, replica, seq, head, model, force)
   seq = tonumber(seq)
   if not force and seq <= tonumber(redis.call('HGET', seqs, replica) or 0) then return end
   redis.call('HSET', seqs, replica, seq)
   if head == '' then
     redis.call('ZREM', heads, replica)
+    redis.call('HDEL', models, replica)
   else
     redis.call('ZADD', heads, tonumber(head), replica)
+    redis.call('HSET', models, replica, model)
   end
 end
 local function sweep(key, backend, channel, now)
@@ -93,11 +97,13 @@ local function sweep(key, backend, channel, now)
 end
 """
 
-# KEYS: leases, heads, replicas, heads:seq. ARGV: backend, channel, replica, lease, limit,
-# ttl_ms, note (or ''), the request's arrival (wall ms), this replica's oldest waiting request
-# once this one is placed (wall ms, or ''), how much older another replica's must be to go
-# first (ms), '1' to let it, and the head write's sequence number. Returns {taken, leases
-# held, replicas with an older request waiting}.
+# KEYS: leases, heads, replicas, heads:seq, heads:model. ARGV: backend, channel, replica, lease,
+# limit, ttl_ms, note (or ''), the request's arrival (wall ms), this replica's oldest waiting
+# request once this one is placed (wall ms, or '') and its model, '1' to let an older request
+# at another replica go first, the head write's sequence number, the models the backend serves
+# (JSON: only an older request for one of them, or for any model, goes first), the request's
+# model, and how much older another replica's request must be to go first (ms). Returns
+# {taken, leases held, replicas with an older request waiting}.
 _CLAIM = (
     _PRELUDE
     + """
@@ -107,21 +113,25 @@ local n = redis.call('ZCARD', KEYS[1])
 if redis.call('ZSCORE', KEYS[1], ARGV[4]) then return {1, n, 0} end  -- run twice: taken once
 local replica, age = ARGV[3], tonumber(ARGV[8])
 local function waits()  -- this request waits: it is this replica's oldest if none is older
-  local head = age
-  if ARGV[9] ~= '' then head = math.min(head, tonumber(ARGV[9])) end
-  set_head(KEYS[2], KEYS[4], replica, ARGV[12], head, false)
+  local head, model = age, ARGV[14]
+  if ARGV[9] ~= '' and tonumber(ARGV[9]) <= age then head, model = tonumber(ARGV[9]), ARGV[10] end
+  set_head(KEYS[2], KEYS[4], KEYS[5], replica, ARGV[12], head, model, false)
 end
 if n >= tonumber(ARGV[5]) then waits() return {0, n, 0} end
 if ARGV[11] == '1' then
-  local older = 0
-  for _, r in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', age - tonumber(ARGV[10]))) do
+  local older, served = 0, {}
+  for _, name in ipairs(cjson.decode(ARGV[13])) do served[name] = true end
+  for _, r in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', age - tonumber(ARGV[15]))) do
     local alive = redis.call('ZSCORE', KEYS[3], r)
-    if r ~= replica and alive and tonumber(alive) > now then older = older + 1 end
+    if r ~= replica and alive and tonumber(alive) > now then
+      local model = redis.call('HGET', KEYS[5], r)
+      if not model or model == '' or served[model] then older = older + 1 end
+    end
   end
   if older > 0 and tonumber(ARGV[5]) - n <= older then waits() return {0, n, older} end
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[6]), ARGV[4])
-set_head(KEYS[2], KEYS[4], replica, ARGV[12], ARGV[9], false)
+set_head(KEYS[2], KEYS[4], KEYS[5], replica, ARGV[12], ARGV[9], ARGV[10], false)
 redis.call('PUBLISH', ARGV[2], cjson.encode({'held', replica, ARGV[1], held(KEYS[1], replica)}))
 if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[7]) end
 return {1, n + 1, 0}
@@ -141,11 +151,11 @@ return removed
 """
 )
 
-# KEYS: replicas, then one leases key per backend, then the keys' flight sets, then heads and
-# heads:seq. ARGV: replica, ttl_ms, channel, replace ('1': the listed leases are all this
-# replica holds, and its head writes are numbered from here), then JSON: the backends (in KEYS
-# order), their leases, the flight sets' leases; then this replica's oldest waiting request
-# (wall ms, or '') and that write's sequence number.
+# KEYS: replicas, then one leases key per backend, then the keys' flight sets, then heads,
+# heads:seq and heads:model. ARGV: replica, ttl_ms, channel, replace ('1': the listed leases
+# are all this replica holds, and its head writes are numbered from here), then JSON: the
+# backends (in KEYS order), their leases, the flight sets' leases; then this replica's oldest
+# waiting request (wall ms, or ''), that write's sequence number, and the request's model.
 _REFRESH = (
     _PRELUDE
     + """
@@ -184,14 +194,17 @@ for i, flight in ipairs(flights) do
 end
 redis.call('ZADD', KEYS[1], now + ttl, replica)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-set_head(KEYS[#KEYS - 1], KEYS[#KEYS], replica, ARGV[9], ARGV[8], replace)
+local n = #KEYS
+set_head(KEYS[n - 2], KEYS[n - 1], KEYS[n], replica, ARGV[9], ARGV[8], ARGV[10], replace)
 return {cjson.encode(counts), cjson.encode(redis.call('ZRANGE', KEYS[1], 0, -1))}
 """
 )
 
-# KEYS: heads, heads:seq. ARGV: replica, the write's sequence number, its oldest waiting request
-# (wall ms, or '').
-_SET_HEAD = _PRELUDE + "set_head(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], false)"
+# KEYS: heads, heads:seq, heads:model. ARGV: replica, the write's sequence number, its oldest
+# waiting request (wall ms, or ''), that request's model.
+_SET_HEAD = (
+    _PRELUDE + "set_head(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], false)"
+)
 
 # KEYS: the key's flight set, its rate set. ARGV: lease, max concurrent (or ''), requests per
 # minute (or ''), ttl_ms. Returns {1} or {0, 'concurrent' | 'rate', ms until it may try again}.
@@ -229,6 +242,17 @@ def rate_key(key_id: str) -> str:
     return f"{PREFIX}key:{key_id}:rate"
 
 
+class Head(NamedTuple):
+    """A replica's oldest waiting request: when it arrived (wall ms), the model it is for."""
+
+    arrived_ms: float
+    model: str = ""  # '' for any model
+
+
+def _head_args(head: Head | None) -> tuple[str | int, str]:
+    return ("", "") if head is None else (round(head.arrived_ms), head.model)
+
+
 @dataclass(frozen=True)
 class ClaimRequest:
     backend: str
@@ -237,8 +261,10 @@ class ClaimRequest:
     limit: int  # the backend's slots (less traffic that reaches it around every replica)
     ttl_ms: int
     arrived_ms: float  # when the request arrived (wall clock)
-    head_ms: float | None  # this replica's oldest waiting request once this one is placed
+    head: Head | None  # this replica's oldest waiting request once this one is placed
     head_seq: int = 0  # that head write's number among the replica's (the last made wins)
+    model: str = ""  # the model this request is for ('' for any)
+    served: frozenset[str] = frozenset()  # the models the backend serves
     grace_ms: int = 0
     fair: bool = True
     note: bytes = b""  # published with the lease when it is taken
@@ -302,10 +328,11 @@ class StateStore:
         c = claim
         args: list[_Arg] = [
             c.backend, CHANNEL, c.replica, c.lease, c.limit, c.ttl_ms, c.note,
-            round(c.arrived_ms), "" if c.head_ms is None else round(c.head_ms), c.grace_ms,
-            "1" if c.fair else "0", c.head_seq,
+            round(c.arrived_ms), *_head_args(c.head),
+            "1" if c.fair else "0", c.head_seq, _json_list(sorted(c.served)), c.model,
+            c.grace_ms,
         ]  # fmt: skip
-        keys = [lease_key(c.backend), _HEADS, _REPLICAS, _HEAD_SEQS]
+        keys = [lease_key(c.backend), _HEADS, _REPLICAS, _HEAD_SEQS, _HEAD_MODELS]
         taken, held, older = await self._run(self._claim(keys=keys, args=args))
         return ClaimAnswer(bool(taken), int(held), int(older))
 
@@ -315,13 +342,14 @@ class StateStore:
             pipe.zrem(_REPLICAS, replica)
             pipe.zrem(_HEADS, replica)
             pipe.hdel(_HEAD_SEQS, replica)
+            pipe.hdel(_HEAD_MODELS, replica)
             await self._run(pipe.execute())
 
-    async def set_head(self, replica: str, head_ms: float | None, seq: int) -> None:
-        """This replica's oldest waiting request (wall ms), or none waiting; a write numbered
-        below one already made (`seq`) changes nothing."""
-        args: list[_Arg] = [replica, seq, "" if head_ms is None else round(head_ms)]
-        await self._run(self._set_head(keys=[_HEADS, _HEAD_SEQS], args=args))
+    async def set_head(self, replica: str, head: Head | None, seq: int) -> None:
+        """This replica's oldest waiting request, or none waiting; a write numbered below one
+        already made (`seq`) changes nothing."""
+        args: list[_Arg] = [replica, seq, *_head_args(head)]
+        await self._run(self._set_head(keys=[_HEADS, _HEAD_SEQS, _HEAD_MODELS], args=args))
 
     async def release(self, backend: str, replica: str, lease: str, note: bytes = b"") -> None:
         args: list[_Arg] = [backend, CHANNEL, replica, lease, note]
@@ -334,7 +362,7 @@ class StateStore:
         leases: Mapping[str, Sequence[str]],
         flights: Mapping[str, Sequence[str]],
         *,
-        head_ms: float | None = None,
+        head: Head | None = None,
         head_seq: int = 0,
         replace: bool = False,
     ) -> Snapshot:
@@ -348,6 +376,7 @@ class StateStore:
             *(flight_key(k) for k in flights),
             _HEADS,
             _HEAD_SEQS,
+            _HEAD_MODELS,
         ]
         args: list[_Arg] = [
             replica,
@@ -357,8 +386,9 @@ class StateStore:
             _json_list(backends),
             _json_list([list(leases[b]) for b in backends]),
             _json_list([list(v) for v in flights.values()]),
-            "" if head_ms is None else round(head_ms),
+            _head_args(head)[0],
             head_seq,
+            _head_args(head)[1],
         ]
         counts, replicas = await self._run(self._refresh(keys=keys, args=args))
         held = orjson.loads(counts)
