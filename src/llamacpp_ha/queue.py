@@ -31,6 +31,7 @@ class Lease:
         self.queue_wait_s = queue_wait_s
         self.arrived_at = time.monotonic()  # when its request first queued
         self.model: str | None = None  # the model its request asked for
+        self.waited = False  # its request waited in the queue before it was placed
         # What routing expected the backend to hold of the prompt: keys, and tokens; and the
         # prompt as the backend's cache shadow holds it.
         self.predicted_depth = predicted_depth
@@ -68,6 +69,8 @@ class QueueEntry:
     passed: int = 0
     passed_at: float | None = None
     cache_wait_since: float | None = None
+    # It was not placed as it arrived: it waits (or waited) its turn, for the fleet-wide order.
+    waited: bool = False
     # No default future: it must be created on the running loop by whoever enqueues.
     future: asyncio.Future[Lease] | None = None
 

@@ -291,11 +291,13 @@ class Replicas:
             self._head_syncing = False
 
     def _oldest(self, excluding: Lease | None = None) -> Head | None:
-        """Our oldest waiting request, queued or placed here and not yet confirmed in shared
-        state (but `excluding`): when it arrived and the model it is for; None if none."""
+        """Our oldest waiting request, queued or placed here after waiting and not yet
+        confirmed in shared state (but `excluding`): when it arrived and the model it is
+        for; None if none. One placed as it arrived is not waiting: its claim says whether
+        it must (a write of its own would be a second round trip per request)."""
         at, model = math.inf, None
         for lease in self._unconfirmed:
-            if lease is not excluding and lease.arrived_at < at:
+            if lease.waited and lease is not excluding and lease.arrived_at < at:
                 at, model = lease.arrived_at, lease.model
         first = self._queue.first()  # after every drain: no copy of a long queue
         if first is not None and first.enqueued_at < at:

@@ -400,10 +400,11 @@ class Scheduler:
         if not self.can_serve(routing):
             raise _no_backend(routing)
         # Waiting again after shared state said no: it keeps its arrival, so its age counts.
-        entry = QueueEntry(routing=routing, priority=priority, enqueued_at=arrived_at)
+        entry = QueueEntry(routing=routing, priority=priority, enqueued_at=arrived_at, waited=front)
         entry.future = asyncio.get_running_loop().create_future()
         self._queue.put(entry, front=front)
         self._drain_supervised()
+        entry.waited = True  # if a later drain places it
         if entry.future.done() and self.confirm is None:
             # Placed (or refused) by that drain: nothing to wait for. Not with other replicas:
             # a request told to give way must let the loop run before it claims again.
@@ -650,6 +651,7 @@ class Scheduler:
         lease.restores = prediction.restores if prediction is not None else None
         lease.arrived_at = entry.enqueued_at
         lease.model = routing.model
+        lease.waited = entry.waited
         backend.last_used_at = now
         if self.confirm is not None:
             self.unconfirmed.add(lease)
