@@ -17,6 +17,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
+import redis.asyncio as aioredis
 
 from llamacpp_ha.balancer import Balancer
 from llamacpp_ha.replicas import Replicas
@@ -171,6 +172,28 @@ class SharedSlotsTest(unittest.IsolatedAsyncioTestCase):
                     ]
                     self.assertEqual(served[-2:], [f"early{round_}", f"late{round_}"])
             self.assertEqual(sim.max_deferred, 0)
+
+
+class RoundTripsTest(unittest.IsolatedAsyncioTestCase):
+    async def test_a_request_served_at_once_costs_two_scripts_in_redis(self) -> None:
+        config = SimConfig(slots=2, profile="test", default_max_tokens=4)
+        async with redis_server() as redis, sims(config) as fleet, AsyncExitStack() as stack:
+            (served,) = await replicas_of(stack, fleet, redis.url, 1)
+            client = aioredis.from_url(redis.url)
+            stack.push_async_callback(client.aclose)
+            async with aiohttp.ClientSession() as session:
+                await client.config_resetstat()
+                for turn in range(40):
+                    status, _ = await chat(
+                        session, served.url, [{"role": "user", "content": f"q{turn}"}]
+                    )
+                    self.assertEqual(status, 200)
+                await wait_until(lambda: shared(served.balancer).pending == 0)
+            stats = await client.info("commandstats")
+            scripts = stats["cmdstat_evalsha"]["calls"]
+            # Its claim and its release; a few refreshes beside them (one a second).
+            self.assertGreaterEqual(scripts, 80)
+            self.assertLessEqual(scripts, 80 + 10)
 
 
 class TwoModelsTest(unittest.IsolatedAsyncioTestCase):
